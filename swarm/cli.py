@@ -1,0 +1,125 @@
+"""The ``swarm`` command: ``run`` one peer, ``local`` to simulate a swarm on this machine, ``config`` to print the
+effective configuration. User errors print one line on stderr and exit non-zero, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from swarm.errors import UserError
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (default: configs/default.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
+    parser.add_argument("--recipe", help="recipe name or path to a recipe .py file (recipe.name)")
+    parser.add_argument("--max-epochs", type=int, help="stop after this swarm epoch (training.max_epochs)")
+    parser.add_argument("--workdir", type=Path, help="work directory: identity, checkpoints, logs (workdir)")
+    parser.add_argument("--summary", type=Path, help="write the run summary JSON here at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm", description="Fine-tune one language model together with peers over the Hivemind DHT."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="start a peer: join a swarm, or start one")
+    _add_config_options(run)
+    run.add_argument(
+        "--join", action="append", default=[], metavar="MULTIADDR",
+        help="multiaddress of a peer to join (repeatable; also SWARM_INITIAL_PEERS, network.initial_peers)",
+    )
+    run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
+
+    local = commands.add_parser("local", help="simulate a swarm: N peers as separate processes on this machine")
+    _add_config_options(local)
+    local.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
+    local.add_argument("--timeout", type=float, help="kill the simulation after this many seconds")
+    local.add_argument("--plain", action="store_true", help="print progress lines instead of a live table")
+
+    config = commands.add_parser("config", help="print the effective configuration as YAML")
+    _add_config_options(config)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from swarm.config import load_config
+
+    overrides = list(args.overrides)
+    if args.recipe:
+        overrides.append(f"recipe.name={args.recipe}")
+    if args.max_epochs is not None:
+        overrides.append(f"training.max_epochs={args.max_epochs}")
+    if args.workdir is not None:
+        overrides.append(f"workdir={args.workdir}")
+    if getattr(args, "join", None):
+        overrides.append(f"network.initial_peers=[{', '.join(repr(a) for a in args.join)}]")
+    return load_config(args.config, overrides)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swarm.monitor.logs import setup_logging
+    from swarm.monitor.summary import PEER_SUMMARY_FILE, write_summary
+    from swarm.training.trainer import SwarmTrainer
+
+    config = config_from_args(args)
+    setup_logging(config.log_level, Path(config.workdir) / "peer.log")
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    trainer = SwarmTrainer(config, expected_peers=args.expected_peers)
+    interrupted = False
+    try:
+        report = trainer.train()
+    except KeyboardInterrupt:
+        interrupted = True
+        report = trainer.report()
+    summary = report.as_summary()
+    write_summary(Path(config.workdir) / PEER_SUMMARY_FILE, config.run_id, [summary])
+    if args.summary:
+        write_summary(args.summary, config.run_id, [summary])
+    print(f"{report.name}: stopped at epoch {report.epochs}, {report.samples} samples, checkpoint saved")
+    return 130 if interrupted else 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from swarm.local import run_local
+
+    config = config_from_args(args)  # validated once here, so a bad config fails before any process starts
+    if args.peers < 1:
+        raise UserError(f"--peers must be at least 1, got {args.peers}", exit_code=2)
+    return run_local(args, config)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from swarm.config import dump_config
+
+    print(dump_config(config_from_args(args)), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config)
+    try:
+        return handlers[args.command](args)
+    except UserError as error:
+        print(f"swarm: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("swarm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

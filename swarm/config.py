@@ -1,0 +1,227 @@
+"""One typed, validated config: ``configs/*.yaml`` < ``SWARM_*`` environment variables < ``--set`` overrides.
+
+Every error a user can make here (malformed YAML, unknown key, wrong type) becomes a :class:`ConfigError` whose
+message is one line naming the file (or variable / override) and the dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swarm.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
+ENV_PREFIX = "SWARM_"
+COMPRESSIONS = ("none", "fp16", "8bit")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which model to fine-tune. ``name_or_path`` is a hub id or a local directory for ``from_pretrained``;
+    left empty, a tiny model of the Qwen2 architecture is built from the sizes below (works offline)."""
+
+    name_or_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    init_seed: int = 0
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_positions: int = Field(128, gt=0)
+
+
+class TrainingConfig(_Section):
+    """One swarm epoch = one optimizer step on the swarm-averaged gradient of every peer's round of work."""
+
+    trainer: Literal["grpo", "sft"] | None = None  # None: the recipe's own choice
+    learning_rate: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # applied to the averaged gradient; 0 disables clipping
+    prompts_per_round: int = Field(16, gt=0)  # prompts (GRPO) or examples (SFT) per peer per epoch
+    num_generations: int = Field(8, ge=2)  # GRPO completions per prompt
+    micro_batch_size: int | None = Field(None, gt=0)  # rows per forward/backward; None: the whole round at once
+    max_completion_length: int | None = Field(None, gt=0)  # None: the recipe's default
+    temperature: float = Field(1.0, gt=0)
+    max_epochs: int | None = Field(None, gt=0)  # stop after this swarm epoch; None: run until stopped
+    seed: int = 0
+
+
+class RecipeConfig(_Section):
+    name: str = "arithmetic"
+    options: dict[str, Any] = Field(default_factory=dict)  # recipe-specific knobs, validated by the recipe
+
+
+class NetworkConfig(_Section):
+    initial_peers: list[str] = Field(default_factory=list)  # multiaddrs of peers to join; empty: start a swarm
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] = Field(default_factory=list)
+    client_mode: bool = False
+    use_relay: bool = True
+    use_auto_relay: bool = False
+    bootstrap_attempts: int = Field(4, gt=0)
+    bootstrap_backoff: float = Field(1.0, ge=0)  # seconds before the 2nd attempt; doubles after each failure
+
+
+class AveragingConfig(_Section):
+    compression: Literal["none", "fp16", "8bit"] = "none"
+    matchmaking_time: float = Field(4.0, gt=0)  # how long a leader gathers followers before all-reduce
+    allreduce_timeout: float = Field(30.0, gt=0)
+    round_timeout: float = Field(60.0, gt=0)  # the longest a peer waits on others in one epoch
+    peer_timeout: float = Field(15.0, gt=0)  # a peer silent for this long is considered gone
+    max_weight: float = Field(1e6, gt=0)  # cap on the sample count any peer may claim in one round
+
+    @field_validator("matchmaking_time")
+    @classmethod
+    def _longer_than_request_timeout(cls, value: float) -> float:
+        if value <= 3.0:
+            raise ValueError("must be greater than 3 seconds (hivemind's matchmaking request timeout)")
+        return value
+
+
+class CheckpointConfig(_Section):
+    every_epochs: int = Field(1, gt=0)
+
+
+class SwarmConfig(_Section):
+    """The whole configuration of one peer (``swarm local`` gives each simulated peer a copy)."""
+
+    run_id: str = Field("swarm-default", min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
+    workdir: Path = Path("swarm_work")
+    identity_path: Path | None = None  # default: WORKDIR/identity.key
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def key_path(self) -> Path:
+        return self.identity_path if self.identity_path is not None else self.workdir / "identity.key"
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any, source: str) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted_key}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _parse_scalar(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: malformed value {text!r}: {str(error).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(dotted key, raw value, source) for each ``SWARM_<FIELD>[__<SUBFIELD>]`` variable naming a config field.
+
+    ``SWARM_INITIAL_PEERS`` is a comma-separated shortcut for ``network.initial_peers``. Variables whose first
+    part is not a config field (e.g. ``SWARM_VENV`` used by launch.sh) are not config and are left alone.
+    """
+    overrides = []
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name == "SWARM_INITIAL_PEERS":
+            peers = [addr.strip() for addr in value.split(",") if addr.strip()]
+            overrides.append(("network.initial_peers", yaml.safe_dump(peers, default_flow_style=True), name))
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] in SwarmConfig.model_fields:
+            overrides.append((".".join(parts), value, f"environment variable {name}"))
+    return overrides
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> SwarmConfig:
+    """Load and validate a config.
+
+    :param path: YAML file; None means ``configs/default.yaml``
+    :param overrides: ``section.key=value`` strings (values parsed as YAML: ``1e-4``, ``true``, ``[a, b]``)
+    :param environ: environment to read ``SWARM_*`` overrides from (default: ``os.environ``)
+    :raises ConfigError: one line naming the file/variable/override and the key at fault
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    tree = _read_yaml(path)
+    origins: dict[str, str] = {}
+    layered = [*env_overrides(os.environ if environ is None else environ)]
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+        layered.append((key.strip(), raw, f"--set {key.strip()}"))
+    for key, raw, source in layered:
+        _set_dotted(tree, key, _parse_scalar(raw, source), source)
+        origins[key] = source
+    try:
+        return SwarmConfig.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        source = next((src for k, src in origins.items() if key == k or key.startswith(k + ".")), str(path))
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        if first["type"] == "extra_forbidden":
+            section = _section_of(key)
+            if section is not None:
+                message += f" (allowed: {', '.join(section.model_fields)})"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {key}: {message}{more}") from None
+
+
+def _section_of(dotted_key: str) -> type[BaseModel] | None:
+    """The model class that holds the field named by ``dotted_key`` (to list the allowed keys)."""
+    model: type[BaseModel] = SwarmConfig
+    for part in dotted_key.split(".")[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def dump_config(config: SwarmConfig) -> str:
+    """The effective config as YAML (what ``swarm config`` prints and each peer saves in its work directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

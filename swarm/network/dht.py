@@ -1,0 +1,77 @@
+"""Starting a DHT node: a new swarm, or joining one through initial peers with retries and a clear failure."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm.config import NetworkConfig
+from swarm.errors import UserError
+from swarm.identity import Identity
+
+logger = logging.getLogger(__name__)
+
+PEER_ADDR_FILE = "peer_addr.txt"
+
+
+def check_multiaddrs(addresses: list[str], what: str) -> None:
+    """:raises UserError: naming the first address that is not a valid multiaddr (with ``/p2p/`` for peers)."""
+    for address in addresses:
+        try:
+            parsed = Multiaddr(address)
+        except Exception as error:
+            raise UserError(f"{what}: {address!r} is not a valid multiaddress ({error})", exit_code=2) from None
+        if what == "initial peer" and "/p2p/" not in str(parsed):
+            raise UserError(f"initial peer: {address!r} lacks the peer id part (/p2p/Qm...)", exit_code=2)
+
+
+def start_dht(network: NetworkConfig, identity: Identity, workdir: Path) -> hivemind.DHT:
+    """Start this peer's DHT node, signed records enabled with the peer's own key.
+
+    With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
+    waiting ``bootstrap_backoff`` seconds (doubling) in between. On success the multiaddrs others can join with are
+    written to ``WORKDIR/peer_addr.txt``.
+
+    :raises UserError: one line naming the addresses tried, when none of the initial peers answered
+    """
+    check_multiaddrs(network.initial_peers, "initial peer")
+    check_multiaddrs(network.host_maddrs, "network.host_maddrs")
+    check_multiaddrs(network.announce_maddrs, "network.announce_maddrs")
+    attempts = network.bootstrap_attempts if network.initial_peers else 1
+    delay = network.bootstrap_backoff
+    last_error: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            dht = hivemind.DHT(
+                initial_peers=network.initial_peers,
+                host_maddrs=network.host_maddrs,
+                announce_maddrs=network.announce_maddrs or None,
+                client_mode=network.client_mode,
+                use_relay=network.use_relay,
+                use_auto_relay=network.use_auto_relay,
+                identity_path=str(identity.path),
+                record_validators=[RSASignatureValidator(identity.private_key)],
+                start=True,
+            )
+            break
+        except Exception as error:  # p2pd reports an unreachable bootstrap peer as a generic daemon error
+            last_error = error
+            if attempt < attempts:
+                logger.warning(f"Could not join the swarm (attempt {attempt}/{attempts}), retrying in {delay:.0f}s")
+                time.sleep(delay)
+                delay *= 2
+    else:
+        reason = str(last_error).strip().splitlines()[-1] if str(last_error).strip() else type(last_error).__name__
+        raise UserError(
+            f"none of the initial peers answered after {attempts} attempts: {', '.join(network.initial_peers)}"
+            f" ({reason[:200]})"
+        )
+    addresses = [str(addr) for addr in dht.get_visible_maddrs()]
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / PEER_ADDR_FILE).write_text("\n".join(addresses) + "\n")
+    return dht

@@ -1,0 +1,188 @@
+"""One peer's presence in the swarm: its DHT node, its announced status, its averager and its training state.
+
+The peer keeps the invariant the round relies on: whenever live peers agree on a state (later epoch, or the same
+epoch with a different hash), a peer that holds another one replaces its own with theirs — downloaded from one of
+them and checked against the announced hash before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+import torch
+from hivemind.p2p import PeerID
+
+from swarm.config import SwarmConfig
+from swarm.identity import Identity
+from swarm.network.averager import RoundKey, SwarmAverager, round_consensus
+from swarm.network.compression import make_compression
+from swarm.network.dht import start_dht
+from swarm.network.records import PeerStatus, StatusBoard
+from swarm.training.state import TrainingState
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25
+
+
+class SwarmPeer:
+    """A training state that is kept in lock-step with the swarm.
+
+    :param config: the peer's config (network, averaging and run id are used here)
+    :param identity: the peer's key; its DHT node and records use it
+    :param state: views over the model and the local optimizer
+    :param epoch: the epoch ``state`` is at (0, or the epoch of a resumed checkpoint)
+    """
+
+    def __init__(self, config: SwarmConfig, identity: Identity, state: TrainingState, epoch: int = 0):
+        self.config, self.identity, self.state = config, identity, state
+        self.lock = threading.RLock()  # held while the state changes, so snapshots served to peers are consistent
+        self.epoch = epoch
+        self.state_hash = state.state_hash(epoch)
+        self.samples = 0
+        self.last_reward: float | None = None
+        self.ready_epoch = -1
+        self.dht = self.board = self.averager = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.identity.peer_id)
+
+    @property
+    def round_key(self) -> RoundKey:
+        return self.epoch, self.state_hash
+
+    def start(self) -> None:
+        """Join (or start) the swarm and begin announcing this peer. :raises UserError: if no initial peer answers"""
+        averaging = self.config.averaging
+        self.dht = start_dht(self.config.network, self.identity, self.config.workdir)
+        self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
+        buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
+        self.averager = SwarmAverager(
+            buffers,
+            self.dht,
+            state_provider=self.snapshot,
+            prefix=f"{self.config.run_id}_grads",
+            start=True,
+            min_group_size=2,
+            min_matchmaking_time=averaging.matchmaking_time,
+            request_timeout=3.0,
+            allreduce_timeout=averaging.allreduce_timeout,
+            next_chunk_timeout=averaging.allreduce_timeout / 3,
+            compression=make_compression(averaging.compression),
+            client_mode=self.config.network.client_mode,
+            declare_state_period=averaging.peer_timeout,
+            shutdown_timeout=3,
+        )
+        self.publish()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def shutdown(self) -> None:
+        """Stop announcing, shut the averager and the DHT (and their p2p daemon) down. Safe to call twice."""
+        self._stop.set()
+        if self.averager is not None:
+            self.averager.shutdown()
+            self.averager = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    # ---- status -----------------------------------------------------------------------------------------------
+    def status(self) -> PeerStatus:
+        return PeerStatus(
+            peer_id=self.peer_id,
+            name=self.identity.name,
+            epoch=self.epoch,
+            state_hash=self.state_hash,
+            ready_epoch=self.ready_epoch,
+            samples=self.samples,
+            reward=self.last_reward,
+            client_mode=self.config.network.client_mode,
+        )
+
+    def publish(self) -> None:
+        try:
+            self.board.publish(self.status())
+        except Exception as error:  # a transient DHT failure must not kill training; the heartbeat retries
+            logger.warning(f"Could not publish status: {error!r}")
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.config.averaging.peer_timeout / 3):
+            self.publish()
+
+    def other_peers(self) -> dict[str, PeerStatus]:
+        try:
+            statuses = self.board.fetch()
+        except Exception as error:
+            logger.warning(f"Could not read peer statuses: {error!r}")
+            return {}
+        statuses.pop(self.peer_id, None)
+        return statuses
+
+    def wait_for_peers(self, count: int, timeout: float) -> int:
+        """Wait until ``count`` peers (this one included) are online or ``timeout`` passes; returns how many are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = 1 + len(self.other_peers())
+            if online >= count or time.monotonic() >= deadline or self._stop.is_set():
+                return online
+            time.sleep(POLL_INTERVAL)
+
+    # ---- state --------------------------------------------------------------------------------------------------
+    def snapshot(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        with self.lock:
+            return self.state.snapshot(self.epoch)
+
+    def set_state_changed(self, epoch: int) -> None:
+        """Call after the parameters changed (a step or a load) to re-hash and re-announce the state."""
+        with self.lock:
+            self.epoch = epoch
+            self.state_hash = self.state.state_hash(epoch)
+        self.publish()
+
+    def swarm_target(self, others: dict[str, PeerStatus]) -> RoundKey | None:
+        """The state the swarm agrees on: the consensus among live peers at the highest epoch (None if none)."""
+        if not others:
+            return None
+        top = max(self.epoch, *(status.epoch for status in others.values()))
+        keys = [(status.epoch, status.state_hash) for status in others.values() if status.epoch == top]
+        if self.epoch == top:
+            keys.append(self.round_key)
+        return round_consensus(keys)
+
+    def sync_with_swarm(self, others: dict[str, PeerStatus] | None = None) -> bool:
+        """Adopt the swarm's state if it differs from this peer's. Returns True if the state was replaced."""
+        others = self.other_peers() if others is None else others
+        target = self.swarm_target(others)
+        if target is None or target == self.round_key:
+            return False
+        holders = [peer_id for peer_id, status in others.items() if (status.epoch, status.state_hash) == target]
+        logger.info(f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading")
+        return self.download_state(holders, min_epoch=target[0])
+
+    def download_state(self, holders: list[str], min_epoch: int) -> bool:
+        """Load the state of the first of ``holders`` that serves a valid one at ``min_epoch`` or later."""
+        for peer_id in random.sample(holders, len(holders)):
+            result = self.averager.download_state(PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout)
+            if result is None:
+                continue
+            metadata, tensors = result
+            if not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < min_epoch:
+                continue
+            try:
+                with self.lock:
+                    epoch = self.state.load(metadata, tensors)
+            except ValueError as error:
+                logger.warning(f"Rejected the state served by {peer_id}: {error}")
+                continue
+            self.set_state_changed(epoch)
+            logger.info(f"{self.identity.name}: loaded epoch {epoch} from {peer_id}")
+            return True
+        return False

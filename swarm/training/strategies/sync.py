@@ -1,0 +1,138 @@
+"""The default strategy: synchronous gradient averaging, one optimizer step per swarm epoch (DESIGN.md §3).
+
+One round, as :meth:`SyncGradientAveraging.finish_round` runs it once the local gradient is accumulated:
+
+1. announce "ready for epoch e" and wait until every live peer at epoch e is ready too (a barrier through DHT
+   records; a peer that has gone silent for ``peer_timeout`` is not waited for, nor anyone past ``round_timeout``);
+2. average the gradient with the group (weights = sample counts) — bit-identical on every member;
+3. every member whose (epoch, state hash) is the group's consensus applies the same step: θ_e → θ_{e+1}.
+
+A peer that finds the swarm ahead of it, or outside the group's consensus, discards its gradient and downloads
+the swarm's state instead. A peer with nobody else at its epoch steps on its own gradient. If averaging keeps
+failing until ``round_timeout`` the state is left untouched and the epoch is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+
+from swarm.network.averager import round_consensus, round_key_of
+from swarm.training.peer import POLL_INTERVAL, SwarmPeer
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    AVERAGED = "averaged"  # stepped on the group's average
+    SOLO = "solo"  # nobody else at this epoch: stepped on the local gradient
+    RESYNCED = "resynced"  # the swarm was elsewhere: gradient discarded, state downloaded
+    SKIPPED = "skipped"  # averaging failed until the round timeout: state untouched
+
+
+@dataclass
+class RoundResult:
+    outcome: Outcome
+    epoch: int  # the epoch the gradient was computed at
+    group_size: int = 1
+
+
+class SyncGradientAveraging:
+    """Turns a locally accumulated gradient into one swarm-wide optimizer step.
+
+    :param peer: the peer whose state, averager and status board are used
+    :param optimizer: the local optimizer that applies the (averaged) gradient
+    :param max_grad_norm: clip the averaged gradient to this norm (0: no clipping) — after averaging, so the clip is
+      identical on every peer
+    """
+
+    def __init__(self, peer: SwarmPeer, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
+
+    def finish_round(self, samples: int) -> RoundResult:
+        peer, averaging = self.peer, self.peer.config.averaging
+        epoch = peer.epoch
+        params = peer.state.params
+        local = [p.grad.detach().to("cpu", copy=True) if p.grad is not None else torch.zeros_like(p, device="cpu")
+                 for p in params]
+        weight = float(min(samples, averaging.max_weight))
+        deadline = time.monotonic() + averaging.round_timeout
+        try:
+            while True:
+                verdict = self._barrier(epoch, deadline)
+                if verdict == "behind":
+                    peer.sync_with_swarm()
+                    return RoundResult(Outcome.RESYNCED, epoch)
+                if verdict == "alone":
+                    self._apply(local, epoch, samples)
+                    return RoundResult(Outcome.SOLO, epoch)
+                gathered = self._average(local, epoch, weight)
+                if gathered is not None:
+                    keys = [round_key_of(item) for item in gathered.values()]
+                    consensus = round_consensus([key for key in keys if key is not None])
+                    if consensus != (epoch, peer.state_hash):
+                        holders = [str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus]
+                        peer.download_state(holders, min_epoch=consensus[0]) or peer.sync_with_swarm()
+                        return RoundResult(Outcome.RESYNCED, epoch, len(gathered))
+                    with peer.averager.get_tensors() as averaged:
+                        result = [tensor.clone() for tensor in averaged]
+                    if all(torch.isfinite(tensor).all() for tensor in result):
+                        self._apply(result, epoch, samples)
+                        return RoundResult(Outcome.AVERAGED, epoch, len(gathered))
+                    logger.warning(f"epoch {epoch}: the averaged gradient is not finite; retrying")
+                if time.monotonic() >= deadline:
+                    logger.warning(f"epoch {epoch}: averaging failed until the round timeout; recomputing")
+                    return RoundResult(Outcome.SKIPPED, epoch)
+        finally:
+            peer.ready_epoch = -1
+
+    def _barrier(self, epoch: int, deadline: float) -> str:
+        """'go', 'alone' (no live peer at this epoch) or 'behind' (a live peer is at a later epoch)."""
+        peer = self.peer
+        peer.ready_epoch = epoch
+        peer.publish()
+        while True:
+            others = peer.other_peers()
+            if any(status.epoch > epoch for status in others.values()):
+                return "behind"
+            same = [status for status in others.values() if status.epoch == epoch and not status.client_mode]
+            same_any = [status for status in others.values() if status.epoch == epoch]
+            if not same_any or (peer.config.network.client_mode and not same):
+                return "alone"
+            if all(status.ready_epoch == epoch for status in same_any) or time.monotonic() >= deadline:
+                return "go"
+            time.sleep(POLL_INTERVAL)
+
+    def _average(self, local: list[torch.Tensor], epoch: int, weight: float) -> dict | None:
+        peer, averaging = self.peer, self.peer.config.averaging
+        with peer.averager.get_tensors() as buffers:
+            for buffer, grad in zip(buffers, local):
+                buffer.copy_(grad)
+        peer.averager.set_group_bits(format(epoch % 256, "08b"))
+        try:
+            gathered = peer.averager.step(
+                gather=dict(epoch=epoch, state_hash=peer.state_hash, samples=weight),
+                weight=weight,
+                timeout=averaging.matchmaking_time * 3,
+                allow_retries=False,
+            )
+        except Exception as error:
+            logger.info(f"epoch {epoch}: averaging round failed ({type(error).__name__}: {error}); retrying")
+            return None
+        return gathered or None
+
+    def _apply(self, grads: list[torch.Tensor], epoch: int, samples: int) -> None:
+        peer = self.peer
+        with peer.lock:
+            for param, grad in zip(peer.state.params, grads):
+                param.grad = grad.to(param.device, param.dtype)
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(peer.state.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            peer.samples += samples
+            peer.set_state_changed(epoch + 1)

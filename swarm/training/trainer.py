@@ -1,0 +1,273 @@
+"""SwarmTrainer: a recipe + a TRL trainer + the swarm's averaging strategy. One epoch, top to bottom:
+
+    rows = recipe.assigned_rows(run, peer, epoch)     # data nobody chooses for themselves
+    trl_trainer(rows).train()                         # TRL generates, scores, backpropagates (one optimizer step)
+      └─ SwarmOptimizer.step() → SyncGradientAveraging.finish_round()   # barrier, all-reduce, identical step
+    checkpoint, history, status
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from swarm.config import SwarmConfig, dump_config
+from swarm.identity import Identity
+from swarm.monitor.summary import STATUS_FILE, write_json_atomic
+from swarm.recipe import Recipe, load_recipe
+from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from swarm.training.model import load_model_and_tokenizer
+from swarm.training.optimizer import SwarmOptimizer
+from swarm.training.peer import SwarmPeer
+from swarm.training.state import TrainingState, param_checksum
+from swarm.training.strategies.sync import Outcome, RoundResult, SyncGradientAveraging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    reward: float | None
+    loss: float | None
+    outcome: str
+    group_size: int
+
+    def as_summary(self) -> dict[str, Any]:
+        return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
+
+
+@dataclass
+class PeerReport:
+    """What the run summary says about one peer."""
+
+    name: str
+    peer_id: str
+    epochs: int
+    samples: int
+    param_checksum: str
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def as_summary(self) -> dict[str, Any]:
+        return dict(
+            name=self.name,
+            peer_id=self.peer_id,
+            epochs=self.epochs,
+            samples=self.samples,
+            param_checksum=self.param_checksum,
+            history=[record.as_summary() for record in self.history],
+        )
+
+
+class SwarmTrainer:
+    """Trains one peer of a swarm until ``training.max_epochs`` (or until :meth:`stop`).
+
+    Guarantees: every completed epoch's parameters equal those of every other peer that averaged in the same
+    group; the state is checkpointed every ``checkpoint.every_epochs`` and on exit, and resumed on restart (or
+    replaced by the swarm's state if the swarm has moved on).
+
+    :param config: the peer's config
+    :param recipe: the recipe to train (default: ``config.recipe``, looked up by name)
+    :param expected_peers: before the first epoch, wait up to ``averaging.round_timeout`` for this many peers
+    """
+
+    def __init__(self, config: SwarmConfig, recipe: Recipe | None = None, expected_peers: int = 1):
+        self.config = config
+        self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
+        self.trainer_kind = config.training.trainer or self.recipe.trainer
+        self.expected_peers = expected_peers
+        self.workdir = Path(config.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(config.key_path)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
+        )
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.training.learning_rate,
+            weight_decay=config.training.weight_decay,
+        )
+        self.state = TrainingState(self.model, self.optimizer)
+        self.history: dict[int, EpochRecord] = {}
+        self._stopping = threading.Event()
+        epoch, samples = self._resume()
+        self.peer = SwarmPeer(config, self.identity, self.state, epoch)
+        self.peer.samples = samples
+        self.strategy = SyncGradientAveraging(self.peer, self.optimizer, config.training.max_grad_norm)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.workdir / CHECKPOINT_FILE
+
+    def _resume(self) -> tuple[int, int]:
+        payload = load_checkpoint(self.checkpoint_path)
+        if payload is None:
+            return 0, 0
+        try:
+            epoch = self.state.load(payload["metadata"], payload["tensors"])
+        except (KeyError, ValueError) as error:
+            logger.warning(f"{self.checkpoint_path}: checkpoint does not fit this model ({error}); starting over")
+            return 0, 0
+        for item in payload.get("history", []):
+            self.history[item["epoch"]] = EpochRecord(**item)
+        logger.info(f"Resumed from {self.checkpoint_path} at epoch {epoch}")
+        return epoch, int(payload.get("samples", 0))
+
+    def save_checkpoint(self) -> None:
+        metadata, tensors = self.peer.snapshot()
+        history = [vars(record) for record in self.history.values()]
+        save_checkpoint(
+            self.checkpoint_path, dict(metadata=metadata, tensors=tensors, history=history, samples=self.peer.samples)
+        )
+
+    def stop(self) -> None:
+        """Ask the training loop to finish after the current epoch."""
+        self._stopping.set()
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def train(self) -> PeerReport:
+        """Join the swarm, train, checkpoint, leave. Returns this peer's report (also written to ``summary.json``)."""
+        config = self.config
+        (self.workdir / "config.yaml").write_text(dump_config(config))
+        self.peer.start()
+        try:
+            addresses = " ".join(str(addr) for addr in self.peer.dht.get_visible_maddrs())
+            logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
+            logger.info(f"Others join with: swarm run --join {addresses.split()[0] if addresses else '?'}")
+            if self.expected_peers > 1:
+                self.peer.wait_for_peers(self.expected_peers, config.averaging.round_timeout)
+            self.peer.sync_with_swarm()
+            max_epochs = config.training.max_epochs
+            while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
+                record = self.run_epoch()
+                self.history[record.epoch] = record
+                logger.info(
+                    f"{self.identity.name} epoch {record.epoch} {record.outcome} (group of {record.group_size})"
+                    f" reward={_fmt(record.reward)} loss={_fmt(record.loss)}"
+                )
+                self._write_status(record)
+                if self.peer.epoch % config.checkpoint.every_epochs == 0:
+                    self.save_checkpoint()
+        finally:
+            try:
+                self.save_checkpoint()
+            finally:
+                self.peer.shutdown()
+        return self.report()
+
+    def _write_status(self, record: EpochRecord) -> None:
+        status = dict(vars(record), name=self.identity.name, round_epoch=record.epoch, epoch=self.peer.epoch,
+                      samples=self.peer.samples)
+        write_json_atomic(self.workdir / STATUS_FILE, status)
+
+    def run_epoch(self) -> EpochRecord:
+        """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round."""
+        epoch = self.peer.epoch
+        rows = self.recipe.assigned_rows(
+            self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round
+        )
+        samples = len(rows) * (self.config.training.num_generations if self.trainer_kind == "grpo" else 1)
+        swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: self.strategy.finish_round(samples))
+        trl_trainer = self._make_trl_trainer(rows, swarm_optimizer, seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch))
+        trl_trainer.train()
+        result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
+        logs = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
+        reward = logs[-1].get("reward") if logs else None
+        loss = logs[-1].get("loss") if logs else None
+        self.peer.last_reward = reward
+        return EpochRecord(
+            epoch=epoch,
+            reward=None if reward is None else float(reward),
+            loss=None if loss is None else float(loss),
+            outcome=result.outcome.value,
+            group_size=result.group_size,
+        )
+
+    def _make_trl_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int):
+        training = self.config.training
+        total = len(rows) * (training.num_generations if self.trainer_kind == "grpo" else 1)
+        micro = min(training.micro_batch_size or total, total)
+        if total % micro:
+            micro = total  # keep one round = exactly one optimizer step
+        common = dict(
+            output_dir=str(self.workdir / "trl"),
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=total // micro,
+            max_steps=1,
+            learning_rate=training.learning_rate,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,  # clipping happens on the averaged gradient, identically on every peer
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+            seed=seed,
+            log_level="error",
+            bf16=self.config.model.dtype == "bfloat16" and torch.cuda.is_available(),
+        )
+        max_completion = training.max_completion_length or self.recipe.max_completion_length
+        dataset = Dataset.from_list(rows)
+        if self.trainer_kind == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            args = GRPOConfig(
+                **common,
+                num_generations=training.num_generations,
+                max_completion_length=max_completion,
+                temperature=training.temperature,
+                beta=0.0,
+                shuffle_dataset=False,
+            )
+            trainer = GRPOTrainer(
+                model=self.model,
+                reward_funcs=list(self.recipe.reward_funcs),
+                args=args,
+                train_dataset=dataset,
+                processing_class=self.tokenizer,
+                optimizers=(optimizer, None),
+            )
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(**common, completion_only_loss=True, max_length=self.config.model.max_positions)
+            trainer = SFTTrainer(
+                model=self.model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=self.tokenizer,
+                optimizers=(optimizer, None),
+            )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer
+
+    def report(self) -> PeerReport:
+        return PeerReport(
+            name=self.identity.name,
+            peer_id=str(self.identity.peer_id),
+            epochs=self.peer.epoch,
+            samples=self.peer.samples,
+            param_checksum=param_checksum(self.model),
+            history=[self.history[epoch] for epoch in sorted(self.history)],
+        )
+
+
+def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
+    """The sampling seed of a peer's epoch: reproducible by an auditor, different for every peer and epoch."""
+    return int.from_bytes(hashlib.sha256(f"{run_id}|{peer_id}|{epoch}|sampling".encode()).digest()[:4], "big")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+logging.getLogger("transformers.trainer").setLevel(logging.ERROR)
