@@ -23,7 +23,8 @@ COMPRESSIONS = ("none", "fp16", "8bit")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `--set run_id=2024` is YAML for a number, but the field wants a string
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -106,6 +107,11 @@ class SwarmConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("workdir", "identity_path", mode="before")
+    @classmethod
+    def _numbers_are_paths_too(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
     @property
     def key_path(self) -> Path:
@@ -200,7 +206,10 @@ def load_config(
     except ValidationError as error:
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        source = next((src for k, src in origins.items() if key == k or key.startswith(k + ".")), str(path))
+        source = next(
+            (src for k, src in origins.items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+            str(path),
+        )
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         if first["type"] == "extra_forbidden":
             section = _section_of(key)

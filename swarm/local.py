@@ -92,8 +92,8 @@ def wait_for_address(peer: LocalPeer, timeout: float) -> list[str]:
 def stop_peers(peers: list[LocalPeer], grace: float = GRACE_SECONDS) -> None:
     """SIGINT every running peer, wait up to ``grace`` seconds, then SIGKILL their whole process groups."""
     for peer in peers:
-        if peer.process.poll() is None:
-            _signal_group(peer.process.pid, signal.SIGINT)
+        if peer.process.poll() is None:  # the peer itself shuts its DHT, averager and p2pd down in order
+            peer.process.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace
     for peer in peers:
         try:

@@ -25,8 +25,10 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
     # deprecation chatter from transformers/TRL internals says nothing the user can act on
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|accelerate)\.")
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     hivemind_logger = logging.getLogger("hivemind")

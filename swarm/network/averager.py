@@ -10,8 +10,10 @@ the whole round fail instead of silently keeping the local values.
 
 from __future__ import annotations
 
-import logging
 import asyncio
+import ctypes
+import logging
+import multiprocessing as mp
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,8 +39,9 @@ RoundKey = tuple[int, str]  # (epoch, state hash) a contribution was computed at
 class ExactAllReduceRunner(AllReduceRunner):
     """Butterfly all-reduce whose outputs are the averaged parts themselves (not deltas), identical on every peer."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, bytes_sent: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._bytes_sent = bytes_sent  # a shared counter of payload bytes this peer sends (for benchmarks)
         container = self.tensor_part_container
         container.return_deltas = False
         my_index = self.ordered_peer_ids.index(self.peer_id)
@@ -46,6 +49,16 @@ class ExactAllReduceRunner(AllReduceRunner):
             container.compression.compress(part, info).compression
             for part, info in list(container._input_parts_by_peer[my_index])[:1]
         ]
+
+    def _count_sent(self, count: int) -> None:
+        if self._bytes_sent is not None:
+            with self._bytes_sent.get_lock():
+                self._bytes_sent.value += count
+
+    async def _generate_input_for_peer(self, peer_index: int):
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count_sent(len(message.tensor_part.buffer))
+            yield message
 
     def _as_received(self, averaged_part: torch.Tensor) -> torch.Tensor:
         """The value every other peer decodes for a part this peer reduced (the reducer must use it too)."""
@@ -84,8 +97,9 @@ class ExactAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break
                 serialized = await loop.run_in_executor(
-                    None, lambda: serialize_torch_tensor(averaged_part, part_compression)
+                    None, serialize_torch_tensor, averaged_part, part_compression
                 )
+                self._count_sent(len(serialized.buffer))
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
@@ -129,6 +143,7 @@ class SwarmAverager(DecentralizedAverager):
         **kwargs: Any,
     ):
         self._state_provider = state_provider
+        self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
         super().__init__(gradient_buffers, dht, **kwargs)
 
     def get_current_state(self):
@@ -153,6 +168,7 @@ class SwarmAverager(DecentralizedAverager):
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
+            bytes_sent=self.bytes_sent,
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
@@ -163,6 +179,19 @@ class SwarmAverager(DecentralizedAverager):
         for tensor, value in zip(tensors, averaged):
             tensor.copy_(value)
         self.last_updated = time.time()
+
+    def set_target_group_size(self, size: int) -> None:
+        """Assemble the next group as soon as ``size`` peers joined (instead of waiting the whole matchmaking time)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+        future.result(timeout=30)
+
+    async def _set_target_group_size(self, size: int, future: MPFuture) -> None:
+        matchmaking = self._matchmaking
+        matchmaking.target_group_size = size
+        matchmaking.potential_leaders.target_group_size = size
+        matchmaking.group_key_manager.target_group_size = size
+        future.set_result(None)
 
     def download_state(self, peer_id: PeerID, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """Download the training state of one given peer; None if it does not answer in ``timeout`` seconds."""

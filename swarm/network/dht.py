@@ -62,7 +62,7 @@ def start_dht(network: NetworkConfig, identity: Identity, workdir: Path) -> hive
         except Exception as error:  # p2pd reports an unreachable bootstrap peer as a generic daemon error
             last_error = error
             if attempt < attempts:
-                logger.warning(f"Could not join the swarm (attempt {attempt}/{attempts}), retrying in {delay:.0f}s")
+                logger.warning(f"Could not join the swarm (attempt {attempt}/{attempts}), retrying in {delay:.1f}s")
                 time.sleep(delay)
                 delay *= 2
     else:

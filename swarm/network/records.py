@@ -7,8 +7,8 @@ derived from that key. Anything malformed is dropped, never raised: the network 
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 
 import hivemind
 import multihash

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from swarm.config import ModelConfig
 from swarm.errors import UserError
@@ -85,8 +91,10 @@ def load_model_and_tokenizer(
         source = str(path)
     elif _looks_like_path(source) and not Path(source).expanduser().is_dir():
         raise UserError(f"model.name_or_path: {source} does not exist", exit_code=2)
+    # the tiny model's config says qwen2, so AutoTokenizer would rebuild it as a byte-level Qwen2Tokenizer
+    tokenizer_class = PreTrainedTokenizerFast if config.name_or_path is None else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = tokenizer_class.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

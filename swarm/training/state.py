@@ -94,10 +94,14 @@ class TrainingState:
         for param, value in zip(params, tensors):
             if param.shape != value.shape:
                 raise ValueError(f"parameter shape {tuple(value.shape)} does not match {tuple(param.shape)}")
-        for entry in layout:
+        for entry, value in zip(layout, tensors[len(params) :]):
             if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], int)
                     and 0 <= entry[0] < len(params) and entry[1] in OPTIMIZER_TENSOR_KEYS):
                 raise ValueError(f"bad optimizer state entry {entry!r}")
+            expected = () if entry[1] == "step" else params[entry[0]].shape
+            if tuple(value.shape) != tuple(expected):
+                raise ValueError(f"optimizer statistic {entry[1]} of parameter {entry[0]} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(expected)}")
         with torch.no_grad():
             for param, value in zip(params, tensors):
                 param.copy_(value.to(param.dtype))

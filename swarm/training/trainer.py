@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from swarm.config import SwarmConfig, dump_config
 from swarm.identity import Identity
-from swarm.monitor.summary import STATUS_FILE, write_json_atomic
+from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
+from swarm.network.dht import check_multiaddrs
 from swarm.recipe import Recipe, load_recipe
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.model import load_model_and_tokenizer
@@ -40,6 +43,10 @@ class EpochRecord:
     loss: float | None
     outcome: str
     group_size: int
+    samples: int = 0  # samples this peer computed for the round
+    compute_s: float = 0.0  # generating, scoring, backpropagating
+    sync_s: float = 0.0  # waiting for peers, averaging, stepping or downloading state
+    bytes_sent: int = 0  # all-reduce payload bytes this peer sent
 
     def as_summary(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
@@ -81,6 +88,7 @@ class SwarmTrainer:
 
     def __init__(self, config: SwarmConfig, recipe: Recipe | None = None, expected_peers: int = 1):
         self.config = config
+        check_multiaddrs(config.network.initial_peers, "initial peer")  # fail before minutes of model loading
         self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
         self.trainer_kind = config.training.trainer or self.recipe.trainer
         self.expected_peers = expected_peers
@@ -153,9 +161,9 @@ class SwarmTrainer:
                     f"{self.identity.name} epoch {record.epoch} {record.outcome} (group of {record.group_size})"
                     f" reward={_fmt(record.reward)} loss={_fmt(record.loss)}"
                 )
-                self._write_status(record)
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
                     self.save_checkpoint()
+                self._write_status(record)
         finally:
             try:
                 self.save_checkpoint()
@@ -167,6 +175,8 @@ class SwarmTrainer:
         status = dict(vars(record), name=self.identity.name, round_epoch=record.epoch, epoch=self.peer.epoch,
                       samples=self.peer.samples)
         write_json_atomic(self.workdir / STATUS_FILE, status)
+        with open(self.workdir / METRICS_FILE, "a") as metrics:
+            metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
 
     def run_epoch(self) -> EpochRecord:
         """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round."""
@@ -175,9 +185,23 @@ class SwarmTrainer:
             self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round
         )
         samples = len(rows) * (self.config.training.num_generations if self.trainer_kind == "grpo" else 1)
-        swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: self.strategy.finish_round(samples))
-        trl_trainer = self._make_trl_trainer(rows, swarm_optimizer, seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch))
+        sync_seconds = 0.0
+
+        def finish_round() -> RoundResult:
+            nonlocal sync_seconds
+            started = time.perf_counter()
+            try:
+                return self.strategy.finish_round(samples)
+            finally:
+                sync_seconds = time.perf_counter() - started
+
+        swarm_optimizer = SwarmOptimizer(self.optimizer, finish_round)
+        seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
+        trl_trainer = self._make_trl_trainer(rows, swarm_optimizer, seed=seed)
+        bytes_before = self.peer.averager.bytes_sent.value
+        started = time.perf_counter()
         trl_trainer.train()
+        elapsed = time.perf_counter() - started
         result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
         logs = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
         reward = logs[-1].get("reward") if logs else None
@@ -189,6 +213,10 @@ class SwarmTrainer:
             loss=None if loss is None else float(loss),
             outcome=result.outcome.value,
             group_size=result.group_size,
+            samples=samples,
+            compute_s=round(elapsed - sync_seconds, 4),
+            sync_s=round(sync_seconds, 4),
+            bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
         )
 
     def _make_trl_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int):

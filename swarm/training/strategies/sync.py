@@ -14,8 +14,8 @@ failing until ``round_timeout`` the state is left untouched and the epoch is rec
 
 from __future__ import annotations
 
-import logging
 import enum
+import logging
 import time
 from dataclasses import dataclass
 
@@ -52,6 +52,7 @@ class SyncGradientAveraging:
 
     def __init__(self, peer: SwarmPeer, optimizer: torch.optim.Optimizer, max_grad_norm: float):
         self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
+        self.expected_group = 2
 
     def finish_round(self, samples: int) -> RoundResult:
         peer, averaging = self.peer, self.peer.config.averaging
@@ -91,7 +92,9 @@ class SyncGradientAveraging:
             peer.ready_epoch = -1
 
     def _barrier(self, epoch: int, deadline: float) -> str:
-        """'go', 'alone' (no live peer at this epoch) or 'behind' (a live peer is at a later epoch)."""
+        """'go', 'alone' (no live peer at this epoch) or 'behind' (a live peer is at a later epoch).
+
+        On 'go', ``self.expected_group`` is the number of live peers at this epoch, this one included."""
         peer = self.peer
         peer.ready_epoch = epoch
         peer.publish()
@@ -104,6 +107,7 @@ class SyncGradientAveraging:
             if not same_any or (peer.config.network.client_mode and not same):
                 return "alone"
             if all(status.ready_epoch == epoch for status in same_any) or time.monotonic() >= deadline:
+                self.expected_group = 1 + len(same_any)
                 return "go"
             time.sleep(POLL_INTERVAL)
 
@@ -113,6 +117,7 @@ class SyncGradientAveraging:
             for buffer, grad in zip(buffers, local):
                 buffer.copy_(grad)
         peer.averager.set_group_bits(format(epoch % 256, "08b"))
+        peer.averager.set_target_group_size(self.expected_group)
         try:
             gathered = peer.averager.step(
                 gather=dict(epoch=epoch, state_hash=peer.state_hash, samples=weight),

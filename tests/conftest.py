@@ -1,0 +1,113 @@
+"""Shared fixtures: real peer processes on 127.0.0.1 that are always killed, p2p daemons included."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for peer processes: no SWARM_* settings leaking in from the developer's shell."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    return env
+
+
+class Processes:
+    """Starts commands in their own process groups and kills every group at teardown (p2pd is in the group)."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=cwd or PROJECT_ROOT, env=clean_env(), start_new_session=True,
+            )
+        self.started.append(process)
+        return process
+
+    def swarm(self, *args: str, log: Path) -> subprocess.Popen:
+        return self.start([sys.executable, "-m", "swarm.cli", *args], log)
+
+    @staticmethod
+    def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        for process in self.started:
+            self.kill(process)
+        for process in self.started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    registry = Processes()
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.3) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def peer_epoch(workdir: Path) -> int:
+    status = read_json(workdir / "status.json") or {}
+    return int(status.get("epoch", 0))
+
+
+def finish(process: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Wait for a peer to exit and assert it exited 0, showing its log's tail otherwise."""
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"peer did not finish in {timeout:.0f}s; log tail:\n{_tail(log)}") from None
+    assert code == 0, f"peer exited with {code}; log tail:\n{_tail(log)}"
+
+
+def _tail(log: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,100 @@
+"""SwarmAverager: bit-identical averages on every member, and stale/diverged members kept out of the average."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import hivemind
+import pytest
+import torch
+
+from swarm.network.averager import SwarmAverager, round_consensus
+from swarm.network.compression import make_compression
+
+
+def test_round_consensus_is_the_majority_and_order_independent() -> None:
+    keys = [(3, "b"), (3, "a"), (3, "b"), (2, "z")]
+    assert round_consensus(keys) == (3, "b")
+    assert round_consensus(list(reversed(keys))) == (3, "b")
+    # ties: the later epoch wins, then the smaller hash, whatever the order
+    assert round_consensus([(4, "x"), (5, "y")]) == (5, "y")
+    assert round_consensus([(5, "b"), (5, "a")]) == round_consensus([(5, "a"), (5, "b")]) == (5, "a")
+
+
+@pytest.fixture(scope="module")
+def dhts():
+    first = hivemind.DHT(start=True)
+    others = [hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs()) for _ in range(2)]
+    everyone = [first, *others]
+    try:
+        yield everyone
+    finally:
+        for dht in everyone:
+            dht.shutdown()
+
+
+def _average(dhts, inputs, keys, weights, compression: str):
+    prefix = f"test_{uuid.uuid4().hex[:8]}"
+    averagers = [
+        SwarmAverager(
+            [tensor.clone() for tensor in tensors], dht, state_provider=lambda: ({}, []), prefix=prefix,
+            start=True, target_group_size=len(dhts), min_matchmaking_time=4.0, request_timeout=3.0,
+            compression=make_compression(compression), part_size_bytes=2**14,
+        )
+        for dht, tensors in zip(dhts, inputs)
+    ]
+    results: list = [None] * len(averagers)
+    try:
+        def run(index: int) -> None:
+            epoch, state_hash = keys[index]
+            results[index] = averagers[index].step(
+                gather=dict(epoch=epoch, state_hash=state_hash), weight=weights[index], timeout=40
+            )
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        assert all(result is not None and len(result) == len(averagers) for result in results), results
+        outputs = []
+        for averager in averagers:
+            with averager.get_tensors() as tensors:
+                outputs.append([tensor.clone() for tensor in tensors])
+        return outputs, [averager.bytes_sent.value for averager in averagers]
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def _inputs(seed: int) -> list[list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(20000,), (64, 33), (7,)]
+    return [[torch.rand(shape, generator=generator) * 2 - 1 for shape in shapes] for _ in range(3)]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("compression,tolerance", [("none", 1e-6), ("8bit", 0.05)])
+def test_every_member_gets_the_identical_weighted_mean(dhts, compression: str, tolerance: float) -> None:
+    inputs = _inputs(0)
+    weights = [1.0, 2.0, 3.0]
+    outputs, bytes_sent = _average(dhts, inputs, [(1, "h")] * 3, weights, compression)
+    for index in range(len(inputs[0])):
+        expected = sum(w * peer[index] for w, peer in zip(weights, inputs)) / sum(weights)
+        for output in outputs:
+            assert torch.equal(output[index], outputs[0][index]), "members hold different averages"
+            assert (output[index] - expected).abs().max().item() < tolerance
+            assert not torch.allclose(output[index], inputs[0][index])
+    assert all(count > 0 for count in bytes_sent)
+
+
+@pytest.mark.timeout(180)
+def test_member_on_a_different_state_is_left_out_of_the_average(dhts) -> None:
+    inputs = _inputs(1)
+    keys = [(2, "agreed"), (2, "agreed"), (2, "diverged")]
+    outputs, _ = _average(dhts, inputs, keys, [1.0, 1.0, 1.0], "none")
+    for index in range(len(inputs[0])):
+        expected = (inputs[0][index] + inputs[1][index]) / 2
+        for output in outputs:
+            assert torch.allclose(output[index], expected, atol=1e-6)
