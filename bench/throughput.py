@@ -9,7 +9,8 @@ What is measured (every figure comes from the ``metrics.jsonl`` line each peer a
 * **bytes per epoch** — for each compression (none, fp16, 8bit) a 2-peer ``swarm local`` of 2 epochs: the mean
   all-reduce payload one peer sends in one round, over rounds whose outcome is ``averaged``. With 2 peers the
   butterfly all-reduce has each peer send half its gradient and half of the averaged result, so the uncompressed
-  (fp32) figure should be about ``4 bytes x parameters``; fp16 about half of it, 8bit about a quarter.
+  (fp32) figure should be about ``4 bytes x parameters``; fp16 half of it; 8bit a quarter plus a 1 KiB codebook
+  (256 fp32 levels) per tensor part sent, which weighs a lot next to the tiny default model.
 
 Epoch 0 is a warm-up (imports, first TRL set-up, peers finding each other) and is left out of the throughput
 figures when more than one epoch runs. Every run gets a fresh directory under the work dir and its own
@@ -149,7 +150,7 @@ class Runner:
         """One ``swarm run`` peer alone; returns its work directory."""
         workdir = self._fresh_dir(name)
         command = ["run", "--workdir", str(workdir), "--max-epochs", str(epochs), *self._sets(name)]
-        self._run(name, command, workdir)
+        self._run(name, command, workdir, self.timeout)
         return workdir
 
     def swarm(self, name: str, peers: int, epochs: int, overrides: Sequence[str] = ()) -> list[Path]:
@@ -159,7 +160,8 @@ class Runner:
             "local", "--peers", str(peers), "--max-epochs", str(epochs), "--workdir", str(workdir), "--plain",
             "--timeout", str(self.timeout), *self._sets(name, overrides),
         ]
-        self._run(name, command, workdir)
+        # swarm local stops its own peers at --timeout, and needs some grace to do so before it is stopped
+        self._run(name, command, workdir, self.timeout + STOP_GRACE_S)
         return [workdir / f"peer_{index}" for index in range(peers)]
 
     def _fresh_dir(self, name: str) -> Path:
@@ -173,7 +175,7 @@ class Runner:
         pairs = [f"run_id=bench-{self.tag}-{name}", *overrides]
         return [item for pair in pairs for item in ("--set", pair)]
 
-    def _run(self, name: str, arguments: list[str], workdir: Path) -> None:
+    def _run(self, name: str, arguments: list[str], workdir: Path, timeout: float) -> None:
         log_path = workdir / "bench.log"
         environment = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         environment[TAG_VARIABLE] = self.tag
@@ -185,8 +187,7 @@ class Runner:
                 start_new_session=True,  # its own process group, to stop it with everything it started
             )
             try:
-                # swarm local is given the same --timeout: it normally stops its own peers first
-                code = process.wait(timeout=self.timeout + STOP_GRACE_S)
+                code = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 stop_group(process)
                 raise BenchError(f"run {name!r} timed out after {self.timeout:.0f}s: {last_line(log_path)}") from None
@@ -346,10 +347,13 @@ def runs_config() -> SwarmConfig:
 
 def count_parameters(config: SwarmConfig, cache_dir: Path) -> int:
     """Parameters of the model the runs train (the tiny model by default), loaded as a peer loads it."""
+    from transformers.utils import logging as transformers_logging
+
     from swarm.errors import UserError
     from swarm.recipe import load_recipe
     from swarm.training.model import load_model_and_tokenizer
 
+    transformers_logging.disable_progress_bar()  # "Writing model shards" / "Loading weights" on stderr
     try:
         alphabet = load_recipe(config.recipe.name, config.recipe.options).tokenizer_alphabet()
         model, _ = load_model_and_tokenizer(config.model, alphabet, cache_dir)

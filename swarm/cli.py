@@ -64,7 +64,14 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+_MAIN_PID = os.getpid()
+
+
 def _raise_keyboard_interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked hivemind process inherited this handler: just terminate quietly
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt
 
 
@@ -76,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     setup_logging(config.log_level, Path(config.workdir) / "peer.log")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
     trainer = SwarmTrainer(config, expected_peers=args.expected_peers)
     interrupted = False
     try:

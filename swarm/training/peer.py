@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import threading
 import time
 from typing import Any
@@ -27,6 +28,18 @@ from swarm.training.state import TrainingState
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
+
+
+def _quiet_lost_daemon(args: threading.ExceptHookArgs) -> None:
+    """Ctrl+C in a terminal also stops p2pd; hivemind's averager thread then dies on the missing socket while
+    shutting down. That is expected and not actionable, so it is logged at debug level instead of a traceback."""
+    if args.thread is not None and "_run_internal" in args.thread.name and isinstance(args.exc_value, OSError):
+        logger.debug(f"hivemind averager thread stopped: {args.exc_value!r}")
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
 
 
 class SwarmPeer:
@@ -64,6 +77,9 @@ class SwarmPeer:
         self.dht = start_dht(self.config.network, self.identity, self.config.workdir)
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
+        # hivemind ignores SIGINT in this process before forking the averager and never restores it: keep Ctrl+C
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        threading.excepthook = _quiet_lost_daemon  # inherited by the averager process forked below
         self.averager = SwarmAverager(
             buffers,
             self.dht,
@@ -80,6 +96,8 @@ class SwarmPeer:
             declare_state_period=averaging.peer_timeout,
             shutdown_timeout=3,
         )
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
         self.publish()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -87,6 +105,8 @@ class SwarmPeer:
     def shutdown(self) -> None:
         """Stop announcing, shut the averager and the DHT (and their p2p daemon) down. Safe to call twice."""
         self._stop.set()
+        # on Ctrl+C the terminal also stops p2pd, and hivemind then logs tracebacks about the missing daemon
+        logging.getLogger("hivemind").setLevel(logging.CRITICAL)
         if self.averager is not None:
             self.averager.shutdown()
             self.averager = None
@@ -133,6 +153,15 @@ class SwarmPeer:
             online = 1 + len(self.other_peers())
             if online >= count or time.monotonic() >= deadline or self._stop.is_set():
                 return online
+            time.sleep(POLL_INTERVAL)
+
+    def linger(self, timeout: float) -> None:
+        """Keep serving (state downloads, the last all-reduce) while live peers are still behind this peer's epoch,
+        so that a peer whose last round failed can download the final state instead of ending on another one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if not any(status.epoch < self.epoch for status in self.other_peers().values()):
+                return
             time.sleep(POLL_INTERVAL)
 
     # ---- state --------------------------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ class SwarmTrainer:
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
                     self.save_checkpoint()
                 self._write_status(record)
+            if not self._stopping.is_set():
+                self.peer.linger(config.averaging.round_timeout)
         finally:
             try:
                 self.save_checkpoint()
