@@ -3,19 +3,19 @@
 What is measured (every figure comes from the ``metrics.jsonl`` line each peer appends per epoch):
 
 * **solo** — one peer training alone (``swarm run``, E epochs): ``sum(samples) / sum(compute_s + sync_s)``.
-* **swarm** — N peers (``swarm local``, E epochs): samples/s of each peer computed as above, averaged over the
-  peers, and the compute fraction ``sum(compute_s) / sum(compute_s + sync_s)`` over all peers and epochs. Both are
-  compared with the solo baseline: per peer, and in aggregate (N x per peer).
-* **bytes per epoch** — for each compression (none, fp16, 8bit) a 2-peer ``swarm local`` of 2 epochs: the mean
-  all-reduce payload one peer sends in one round, over rounds whose outcome is ``averaged``. With 2 peers the
-  butterfly all-reduce has each peer send half its gradient and half of the averaged result, so the uncompressed
-  (fp32) figure should be about ``4 bytes x parameters``; fp16 half of it; 8bit a quarter plus a 1 KiB codebook
-  (256 fp32 levels) per tensor part sent, which weighs a lot next to the tiny default model.
+* **swarm** — N peers (``swarm local``, E epochs): samples/s of each peer computed as above, averaged over
+  the peers, and the compute fraction ``sum(compute_s) / sum(compute_s + sync_s)`` over all peers and
+  epochs. Both are compared with the solo baseline: per peer, and in aggregate (N x per peer).
+* **bytes per epoch** — for each compression (none, fp16, 8bit) a 2-peer ``swarm local`` of 2 epochs: the
+  mean all-reduce payload one peer sends in one round, over rounds whose outcome is ``averaged``. With 2
+  peers the butterfly all-reduce has each peer send half its gradient and half of the averaged result, so
+  the uncompressed (fp32) figure should be about ``4 bytes x parameters``; fp16 half of it; 8bit a quarter
+  plus a 1 KiB codebook (256 fp32 levels) per tensor part sent, which weighs a lot next to the tiny model.
 
-Epoch 0 is a warm-up (imports, first TRL set-up, peers finding each other) and is left out of the throughput
-figures when more than one epoch runs. Every run gets a fresh directory under the work dir and its own
-``run_id``; each subprocess runs in its own session under a timeout, and its process group is stopped on timeout
-so that no ``p2pd`` daemon is left behind (the benchmark checks, and warns if one is).
+Epoch 0 is a warm-up (imports, first TRL set-up, peers finding each other) and is left out of the
+throughput figures when more than one epoch runs. Every run gets a fresh directory under the work dir and
+its own ``run_id``; each subprocess runs in its own session under a timeout, and its process group is
+stopped on timeout so that no ``p2pd`` daemon is left behind (the benchmark checks, and warns if one is).
 
 Usage::
 
@@ -24,8 +24,9 @@ Usage::
     python bench/throughput.py --quick         # 2 peers, 2 epochs: a smoke run
     python bench/throughput.py --peers 4 --epochs 6 --workdir /tmp/bench   # keep the runs' files
 
-Timings are wall-clock seconds on a shared machine: other processes competing for the CPU slow the swarm (N
-processes) more than the solo run (one), so read the ratios together with the load average printed with them.
+Timings are wall-clock seconds on a shared machine: other processes competing for the CPU slow the swarm
+(N processes) more than the solo run (one), so read the ratios together with the load average printed
+with them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 from swarm.monitor.summary import METRICS_FILE
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from swarm.config import SwarmConfig
 
 COMPRESSIONS = ("none", "fp16", "8bit")
@@ -81,6 +84,20 @@ class EpochMetrics:
 
 
 @dataclass(frozen=True)
+class Payload:
+    """Bytes one peer sent per averaged round, for one compression. A round whose first all-reduce
+    attempts failed counts the bytes of every attempt: ``largest`` above ``smallest`` means a retry."""
+
+    mean: int
+    smallest: int
+    largest: int
+    rounds: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"mean": self.mean, "min": self.smallest, "max": self.largest, "rounds": self.rounds}
+
+
+@dataclass(frozen=True)
 class Results:
     """Every figure of one benchmark run."""
 
@@ -91,9 +108,13 @@ class Results:
     samples_per_s_per_peer: float
     compute_fraction: float
     outcomes: dict[str, int]  # of the swarm run's peer-rounds, warm-up included
-    bytes_per_epoch: dict[str, int]
+    payloads: dict[str, Payload]
     load_average: float
     runtime_s: float
+
+    @property
+    def bytes_per_epoch(self) -> dict[str, int]:
+        return {name: payload.mean for name, payload in self.payloads.items()}
 
     @property
     def aggregate_samples_per_s(self) -> float:
@@ -124,7 +145,8 @@ class Results:
                 "compute_fraction": self.compute_fraction,
                 "outcomes": dict(self.outcomes),
             },
-            "bytes_per_epoch": dict(self.bytes_per_epoch),
+            "bytes_per_epoch": self.bytes_per_epoch,
+            "bytes_per_epoch_detail": {name: payload.as_json() for name, payload in self.payloads.items()},
             "ratios": self.ratios(),
             "params": self.params,
             "theoretical_fp32_bytes_per_epoch": self.theoretical_fp32_bytes,
@@ -133,7 +155,7 @@ class Results:
         }
 
 
-# ---- running the swarm ----------------------------------------------------------------------------------------
+# ---- running the swarm -------------------------------------------------------------------------------------
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
@@ -190,7 +212,8 @@ class Runner:
                 code = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 stop_group(process)
-                raise BenchError(f"run {name!r} timed out after {self.timeout:.0f}s: {last_line(log_path)}") from None
+                message = f"run {name!r} timed out after {timeout:.0f}s: {last_line(log_path)}"
+                raise BenchError(message) from None
             except BaseException:  # Ctrl+C: stop the run before leaving
                 stop_group(process)
                 raise
@@ -225,7 +248,7 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else f"(empty log {path})"
 
 
-# ---- leftover daemons -------------------------------------------------------------------------------------------
+# ---- leftover daemons --------------------------------------------------------------------------------------
 def p2pd_pids() -> list[int]:
     try:
         found = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True, check=False)
@@ -267,7 +290,7 @@ def check_leftover_daemons(count_before: int, tag: str) -> None:
             f"(none of them started by it: another swarm is running on this machine)")
 
 
-# ---- reading the figures ------------------------------------------------------------------------------------------
+# ---- reading the figures -----------------------------------------------------------------------------------
 def read_metrics(workdir: Path) -> list[EpochMetrics]:
     path = workdir / METRICS_FILE
     try:
@@ -314,26 +337,26 @@ def compute_fraction(records: Sequence[EpochMetrics], where: str) -> float:
     return sum(record.compute_s for record in records) / seconds
 
 
-def averaged_bytes_per_epoch(peers: Sequence[list[EpochMetrics]], compression: str) -> int:
-    """Mean bytes one peer sent in one round, over rounds that were averaged."""
+def averaged_payload(peers: Sequence[list[EpochMetrics]], compression: str) -> Payload:
+    """Bytes one peer sent in one round, over the rounds that were averaged (every peer's)."""
     sent = [record.bytes_sent for records in peers for record in records if record.outcome == "averaged"]
     if not sent:
         outcomes = sorted({record.outcome for records in peers for record in records})
-        raise BenchError(f"compression {compression}: no round was averaged (outcomes: {', '.join(outcomes)}), "
-                         f"so there is no payload to measure")
-    return round(sum(sent) / len(sent))
+        raise BenchError(f"compression {compression}: no round was averaged "
+                         f"(outcomes: {', '.join(outcomes)}), so there is no payload to measure")
+    return Payload(mean=round(sum(sent) / len(sent)), smallest=min(sent), largest=max(sent), rounds=len(sent))
 
 
 def count_outcomes(peers: Sequence[list[EpochMetrics]], name: str) -> dict[str, int]:
     """How many peer-rounds ended with each outcome; warns when some were not averaged."""
     outcomes = dict(Counter(record.outcome for records in peers for record in records))
-    others = sum(outcomes.values()) - outcomes.get("averaged", 0)
-    if others:
-        log(f"WARNING: {name}: {others} of {sum(outcomes.values())} peer-rounds were not averaged ({outcomes})")
+    total, averaged = sum(outcomes.values()), outcomes.get("averaged", 0)
+    if averaged < total:
+        log(f"WARNING: {name}: {total - averaged} of {total} peer-rounds were not averaged ({outcomes})")
     return outcomes
 
 
-# ---- the benchmark --------------------------------------------------------------------------------------------------
+# ---- the benchmark -----------------------------------------------------------------------------------------
 def runs_config() -> SwarmConfig:
     """The config every run starts from: configs/default.yaml and the SWARM_* environment variables."""
     from swarm.config import load_config
@@ -391,10 +414,10 @@ def measure_swarm(runner: Runner, peers: int, epochs: int) -> SwarmMeasurement:
     )
 
 
-def measure_bytes(runner: Runner, uncompressed: list[list[EpochMetrics]] | None) -> dict[str, int]:
-    """Payload per peer per averaged round for each compression; ``uncompressed``: records of a run that already
-    was a 2-peer, 2-epoch, uncompressed swarm (the swarm run of ``--quick``), to save running it again."""
-    sizes = {}
+def measure_bytes(runner: Runner, uncompressed: list[list[EpochMetrics]] | None) -> dict[str, Payload]:
+    """Payload per peer per averaged round for each compression. ``uncompressed``: the records of a run
+    that already was a 2-peer, 2-epoch, uncompressed swarm (``--quick``'s swarm run), not to run it twice."""
+    payloads = {}
     for compression in COMPRESSIONS:
         if compression == "none" and uncompressed is not None:
             per_peer = uncompressed
@@ -405,10 +428,10 @@ def measure_bytes(runner: Runner, uncompressed: list[list[EpochMetrics]] | None)
                                     [f"averaging.compression={compression}"])
             per_peer = [read_metrics(workdir) for workdir in workdirs]
             count_outcomes(per_peer, f"bytes-{compression}")
-        sizes[compression] = averaged_bytes_per_epoch(per_peer, compression)
-    if sizes["none"] <= 0:
+        payloads[compression] = averaged_payload(per_peer, compression)
+    if payloads["none"].mean <= 0:
         raise BenchError("compression none: averaged rounds sent no bytes (is bytes_sent counted?)")
-    return sizes
+    return payloads
 
 
 def run_benchmark(root: Path, peers: int, epochs: int, timeout: float) -> Results:
@@ -424,61 +447,80 @@ def run_benchmark(root: Path, peers: int, epochs: int, timeout: float) -> Result
         solo = measure_solo(runner, epochs)
         swarm = measure_swarm(runner, peers, epochs)
         reusable = (peers, epochs) == (BYTES_PEERS, BYTES_EPOCHS) and config.averaging.compression == "none"
-        sizes = measure_bytes(runner, swarm.per_peer if reusable else None)
+        payloads = measure_bytes(runner, swarm.per_peer if reusable else None)
     finally:
         check_leftover_daemons(p2pd_before, runner.tag)
     return Results(
         params=params, solo_samples_per_s=solo, peers=peers, epochs=epochs,
         samples_per_s_per_peer=swarm.samples_per_s_per_peer, compute_fraction=swarm.compute_fraction,
-        outcomes=swarm.outcomes, bytes_per_epoch=sizes, load_average=load_average,
+        outcomes=swarm.outcomes, payloads=payloads, load_average=load_average,
         runtime_s=round(time.monotonic() - started, 1),
     )
 
 
-
-# ---- output -----------------------------------------------------------------------------------------------------------
-def print_tables(results: Results) -> None:
-    from rich.console import Console
+# ---- output ------------------------------------------------------------------------------------------------
+def throughput_table(results: Results) -> Table:
     from rich.table import Table
 
     ratios = results.ratios()
-    throughput = Table(title=f"Throughput (epochs 1..{results.epochs - 1} of {results.epochs})"
-                       if results.epochs > 1 else "Throughput (1 epoch)")
+    left_out = ", epoch 0 left out as warm-up" if results.epochs > 1 else ""
+    table = Table(title=f"Throughput ({results.epochs} epochs{left_out})")
     for column in ("run", "samples/s", "vs solo", "compute fraction"):
-        throughput.add_column(column, justify="left" if column == "run" else "right")
-    throughput.add_row("solo (1 peer)", f"{results.solo_samples_per_s:.1f}", "1.00", "")
-    throughput.add_row(f"swarm, per peer ({results.peers} peers)", f"{results.samples_per_s_per_peer:.1f}",
-                       f"{ratios['per_peer_vs_solo']:.2f}", f"{results.compute_fraction:.1%}")
-    throughput.add_row(f"swarm, aggregate ({results.peers} peers)", f"{results.aggregate_samples_per_s:.1f}",
-                       f"{ratios['aggregate_vs_solo']:.2f}", "")
+        table.add_column(column, justify="left" if column == "run" else "right")
+    table.add_row("solo (1 peer)", f"{results.solo_samples_per_s:.1f}", "1.00", "")
+    table.add_row(f"swarm, per peer ({results.peers} peers)", f"{results.samples_per_s_per_peer:.1f}",
+                  f"{ratios['per_peer_vs_solo']:.2f}", f"{results.compute_fraction:.1%}")
+    table.add_row(f"swarm, aggregate ({results.peers} peers)", f"{results.aggregate_samples_per_s:.1f}",
+                  f"{ratios['aggregate_vs_solo']:.2f}", "")
+    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(results.outcomes.items()))
+    table.caption = f"swarm peer-rounds: {outcomes}"
+    return table
 
-    payload = Table(title=f"All-reduce payload sent per peer per epoch ({BYTES_PEERS} peers, averaged rounds)")
-    for column in ("compression", "bytes", "vs none (fp32)"):
-        payload.add_column(column, justify="left" if column == "compression" else "right")
+
+def payload_table(results: Results) -> Table:
+    from rich.table import Table
+
+    ratios = results.ratios()
+    table = Table(title=f"All-reduce payload sent per peer per epoch ({BYTES_PEERS} peers, averaged rounds)")
+    for column in ("compression", "bytes (mean)", "vs none", "min-max", "rounds"):
+        table.add_column(column, justify="left" if column == "compression" else "right")
     for name in COMPRESSIONS:
-        payload.add_row(name, f"{results.bytes_per_epoch[name]:,}", f"{ratios[f'{name}_vs_none']:.3f}")
-    payload.add_row("theoretical fp32 (4 B x params)", f"{results.theoretical_fp32_bytes:,}",
-                    f"measured none / this = {ratios['none_vs_theoretical']:.3f}", style="dim")
+        stats = results.payloads[name]
+        table.add_row(name, f"{stats.mean:,}", f"{ratios[f'{name}_vs_none']:.3f}",
+                      f"{stats.smallest:,}-{stats.largest:,}", str(stats.rounds))
+    theory = results.theoretical_fp32_bytes
+    table.add_row("fp32 theory, 4 B/param", f"{theory:,}", f"{theory / results.payloads['none'].mean:.3f}",
+                  "", "", style="dim")
+    if any(stats.largest > stats.smallest for stats in results.payloads.values()):
+        table.caption = "max > min: some all-reduce was retried, and every attempt's bytes count"
+    return table
+
+
+def print_tables(results: Results) -> None:
+    from rich.console import Console
 
     console = Console()
-    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(results.outcomes.items()))
-    throughput.caption = f"swarm peer-rounds: {outcomes}"
-    console.print(throughput)
-    console.print(payload)
-    console.print(f"model: {results.params:,} parameters; load average at start {results.load_average:.2f} "
-                  f"on {os.cpu_count()} CPUs; benchmark took {results.runtime_s:.0f}s")
+    console.print(throughput_table(results))
+    console.print(payload_table(results))
+    console.print(f"model: {results.params:,} parameters; measured none / fp32 theory = "
+                  f"{results.ratios()['none_vs_theoretical']:.3f}")
+    console.print(f"load average at start {results.load_average:.2f} on {os.cpu_count()} CPUs; "
+                  f"benchmark took {results.runtime_s:.0f}s")
 
 
-# ---- command line -----------------------------------------------------------------------------------------------------
+# ---- command line ------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--peers", type=int, help=f"peers in the swarm run (default {DEFAULT_PEERS})")
-    parser.add_argument("--epochs", type=int, help=f"epochs of the solo and swarm runs (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--epochs", type=int,
+                        help=f"epochs of the solo and swarm runs (default {DEFAULT_EPOCHS})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_PEERS} peers, {QUICK_EPOCHS} epochs unless given")
-    parser.add_argument("--workdir", type=Path, help="keep the runs' files here (default: a temporary dir, removed)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take (default 600)")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the runs' files here (default: a temporary dir, removed at the end)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds each run may take (default 600)")
     args = parser.parse_args(argv)
     if args.peers is None:
         args.peers = QUICK_PEERS if args.quick else DEFAULT_PEERS

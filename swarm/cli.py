@@ -7,6 +7,8 @@ import argparse
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from swarm.errors import UserError
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiaddress of a peer to join (repeatable; also SWARM_INITIAL_PEERS, network.initial_peers)",
     )
     run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
+    run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # used by swarm local
 
     local = commands.add_parser("local", help="simulate a swarm: N peers as separate processes on this machine")
     _add_config_options(local)
@@ -75,6 +78,18 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _stop_when_parent_dies() -> None:
+    """Stop this peer gracefully (as on SIGTERM) if the process that started it goes away, even by kill -9."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from swarm.monitor.logs import setup_logging
     from swarm.monitor.summary import PEER_SUMMARY_FILE, write_summary
@@ -84,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, Path(config.workdir) / "peer.log")
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
+    if args.exit_with_parent:
+        _stop_when_parent_dies()
     trainer = SwarmTrainer(config, expected_peers=args.expected_peers)
     interrupted = False
     try:

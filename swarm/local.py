@@ -55,7 +55,7 @@ def peer_command(args: argparse.Namespace, workdir: Path, join: list[str], expec
         command += ["--max-epochs", str(args.max_epochs)]
     for address in join:
         command += ["--join", address]
-    return command + ["--expected-peers", str(expected_peers)]
+    return command + ["--expected-peers", str(expected_peers), "--exit-with-parent"]
 
 
 def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]) -> LocalPeer:
@@ -65,6 +65,9 @@ def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]
         (workdir / stale).unlink(missing_ok=True)
     log_file = open(workdir / "stdout.log", "ab")
     environment = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # N peers on one machine: split the cores instead of letting every peer's torch use all of them
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.peers))
+    environment.setdefault("OMP_NUM_THREADS", str(threads))
     process = subprocess.Popen(
         peer_command(args, workdir, join, args.peers),
         stdout=log_file,

@@ -26,8 +26,9 @@ def clean_env() -> dict[str, str]:
 class Processes:
     """Starts commands in their own process groups and kills every group at teardown (p2pd is in the group)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Path) -> None:
         self.started: list[subprocess.Popen] = []
+        self.scope = scope  # every process whose command line mentions this directory is killed at the end
 
     def start(self, args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -57,11 +58,33 @@ class Processes:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        # peers that `swarm local` started live in process groups of their own, and their p2pd carries the
+        # identity path: catch them all by the test's directory
+        for pid, _ in processes_mentioning(str(self.scope)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append((int(entry.name), command))
+    return found
 
 
 @pytest.fixture
-def processes() -> Iterator[Processes]:
-    registry = Processes()
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    registry = Processes(tmp_path)
     try:
         yield registry
     finally:

@@ -61,6 +61,7 @@ class SwarmPeer:
         self.ready_epoch = -1
         self.dht = self.board = self.averager = None
         self._stop = threading.Event()
+        self._seen: dict[str, tuple[float, PeerStatus]] = {}  # peer id -> (when last read, status)
         self._heartbeat: threading.Thread | None = None
 
     @property
@@ -138,13 +139,20 @@ class SwarmPeer:
             self.publish()
 
     def other_peers(self) -> dict[str, PeerStatus]:
+        """Live peers other than this one. A peer seen within ``peer_timeout`` stays listed (with its last status)
+        even if one read of the DHT misses it, so a slow or failed lookup never makes the swarm look empty."""
         try:
-            statuses = self.board.fetch()
+            fresh = self.board.fetch()
         except Exception as error:
             logger.warning(f"Could not read peer statuses: {error!r}")
-            return {}
-        statuses.pop(self.peer_id, None)
-        return statuses
+            fresh = {}
+        fresh.pop(self.peer_id, None)
+        now = time.monotonic()
+        for peer_id, status in fresh.items():
+            self._seen[peer_id] = (now, status)
+        horizon = now - self.config.averaging.peer_timeout
+        self._seen = {peer_id: seen for peer_id, seen in self._seen.items() if seen[0] >= horizon}
+        return {peer_id: status for peer_id, (_, status) in self._seen.items()}
 
     def wait_for_peers(self, count: int, timeout: float) -> int:
         """Wait until ``count`` peers (this one included) are online or ``timeout`` passes; returns how many are."""

@@ -46,7 +46,7 @@ class EpochRecord:
     samples: int = 0  # samples this peer computed for the round
     compute_s: float = 0.0  # generating, scoring, backpropagating
     sync_s: float = 0.0  # waiting for peers, averaging, stepping or downloading state
-    bytes_sent: int = 0  # all-reduce payload bytes this peer sent
+    bytes_sent: int = 0  # all-reduce payload bytes this peer sent, failed attempts included
 
     def as_summary(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
@@ -195,7 +195,7 @@ class SwarmTrainer:
             try:
                 return self.strategy.finish_round(samples)
             finally:
-                sync_seconds = time.perf_counter() - started
+                sync_seconds += time.perf_counter() - started
 
         swarm_optimizer = SwarmOptimizer(self.optimizer, finish_round)
         seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)

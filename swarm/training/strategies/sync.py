@@ -26,6 +26,8 @@ from swarm.training.peer import POLL_INTERVAL, SwarmPeer
 
 logger = logging.getLogger(__name__)
 
+RETRY_PAUSE = 1.0
+
 
 class Outcome(enum.Enum):
     AVERAGED = "averaged"  # stepped on the group's average
@@ -53,6 +55,7 @@ class SyncGradientAveraging:
     def __init__(self, peer: SwarmPeer, optimizer: torch.optim.Optimizer, max_grad_norm: float):
         self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
         self.expected_group = 2
+        self.catch_up_grace = 3 * peer.config.averaging.matchmaking_time
 
     def finish_round(self, samples: int) -> RoundResult:
         peer, averaging = self.peer, self.peer.config.averaging
@@ -88,26 +91,35 @@ class SyncGradientAveraging:
                 if time.monotonic() >= deadline:
                     logger.warning(f"epoch {epoch}: averaging failed until the round timeout; recomputing")
                     return RoundResult(Outcome.SKIPPED, epoch)
+                # a failure can be one-sided (the others finished and stepped): let their new status reach the DHT
+                # so that the next barrier sees them ahead and downloads their state instead of waiting for a group
+                time.sleep(RETRY_PAUSE)
         finally:
             peer.ready_epoch = -1
 
     def _barrier(self, epoch: int, deadline: float) -> str:
-        """'go', 'alone' (no live peer at this epoch) or 'behind' (a live peer is at a later epoch).
+        """'go', 'alone' (no other live peer can join this epoch) or 'behind' (a live peer is at a later epoch).
 
+        Peers one or more epochs behind are catching up (they download this epoch's state), so they are waited
+        for too, but only for ``catch_up_grace`` seconds: a peer that cannot catch up must not stall the swarm.
         On 'go', ``self.expected_group`` is the number of live peers at this epoch, this one included."""
         peer = self.peer
         peer.ready_epoch = epoch
         peer.publish()
+        catch_up_deadline = time.monotonic() + self.catch_up_grace
         while True:
             others = peer.other_peers()
             if any(status.epoch > epoch for status in others.values()):
                 return "behind"
-            same = [status for status in others.values() if status.epoch == epoch and not status.client_mode]
-            same_any = [status for status in others.values() if status.epoch == epoch]
-            if not same_any or (peer.config.network.client_mode and not same):
+            now = time.monotonic()
+            same = [status for status in others.values() if status.epoch == epoch]
+            lagging = [status for status in others.values() if status.epoch < epoch] if now < catch_up_deadline else []
+            can_reduce = any(not status.client_mode for status in same) or not peer.config.network.client_mode
+            if not lagging and (not same or not can_reduce):
                 return "alone"
-            if all(status.ready_epoch == epoch for status in same_any) or time.monotonic() >= deadline:
-                self.expected_group = 1 + len(same_any)
+            everyone_ready = not lagging and all(status.ready_epoch == epoch for status in same)
+            if same and (everyone_ready or now >= deadline):
+                self.expected_group = 1 + len(same)
                 return "go"
             time.sleep(POLL_INTERVAL)
 
