@@ -78,6 +78,13 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _interrupt_on_sigint_and_sigterm() -> None:
+    """Ctrl+C and SIGTERM both mean "stop cleanly" — even if this process was started with SIGINT ignored, as
+    background jobs of a non-interactive shell are."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _stop_when_parent_dies() -> None:
     """Stop this peer gracefully (as on SIGTERM) if the process that started it goes away, even by kill -9."""
     parent = os.getppid()
@@ -97,8 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     setup_logging(config.log_level, Path(config.workdir) / "peer.log")
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
+    _interrupt_on_sigint_and_sigterm()
     if args.exit_with_parent:
         _stop_when_parent_dies()
     trainer = SwarmTrainer(config, expected_peers=args.expected_peers)
@@ -119,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     from swarm.local import run_local
 
+    _interrupt_on_sigint_and_sigterm()
     config = config_from_args(args)  # validated once here, so a bad config fails before any process starts
     if args.peers < 1:
         raise UserError(f"--peers must be at least 1, got {args.peers}", exit_code=2)

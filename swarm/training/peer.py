@@ -18,6 +18,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarm.config import SwarmConfig
+from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.averager import RoundKey, SwarmAverager, round_consensus
 from swarm.network.compression import make_compression
@@ -28,6 +29,7 @@ from swarm.training.state import TrainingState
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
+MAX_PUBLISH_FAILURES = 6  # consecutive failed status updates (two peer timeouts of heartbeats) = lost the swarm
 
 
 def _quiet_lost_daemon(args: threading.ExceptHookArgs) -> None:
@@ -61,6 +63,7 @@ class SwarmPeer:
         self.ready_epoch = -1
         self.dht = self.board = self.averager = None
         self._stop = threading.Event()
+        self._publish_failures = 0
         self._seen: dict[str, tuple[float, PeerStatus]] = {}  # peer id -> (when last read, status)
         self._heartbeat: threading.Thread | None = None
 
@@ -130,9 +133,19 @@ class SwarmPeer:
 
     def publish(self) -> None:
         try:
-            self.board.publish(self.status())
+            stored = self.board.publish(self.status())
         except Exception as error:  # a transient DHT failure must not kill training; the heartbeat retries
             logger.warning(f"Could not publish status: {error!r}")
+            stored = False
+        self._publish_failures = 0 if stored else self._publish_failures + 1
+
+    def check_alive(self) -> None:
+        """:raises UserError: if this peer has lost its DHT node (e.g. its p2p daemon was killed)."""
+        if self.dht is None or not self.dht.is_alive() or self._publish_failures >= MAX_PUBLISH_FAILURES:
+            raise UserError(
+                f"{self.identity.name}: lost contact with the swarm (DHT node down or {self._publish_failures}"
+                " status updates failed in a row); the checkpoint is saved, restart the peer to rejoin"
+            )
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.averaging.peer_timeout / 3):

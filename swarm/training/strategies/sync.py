@@ -59,6 +59,7 @@ class SyncGradientAveraging:
 
     def finish_round(self, samples: int) -> RoundResult:
         peer, averaging = self.peer, self.peer.config.averaging
+        peer.check_alive()
         epoch = peer.epoch
         params = peer.state.params
         local = [p.grad.detach().to("cpu", copy=True) if p.grad is not None else torch.zeros_like(p, device="cpu")
