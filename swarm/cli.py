@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from swarm.errors import UserError
+from swarm.ledger.cli import add_ledger_parser, run_ledger
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the effective configuration as YAML")
     _add_config_options(config)
+    add_ledger_parser(commands)
     return parser
 
 
@@ -141,7 +143,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config)
+    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger)
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -299,5 +299,3 @@ def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
-
-logging.getLogger("transformers.trainer").setLevel(logging.ERROR)

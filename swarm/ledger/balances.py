@@ -1,0 +1,116 @@
+"""Balances: a pure, deterministic function of a set of ledger entries, the rules and the current epoch.
+
+Two peers holding the same set of entries compute identical balances, whatever order the entries arrived in:
+the entries are deduplicated and sorted inside, and all arithmetic is on integers (micro-credits).
+The entries are assumed valid (signed, chained): the store only holds such entries.
+
+The rules (all amounts in micro-credits, 1 credit = 1_000_000):
+
+* **Contribution** (subject S, epoch e, ``samples`` n, commitment c): S earns ``n × credit_per_sample``.
+  It is *provisional* while ``current_epoch < e + provisional_epochs`` (the audit window is open) and *final*
+  afterwards.
+* **Audit** (author A, epoch e): the auditor A earns ``audit_credit``, provisional/final like a contribution.
+* **Slash** (subject S, commitment c, ``samples`` n of the failed contribution): S loses
+  ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit for c (if any) is void.
+  Deterrence: with audit probability p, cheating on n samples costs more than it gains when
+  ``p × (slash_amount + n × slash_per_sample) > n × credit_per_sample`` — see :meth:`Rules.deters`.
+* **Ban** (subject S, epoch b): S is marked banned; its contributions and audits count only if their window had
+  closed before the ban (``e + provisional_epochs <= b``); everything else of S is void.
+* **Idempotency**: entries with the same :attr:`~swarm.ledger.entries.LedgerEntry.idempotency_key` count once
+  (the one with the smallest hash), so a contribution is never credited twice.
+* The ``credit`` field written in entries is ignored: credit is always recomputed from these rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from swarm.ledger.entries import MICRO, LedgerEntry
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Credit rules. Every peer of a swarm must use the same rules to compute the same balances.
+
+    :param credit_per_sample: micro-credits per verified sample of a contribution
+    :param audit_credit: micro-credits an auditor earns per audit performed
+    :param slash_amount: fixed micro-credits a failed audit costs the cheater
+    :param slash_per_sample: further micro-credits per sample of the failed contribution
+    :param provisional_epochs: epochs a credit stays provisional (the audit window) before it is final
+    """
+
+    credit_per_sample: int = MICRO
+    audit_credit: int = 10 * MICRO
+    slash_amount: int = 100 * MICRO
+    slash_per_sample: int = 20 * MICRO
+    provisional_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("credit_per_sample", "audit_credit", "slash_amount", "slash_per_sample", "provisional_epochs"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"ledger rule {name} must be a non-negative integer, got {value!r}")
+
+    def deters(self, audit_probability: float, samples: int) -> bool:
+        """Whether cheating on a contribution of ``samples`` samples loses in expectation when each contribution
+        is audited with ``audit_probability``: audit rate × penalty > credit gained."""
+        penalty = self.slash_amount + samples * self.slash_per_sample
+        return audit_probability * penalty > samples * self.credit_per_sample
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A peer's balance in micro-credits: ``final`` can no longer change except by a slash; ``provisional``
+    is still inside its audit window. ``banned``: a ban entry names this peer."""
+
+    final: int = 0
+    provisional: int = 0
+    banned: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.final + self.provisional
+
+
+def _unique(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+    """One entry per idempotency key (the smallest hash), sorted by hash: order-independent."""
+    chosen: dict[str, LedgerEntry] = {}
+    for entry in sorted(set(entries), key=lambda e: e.hash):
+        chosen.setdefault(entry.idempotency_key, entry)
+    return sorted(chosen.values(), key=lambda e: e.hash)
+
+
+def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -> dict[str, Balance]:
+    """Every peer's :class:`Balance` (keys sorted by peer id) under ``rules`` at ``current_epoch``; see the module
+    docstring for the rules. A pure function of the *set* of entries."""
+    unique = _unique(entries)
+    banned_at: dict[str, int] = {}
+    slashed: set[tuple[str, str]] = set()
+    for entry in unique:
+        if entry.kind == "ban":
+            banned_at[entry.subject] = min(entry.epoch, banned_at.get(entry.subject, entry.epoch))
+        elif entry.kind == "slash":
+            slashed.add((entry.subject, entry.refs[0]))
+
+    final: dict[str, int] = {}
+    provisional: dict[str, int] = {}
+
+    def credit(peer: str, epoch: int, amount: int) -> None:
+        closes = epoch + rules.provisional_epochs
+        if peer in banned_at and closes > banned_at[peer]:
+            return  # still open when the peer was banned: forfeited
+        book = final if current_epoch >= closes else provisional
+        book[peer] = book.get(peer, 0) + amount
+
+    for entry in unique:
+        if entry.kind == "contribution":
+            if (entry.subject, entry.refs[0]) not in slashed:
+                credit(entry.subject, entry.epoch, entry.samples * rules.credit_per_sample)
+        elif entry.kind == "audit":
+            credit(entry.author, entry.epoch, rules.audit_credit)
+        elif entry.kind == "slash":
+            penalty = rules.slash_amount + entry.samples * rules.slash_per_sample
+            final[entry.subject] = final.get(entry.subject, 0) - penalty
+    peers = sorted({entry.author if entry.kind == "audit" else entry.subject for entry in unique})
+    return {peer: Balance(final.get(peer, 0), provisional.get(peer, 0), peer in banned_at) for peer in peers}
