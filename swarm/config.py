@@ -94,6 +94,12 @@ class CheckpointConfig(_Section):
     every_epochs: int = Field(1, gt=0)
 
 
+class MonitorConfig(_Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
+    wandb_project: str = "swarm"
+    wandb_entity: str | None = None
+
+
 class SwarmConfig(_Section):
     """The whole configuration of one peer (``swarm local`` gives each simulated peer a copy)."""
 
@@ -107,6 +113,7 @@ class SwarmConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("workdir", "identity_path", mode="before")
     @classmethod

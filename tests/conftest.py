@@ -134,3 +134,34 @@ def _tail(log: Path, lines: int = 25) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def read_wandb_offline_run(run_dir: Path) -> tuple[set[str], list[dict[str, object]]]:
+    """(groups, history rows) of an offline W&B run, read from its ``.wandb`` file (a LevelDB-style log of
+    protobuf records, format of wandb >= 0.13) — so the test sees what ``wandb sync`` would upload."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = next(run_dir.glob("*.wandb")).read_bytes()
+    block, position, pending = 32768, 7, b""  # 7 = the ':W&B' file header with magic and version
+    groups: set[str] = set()
+    history: list[dict[str, object]] = []
+    while position + 7 <= len(raw):
+        if block - position % block < 7:  # too little room left for a header: the block is padded
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(raw[position + 4 : position + 6], "little"), raw[position + 6]
+        chunk, position = raw[position + 7 : position + 7 + length], position + 7 + length
+        if kind == 0:
+            position += block - position % block if position % block else 0
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        if record.WhichOneof("record_type") == "run":
+            groups.add(record.run.run_group)
+        elif record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    return groups, history

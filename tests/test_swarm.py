@@ -16,6 +16,7 @@ from tests.conftest import (
     peer_epoch,
     read_json,
     read_metrics,
+    read_wandb_offline_run,
     wait_until,
 )
 
@@ -70,6 +71,14 @@ def test_local_swarm_trains_in_lockstep_and_improves(tmp_path: Path) -> None:
     # every peer really averaged with the others (not three solo runs that happened to be resynced)
     grouped = [m for i in range(3) for m in read_metrics(tmp_path / "w" / f"peer_{i}") if m["group_size"] == 3]
     assert len(grouped) >= 3 * 3
+    # W&B (offline here: no API key): one run per peer, grouped by the run id, holding the logged epochs
+    for index in range(3):
+        runs = list((tmp_path / "w" / f"peer_{index}" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        groups, history = read_wandb_offline_run(runs[0])
+        assert groups == {"swarm-default"}
+        assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
+        assert all(isinstance(row["reward"], float) and row["peers_online"] >= 1 for row in history)
 
 
 @pytest.mark.timeout(420)

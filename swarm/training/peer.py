@@ -167,6 +167,11 @@ class SwarmPeer:
         self._seen = {peer_id: seen for peer_id, seen in self._seen.items() if seen[0] >= horizon}
         return {peer_id: status for peer_id, (_, status) in self._seen.items()}
 
+    def swarm_view(self) -> tuple[int, int]:
+        """(peers online, samples contributed swarm-wide) from the statuses last read — no DHT round trip."""
+        known = [status for _, status in self._seen.values()]
+        return 1 + len(known), self.samples + sum(status.samples for status in known)
+
     def wait_for_peers(self, count: int, timeout: float) -> int:
         """Wait until ``count`` peers (this one included) are online or ``timeout`` passes; returns how many are."""
         deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from swarm.config import SwarmConfig, dump_config
 from swarm.identity import Identity
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
+from swarm.monitor.tracking import RunTracker
 from swarm.network.dht import check_multiaddrs
 from swarm.recipe import Recipe, load_recipe
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -50,6 +51,12 @@ class EpochRecord:
 
     def as_summary(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
+
+    def metrics(self) -> dict[str, Any]:
+        """Numeric figures for trackers (W&B): the outcome becomes one 0/1 flag per kind."""
+        figures = {key: value for key, value in vars(self).items() if key != "outcome" and value is not None}
+        figures.update({f"round/{kind.value}": int(self.outcome == kind.value) for kind in Outcome})
+        return figures
 
 
 @dataclass
@@ -146,7 +153,9 @@ class SwarmTrainer:
         config = self.config
         (self.workdir / "config.yaml").write_text(dump_config(config))
         self.peer.start()
+        tracker = RunTracker(None)
         try:
+            tracker = RunTracker.start(config, self.identity.name, str(self.identity.peer_id))
             addresses = " ".join(str(addr) for addr in self.peer.dht.get_visible_maddrs())
             logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
             logger.info(f"Others join with: swarm run --join {addresses.split()[0] if addresses else '?'}")
@@ -164,12 +173,17 @@ class SwarmTrainer:
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
                     self.save_checkpoint()
                 self._write_status(record)
+                peers_online, swarm_samples = self.peer.swarm_view()
+                tracker.log(
+                    dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples), step=record.epoch
+                )
             if not self._stopping.is_set():
                 self.peer.linger(config.averaging.round_timeout)
         finally:
             try:
                 self.save_checkpoint()
             finally:
+                tracker.finish()
                 self.peer.shutdown()
         return self.report()
 
