@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from swarm.doctor import add_doctor_parser, run_doctor
 from swarm.errors import UserError
 from swarm.ledger.cli import add_ledger_parser, run_ledger
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
     run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # used by swarm local
+    run.add_argument("--plain", action="store_true", help="log lines instead of the live dashboard")
+    run.add_argument("--quiet", action="store_true", help="only warnings and errors on the terminal")
 
     local = commands.add_parser("local", help="simulate a swarm: N peers as separate processes on this machine")
     _add_config_options(local)
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective configuration as YAML")
     _add_config_options(config)
     add_ledger_parser(commands)
+    add_doctor_parser(commands)
     return parser
 
 
@@ -100,22 +104,37 @@ def _stop_when_parent_dies() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from swarm.monitor.dashboard import Dashboard, DashboardCallback, DashboardState
     from swarm.monitor.logs import setup_logging
     from swarm.monitor.summary import PEER_SUMMARY_FILE, write_summary
+    from swarm.monitor.tracking import WandbCallback
     from swarm.training.trainer import SwarmTrainer
 
     config = config_from_args(args)
-    setup_logging(config.log_level, Path(config.workdir) / "peer.log")
+    console = Console(stderr=True)
+    live = console.is_terminal and not (args.plain or args.quiet)
+    setup_logging(config.log_level, Path(config.workdir) / "peer.log", console=console if live else None,
+                  quiet=args.quiet)
     _interrupt_on_sigint_and_sigterm()
     if args.exit_with_parent:
         _stop_when_parent_dies()
-    trainer = SwarmTrainer(config, expected_peers=args.expected_peers)
+    trainer = SwarmTrainer(config, expected_peers=args.expected_peers, callbacks=[WandbCallback()])
+    dashboard = None
+    if live:
+        state = DashboardState(name=trainer.identity.name, run_id=config.run_id, epoch=trainer.peer.epoch)
+        trainer.callbacks.append(DashboardCallback(state))
+        dashboard = Dashboard(state, console).start()
     interrupted = False
     try:
         report = trainer.train()
     except KeyboardInterrupt:
         interrupted = True
         report = trainer.report()
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     summary = report.as_summary()
     write_summary(Path(config.workdir) / PEER_SUMMARY_FILE, config.run_id, [summary])
     if args.summary:
@@ -143,7 +162,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger)
+    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor)
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -6,18 +6,35 @@ import logging
 import warnings
 from pathlib import Path
 
+from rich.console import Console
+from rich.logging import RichHandler
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: str, log_file: Path | None = None) -> None:
-    """Route ``swarm.*`` logs at ``level`` (and hivemind's warnings) to stderr and, if given, ``log_file``."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+def setup_logging(
+    level: str, log_file: Path | None = None, console: Console | None = None, quiet: bool = False
+) -> None:
+    """Route ``swarm.*`` logs at ``level`` (and hivemind's warnings) to the terminal and, if given, ``log_file``.
+
+    :param console: print through this rich console (so that lines appear above a live dashboard)
+    :param quiet: show only warnings and errors on the terminal (the log file keeps everything)
+    """
+    formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
+    terminal: logging.Handler
+    if console is not None:
+        terminal = RichHandler(console=console, show_path=False, markup=False, log_time_format="%H:%M:%S")
+    else:
+        terminal = logging.StreamHandler()
+        terminal.setFormatter(formatter)
+    if quiet:
+        terminal.setLevel(logging.WARNING)
+    handlers: list[logging.Handler] = [terminal]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
-    for handler in handlers:
-        handler.setFormatter(formatter)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(formatter)
+        handlers.append(file_handler)
     swarm_logger = logging.getLogger("swarm")
     swarm_logger.handlers[:] = handlers
     swarm_logger.setLevel(level.upper())

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from swarm.config import SwarmConfig
+from swarm.training.callbacks import SwarmCallback
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +85,20 @@ class RunTracker:
             except Exception as error:
                 logger.warning(f"W&B run did not finish cleanly: {error}")
             self.run = None
+
+
+class WandbCallback(SwarmCallback):
+    """Starts the peer's W&B run when it joins, logs every epoch with swarm-level figures, finishes at the end."""
+
+    def __init__(self) -> None:
+        self.tracker = RunTracker(None)
+
+    def on_start(self, trainer) -> None:
+        self.tracker = RunTracker.start(trainer.config, trainer.identity.name, str(trainer.identity.peer_id))
+
+    def on_epoch_end(self, trainer, record) -> None:
+        peers_online, swarm_samples = trainer.peer.swarm_view()
+        self.tracker.log(dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples), record.epoch)
+
+    def on_end(self, trainer) -> None:
+        self.tracker.finish()

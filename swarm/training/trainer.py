@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from swarm.config import SwarmConfig, dump_config
 from swarm.identity import Identity
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
-from swarm.monitor.tracking import RunTracker
 from swarm.network.dht import check_multiaddrs
 from swarm.recipe import Recipe, load_recipe
+from swarm.training.callbacks import SwarmCallback
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.model import load_model_and_tokenizer
 from swarm.training.optimizer import SwarmOptimizer
@@ -91,10 +92,18 @@ class SwarmTrainer:
     :param config: the peer's config
     :param recipe: the recipe to train (default: ``config.recipe``, looked up by name)
     :param expected_peers: before the first epoch, wait up to ``averaging.round_timeout`` for this many peers
+    :param callbacks: monitors to notify (see :class:`swarm.training.callbacks.SwarmCallback`)
     """
 
-    def __init__(self, config: SwarmConfig, recipe: Recipe | None = None, expected_peers: int = 1):
+    def __init__(
+        self,
+        config: SwarmConfig,
+        recipe: Recipe | None = None,
+        expected_peers: int = 1,
+        callbacks: Sequence[SwarmCallback] = (),
+    ):
         self.config = config
+        self.callbacks = list(callbacks)
         check_multiaddrs(config.network.initial_peers, "initial peer")  # fail before minutes of model loading
         self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
         self.trainer_kind = config.training.trainer or self.recipe.trainer
@@ -153,14 +162,15 @@ class SwarmTrainer:
         config = self.config
         (self.workdir / "config.yaml").write_text(dump_config(config))
         self.peer.start()
-        tracker = RunTracker(None)
         try:
-            tracker = RunTracker.start(config, self.identity.name, str(self.identity.peer_id))
-            addresses = " ".join(str(addr) for addr in self.peer.dht.get_visible_maddrs())
+            addresses = [str(addr) for addr in self.peer.dht.get_visible_maddrs()]
             logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
-            logger.info(f"Others join with: swarm run --join {addresses.split()[0] if addresses else '?'}")
+            logger.info(f"Others join with: swarm run --join {addresses[0] if addresses else '?'}")
+            self._emit("on_start")
             if self.expected_peers > 1:
+                self._emit("on_phase", f"waiting for {self.expected_peers} peers")
                 self.peer.wait_for_peers(self.expected_peers, config.averaging.round_timeout)
+            self._emit("on_phase", "catching up with the swarm")
             self.peer.sync_with_swarm()
             max_epochs = config.training.max_epochs
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
@@ -173,19 +183,24 @@ class SwarmTrainer:
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
                     self.save_checkpoint()
                 self._write_status(record)
-                peers_online, swarm_samples = self.peer.swarm_view()
-                tracker.log(
-                    dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples), step=record.epoch
-                )
+                self._emit("on_epoch_end", record)
             if not self._stopping.is_set():
+                self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
             try:
                 self.save_checkpoint()
             finally:
-                tracker.finish()
+                self._emit("on_end")
                 self.peer.shutdown()
         return self.report()
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            try:
+                getattr(callback, hook)(self, *args)
+            except Exception as error:  # a broken monitor must never stop training
+                logger.warning(f"{type(callback).__name__}.{hook} failed: {type(error).__name__}: {error}")
 
     def _write_status(self, record: EpochRecord) -> None:
         status = dict(vars(record), name=self.identity.name, round_epoch=record.epoch, epoch=self.peer.epoch,
@@ -205,6 +220,7 @@ class SwarmTrainer:
 
         def finish_round() -> RoundResult:
             nonlocal sync_seconds
+            self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
             started = time.perf_counter()
             try:
                 return self.strategy.finish_round(samples)
@@ -215,6 +231,7 @@ class SwarmTrainer:
         seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
         trl_trainer = self._make_trl_trainer(rows, swarm_optimizer, seed=seed)
         bytes_before = self.peer.averager.bytes_sent.value
+        self._emit("on_phase", f"computing epoch {epoch}")
         started = time.perf_counter()
         trl_trainer.train()
         elapsed = time.perf_counter() - started

@@ -1,0 +1,107 @@
+"""The live terminal dashboard of ``swarm run``: what the peer is doing, refreshed twice a second.
+
+Log lines print above it (through the same rich console) and also go to ``WORKDIR/peer.log``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from swarm.training.callbacks import SwarmCallback
+
+
+@dataclass
+class DashboardState:
+    """What the dashboard shows; the trainer updates it, the refresh thread reads it."""
+
+    name: str
+    run_id: str
+    phase: str = "starting"
+    phase_since: float = field(default_factory=time.monotonic)
+    epoch: int = 0
+    peers_online: int = 1
+    samples_per_s: float | None = None
+    reward: float | None = None
+    loss: float | None = None
+    last_round: str = ""
+    group_size: int = 0
+    my_samples: int = 0
+    swarm_samples: int = 0
+
+    def set_phase(self, phase: str) -> None:
+        self.phase, self.phase_since = phase, time.monotonic()
+
+
+def render(state: DashboardState) -> Table:
+    table = Table(title=f"swarm · {state.name} · run {state.run_id}", show_header=False, min_width=60)
+    table.add_column(style="bold cyan")
+    table.add_column()
+    elapsed = time.monotonic() - state.phase_since
+    rows = [
+        ("now", f"{state.phase} ({elapsed:.0f}s)"),
+        ("epoch", str(state.epoch)),
+        ("peers online", str(state.peers_online)),
+        ("my samples/s", "…" if state.samples_per_s is None else f"{state.samples_per_s:.1f}"),
+        ("mean reward", "…" if state.reward is None else f"{state.reward:.3f}"),
+        ("loss", "…" if state.loss is None else f"{state.loss:.4f}"),
+        ("last round", f"{state.last_round} (group of {state.group_size})" if state.last_round else "…"),
+        ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
+        ("audits passed / failed", "not enabled yet"),
+        ("my credit", "not enabled yet"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+class Dashboard:
+    """A rich ``Live`` view of a :class:`DashboardState`, refreshed by a background thread until :meth:`stop`."""
+
+    def __init__(self, state: DashboardState, console: Console, refresh_per_second: float = 2.0):
+        self.state, self.console = state, console
+        self._live = Live(render(state), console=console, auto_refresh=False, transient=False)
+        self._stop = threading.Event()
+        self._interval = 1.0 / refresh_per_second
+        self._thread = threading.Thread(target=self._loop, name="dashboard", daemon=True)
+
+    def start(self) -> Dashboard:
+        self._live.start()
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._live.update(render(self.state), refresh=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._live.update(render(self.state), refresh=True)
+        self._live.stop()
+
+
+class DashboardCallback(SwarmCallback):
+    """Feeds a :class:`DashboardState` from the trainer's hooks."""
+
+    def __init__(self, state: DashboardState):
+        self.state = state
+
+    def on_phase(self, trainer, phase: str) -> None:
+        self.state.epoch = trainer.peer.epoch
+        self.state.set_phase(phase)
+
+    def on_epoch_end(self, trainer, record) -> None:
+        state = self.state
+        state.epoch = trainer.peer.epoch
+        state.peers_online, state.swarm_samples = trainer.peer.swarm_view()
+        state.my_samples = trainer.peer.samples
+        wall = record.compute_s + record.sync_s
+        state.samples_per_s = record.samples / wall if wall > 0 else None
+        state.reward, state.loss = record.reward, record.loss
+        state.last_round, state.group_size = record.outcome, record.group_size

@@ -1,0 +1,26 @@
+"""Hooks through which monitors (the terminal dashboard, W&B, ...) follow a peer without the trainer knowing them.
+
+Same convention as ``transformers.TrainerCallback``: subclass, override what you need; every hook is called from
+the training thread, and an exception in a hook is logged and does not stop training.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarm.training.trainer import EpochRecord, SwarmTrainer
+
+
+class SwarmCallback:
+    def on_start(self, trainer: SwarmTrainer) -> None:
+        """The peer has joined the swarm (its DHT node and averager run)."""
+
+    def on_phase(self, trainer: SwarmTrainer, phase: str) -> None:
+        """The peer moved to another phase: 'computing epoch 3', 'averaging epoch 3', 'catching up', ..."""
+
+    def on_epoch_end(self, trainer: SwarmTrainer, record: EpochRecord) -> None:
+        """An epoch's round finished (see ``record.outcome``); ``trainer.peer`` holds the new state."""
+
+    def on_end(self, trainer: SwarmTrainer) -> None:
+        """Training stopped (done, interrupted or failed); the checkpoint is saved."""
