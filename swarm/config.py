@@ -40,6 +40,14 @@ class ModelConfig(_Section):
     num_kv_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(128, gt=0)
     max_positions: int = Field(128, gt=0)
+    # LoRA through peft: 0 = full fine-tuning; > 0 = train only rank-r adapters (the only tensors peers average)
+    lora_r: int = Field(0, ge=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+    load_in_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 (CUDA + bitsandbytes only; needs lora_r > 0)
 
 
 class TrainingConfig(_Section):
@@ -67,7 +75,7 @@ class NetworkConfig(_Section):
     initial_peers: list[str] = Field(default_factory=list)  # multiaddrs of peers to join; empty: start a swarm
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_maddrs: list[str] = Field(default_factory=list)
-    client_mode: bool = False
+    client_mode: bool | Literal["auto"] = "auto"  # auto: client mode when behind a NAT (swarm/network/reachability.py)
     use_relay: bool = True
     use_auto_relay: bool = False
     bootstrap_attempts: int = Field(4, gt=0)

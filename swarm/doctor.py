@@ -348,7 +348,7 @@ def check_host_ports(config: SwarmConfig) -> list[CheckResult]:
         peer for peer in network.initial_peers
         if (endpoint := _endpoint(peer)) is not None and not _is_loopback(endpoint.host)
     ]
-    if hosts and all(_is_loopback(host) for host in hosts) and remote_peers and not network.client_mode:
+    if hosts and all(_is_loopback(host) for host in hosts) and remote_peers and network.client_mode is False:
         results.append(CheckResult(
             "listen", WARN, "listening on loopback only, but the initial peers are on other machines: "
             "they cannot connect back to this peer",

@@ -23,6 +23,7 @@ from swarm.identity import Identity
 from swarm.network.averager import RoundKey, SwarmAverager, round_consensus
 from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
+from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
 from swarm.training.state import TrainingState
 
@@ -78,6 +79,8 @@ class SwarmPeer:
     def start(self) -> None:
         """Join (or start) the swarm and begin announcing this peer. :raises UserError: if no initial peer answers"""
         averaging = self.config.averaging
+        reason = resolve_client_mode(self.config.network)
+        logger.info(f"client mode {'on' if self.config.network.client_mode else 'off'}: {reason}")
         self.dht = start_dht(self.config.network, self.identity, self.config.workdir)
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
