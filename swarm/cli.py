@@ -14,6 +14,7 @@ from pathlib import Path
 from swarm.doctor import add_doctor_parser, run_doctor
 from swarm.errors import UserError
 from swarm.ledger.cli import add_ledger_parser, run_ledger
+from swarm.recipe_cli import add_recipe_parser, run_recipe
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(config)
     add_ledger_parser(commands)
     add_doctor_parser(commands)
+    add_recipe_parser(commands)
     return parser
 
 
@@ -162,7 +164,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor)
+    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor, recipe=run_recipe)
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -7,9 +7,14 @@ the project's ``recipes/`` and the ``swarm.recipes`` entry-point group.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
+import json
+import math
+import numbers
 import os
 import random
 import string
@@ -51,17 +56,130 @@ class Recipe:
 
     def assigned_rows(self, run_id: str, peer_id: str, epoch: int, count: int) -> list[dict[str, Any]]:
         """The rows a peer must train on in an epoch: row k comes from a seed derived from
-        (run, peer, epoch, k), so nobody chooses their own data and anyone can regenerate it."""
+        (run, peer, epoch, k), so nobody chooses their own data and anyone can regenerate it.
+
+        :raises UserError: naming the recipe and the row when ``make_example`` raises or returns a bad row
+        """
         rows = []
         for index in range(count):
             seed = hashlib.sha256(f"{run_id}|{peer_id}|{epoch}|{index}".encode()).digest()
-            row = self.make_example(random.Random(int.from_bytes(seed[:8], "big")))
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"recipe {self.name}: make_example must return a dict with a 'prompt' string")
-            if self.trainer == "sft" and not isinstance(row.get("completion"), str):
-                raise UserError(f"recipe {self.name}: an SFT recipe's rows need a 'completion' string")
+            try:
+                row = self.make_example(random.Random(int.from_bytes(seed[:8], "big")))
+            except Exception as error:
+                raise UserError(
+                    f"recipe {self.name}: make_example raised {type(error).__name__} on row {index} of epoch {epoch}:"
+                    f" {_one_line(error)}"
+                ) from None
+            self._check_row(row, index)
             rows.append(row)
         return rows
+
+    def _check_row(self, row: Any, index: int) -> None:
+        where = f"recipe {self.name}: row {index}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: make_example must return a dict with a 'prompt' string, got {type(row).__name__}")
+        if not isinstance(row.get("prompt"), str):
+            problem = "is missing" if "prompt" not in row else f"is a {type(row['prompt']).__name__}"
+            raise UserError(f"{where}: make_example must return a dict with a 'prompt' string; field 'prompt' {problem}")
+        if self.trainer == "sft" and not isinstance(row.get("completion"), str):
+            problem = "is missing" if "completion" not in row else f"is a {type(row['completion']).__name__}"
+            raise UserError(f"{where}: an SFT recipe's rows need a 'completion' string; field 'completion' {problem}")
+        for key, value in row.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise UserError(f"{where}: field {key!r} is not JSON-serialisable ({error})") from None
+
+    def checked_reward_funcs(self) -> list[Any]:
+        """The reward functions, each wrapped so that bad output stops training with one clear line.
+
+        A wrapper keeps the function's name (TRL logs rewards by it) and raises :class:`UserError` naming the
+        recipe and the function when the function raises, returns something that is not a list, returns the
+        wrong number of values, or returns a value that is neither a finite number nor None (None means "not
+        applicable" to TRL). Reward models (``torch.nn.Module``) and hub ids (strings) are passed on as they are.
+        """
+        return [_wrap_reward_func(self.name, func) for func in self.reward_funcs]
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _reward_func_name(func: Any) -> str:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return getattr(func, "__name__", type(func).__name__)
+
+
+class CheckedRewardFunc:
+    """A recipe's reward function with its output checked (see :meth:`Recipe.checked_reward_funcs`)."""
+
+    def __init__(self, recipe: str, func: RewardFunc):
+        self.recipe = recipe
+        self.func = func
+        self.__name__ = _reward_func_name(func)
+        self.__doc__ = getattr(func, "__doc__", None)
+
+    def _fail(self, message: str) -> UserError:
+        return UserError(f"recipe {self.recipe}: reward function {self.__name__} {message}")
+
+    def _check(self, scores: Any, completions: Any) -> Any:
+        if not isinstance(scores, (list, tuple)):
+            raise self._fail(f"must return a list of numbers, got {type(scores).__name__}")
+        if completions is not None and len(scores) != len(completions):
+            raise self._fail(f"returned {len(scores)} values for {len(completions)} completions")
+        for position, score in enumerate(scores):
+            if score is None:
+                continue
+            if not isinstance(score, numbers.Real):
+                raise self._fail(f"returned {type(score).__name__} {score!r:.40} for completion {position}"
+                                 " (a finite number or None is expected)")
+            if not math.isfinite(score):
+                raise self._fail(f"returned {score} for completion {position} (a finite number or None is expected)")
+        return scores
+
+    def _raised(self, error: Exception) -> UserError:
+        return self._fail(f"raised {type(error).__name__}: {_one_line(error)}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            scores = self.func(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as error:
+            raise self._raised(error) from None
+        return self._check(scores, _completions(args, kwargs))
+
+
+class AsyncCheckedRewardFunc(CheckedRewardFunc):
+    """The same checks for an ``async`` reward function (TRL awaits those in parallel)."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            scores = await self.func(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as error:
+            raise self._raised(error) from None
+        return self._check(scores, _completions(args, kwargs))
+
+
+def _completions(args: tuple, kwargs: dict) -> Any:
+    if "completions" in kwargs:
+        return kwargs["completions"]
+    return args[1] if len(args) > 1 else None
+
+
+def _wrap_reward_func(recipe: str, func: Any) -> Any:
+    if isinstance(func, str) or (hasattr(func, "forward") and hasattr(func, "parameters")):
+        return func  # a hub id or a reward model: TRL runs it, there is no Python output to check
+    target = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):
+        return AsyncCheckedRewardFunc(recipe, func)
+    return CheckedRewardFunc(recipe, func)
 
 
 def recipe_search_path() -> list[Path]:
@@ -83,6 +201,15 @@ def _find_recipe_file(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def recipe_location(name: str) -> str | None:
+    """Where :func:`load_recipe` would find ``name``: the file's path, ``entry point MODULE:ATTR``, or None."""
+    path = _find_recipe_file(name)
+    if path is not None:
+        return str(path)
+    entry = next((ep for ep in importlib.metadata.entry_points(group="swarm.recipes") if ep.name == name), None)
+    return None if entry is None else f"entry point {entry.value}"
 
 
 def load_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
@@ -115,6 +242,8 @@ def load_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
         where = entry.value
     try:
         recipe = build(options)
+    except UserError as error:  # the recipe's own message (a missing option, an unreadable file): keep it
+        raise UserError(f"recipe {where}: {error}", exit_code=error.exit_code) from None
     except Exception as error:
         raise UserError(f"recipe {where}: build() raised {type(error).__name__}: {error}") from None
     if not isinstance(recipe, Recipe):

@@ -290,7 +290,7 @@ class SwarmTrainer:
             )
             trainer = GRPOTrainer(
                 model=self.model,
-                reward_funcs=list(self.recipe.reward_funcs),
+                reward_funcs=self.recipe.checked_reward_funcs(),
                 args=args,
                 train_dataset=dataset,
                 processing_class=self.tokenizer,
