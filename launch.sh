@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch.sh - one-command entry point for swarm: sets up a virtual environment, then starts a peer.
 #
-#   ./launch.sh                  start a peer on the offline default config (swarm run)
+#   ./launch.sh                  detect the hardware, pick a tier config, start a peer (swarm run --tier auto)
 #   ./launch.sh test [ARGS...]   ruff + pytest
 #   ./launch.sh SUBCOMMAND ...   any swarm subcommand (run, local, ledger, verify, recipe, doctor, config)
 #   ./launch.sh ARGS...          anything else is passed to `swarm run ARGS...`
@@ -28,7 +28,8 @@ usage() {
     cat <<EOF
 usage: ./launch.sh [test [PYTEST_ARGS...] | SUBCOMMAND [ARGS...] | RUN_ARGS... | -h | --help]
 
-  (no arguments)          start a peer on the offline default config (= swarm run, configs/default.yaml)
+  (no arguments)          detect the hardware, pick a tier (no CUDA GPU: configs/cpu.yaml, the tiny offline model), start a
+                          peer (= swarm run --tier auto)
   test [PYTEST_ARGS...]   run ruff, then the test suite (python -m pytest PYTEST_ARGS..., run in the project
                           directory, so paths are relative to it)
   SUBCOMMAND [ARGS...]    run 'swarm SUBCOMMAND ARGS...'; SUBCOMMAND is one of: ${SWARM_SUBCOMMANDS[*]}
@@ -132,7 +133,7 @@ main() {
     ensure_install
 
     if (($# == 0)); then
-        exec "$VENV/bin/swarm" run
+        exec "$VENV/bin/swarm" run --tier auto
     elif [[ "$1" == test ]]; then
         shift
         run_tests "$@"

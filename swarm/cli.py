@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--join", action="append", default=[], metavar="MULTIADDR",
         help="multiaddress of a peer to join (repeatable; also SWARM_INITIAL_PEERS, network.initial_peers)",
     )
+    run.add_argument(
+        "--tier", choices=["auto", "cpu", "gpu-8gb", "gpu-12gb", "gpu-24gb"],
+        help="use configs/TIER.yaml; auto: detect the hardware and pick one (what ./launch.sh does)",
+    )
     run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
     run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # used by swarm local
     run.add_argument("--plain", action="store_true", help="log lines instead of the live dashboard")
@@ -105,6 +109,23 @@ def _stop_when_parent_dies() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _apply_tier(args: argparse.Namespace) -> None:
+    """``--tier``: point ``args.config`` at the tier's config, saying what was picked and why."""
+    from swarm.config import PROJECT_ROOT
+    from swarm.hardware import choose_tier, detect_hardware
+
+    if args.config is not None:
+        raise UserError("--tier and --config cannot be used together: a tier is a config", exit_code=2)
+    if args.tier == "auto":
+        choice = choose_tier(detect_hardware())
+        print(f"swarm: {choice.reason} (configs/{choice.name}.yaml)", file=sys.stderr)
+        for note in choice.notes:
+            print(f"swarm: note: {note}", file=sys.stderr)
+        args.config = choice.config_path
+    else:
+        args.config = PROJECT_ROOT / "configs" / f"{args.tier}.yaml"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -114,6 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from swarm.monitor.tracking import WandbCallback
     from swarm.training.trainer import SwarmTrainer
 
+    if args.tier:
+        _apply_tier(args)
     config = config_from_args(args)
     console = Console(stderr=True)
     live = console.is_terminal and not (args.plain or args.quiet)

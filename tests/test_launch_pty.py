@@ -48,14 +48,16 @@ def test_launch_sh_dashboard_updates_and_ctrl_c_exits_cleanly(tmp_path: Path) ->
         os.chdir(PROJECT_ROOT)
         os.execve(
             str(PROJECT_ROOT / "launch.sh"),
-            ["launch.sh", "--workdir", str(workdir), "--set", "monitor.wandb=disabled"],
+            ["launch.sh", "--tier", "auto", "--workdir", str(workdir), "--set", "monitor.wandb=disabled"],
             env,
         )
     seen = bytearray()
     try:
         # the dashboard's epoch row goes past 0, 1, 2: it is live, not a one-off print
         read_until(fd, re.compile(r"│\s*epoch\s*│\s*[3-9]\d*\s*│"), 200, seen)
-        assert "peers online" in ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+        screen = ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+        assert "peers online" in screen
+        assert re.search(r"no CUDA GPU, \d+ CPU cores?.*: cpu, ", screen), "the tier choice was not explained"
         os.write(fd, b"\x03")  # Ctrl+C: the terminal sends SIGINT to the whole foreground process group
         read_until(fd, re.compile(r"checkpoint saved"), 60, seen)
         _, status = os.waitpid(pid, 0)

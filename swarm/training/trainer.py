@@ -23,6 +23,7 @@ from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from swarm.config import SwarmConfig, dump_config
+from swarm.hardware import check_fits, detect_hardware
 from swarm.identity import Identity
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
@@ -111,6 +112,7 @@ class SwarmTrainer:
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(config.key_path)
+        check_fits(config.model, detect_hardware(), config.training)  # before anything is downloaded or allocated
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
         )
