@@ -33,6 +33,7 @@ class DashboardState:
     group_size: int = 0
     my_samples: int = 0
     swarm_samples: int = 0
+    last_compute_s: float | None = None  # how long computing the previous epoch took: the ETA of the next averaging
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -43,8 +44,15 @@ def render(state: DashboardState) -> Table:
     table.add_column(style="bold cyan")
     table.add_column()
     elapsed = time.monotonic() - state.phase_since
+    if state.phase.startswith("computing") and state.last_compute_s is not None:
+        next_averaging = f"in ~{max(0.0, state.last_compute_s - elapsed):.0f}s"
+    elif state.phase.startswith("averaging"):
+        next_averaging = "now"
+    else:
+        next_averaging = "…"
     rows = [
         ("now", f"{state.phase} ({elapsed:.0f}s)"),
+        ("next averaging", next_averaging),
         ("epoch", str(state.epoch)),
         ("peers online", str(state.peers_online)),
         ("my samples/s", "…" if state.samples_per_s is None else f"{state.samples_per_s:.1f}"),
@@ -105,3 +113,4 @@ class DashboardCallback(SwarmCallback):
         state.samples_per_s = record.samples / wall if wall > 0 else None
         state.reward, state.loss = record.reward, record.loss
         state.last_round, state.group_size = record.outcome, record.group_size
+        state.last_compute_s = record.compute_s
