@@ -1,4 +1,4 @@
-"""The optimizer a TRL trainer is given: its ``step()`` is one swarm round (see ``strategies/sync.py``)."""
+"""Optimizers handed to TRL trainers: wrappers whose ``step()`` does swarm work around a local optimizer."""
 
 from __future__ import annotations
 
@@ -10,19 +10,13 @@ import torch
 from swarm.training.strategies.sync import RoundResult
 
 
-class SwarmOptimizer(torch.optim.Optimizer):
-    """Wraps the local optimizer so that TRL's training loop stays untouched: the trainer computes and accumulates
-    the gradient as usual, and its call to ``step()`` hands the gradient to the swarm, which applies the averaged
-    step (or skips it) through the wrapped optimizer. Parameter groups and state are the wrapped optimizer's.
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Base for optimizers that hand TRL the parameter groups and state of an ``inner`` optimizer and decide in
+    ``step()`` what happens with the accumulated gradient. Subclasses implement ``step``."""
 
-    :param inner: the local optimizer (e.g. AdamW) — identical hyperparameters on every peer
-    :param finish_round: called with no arguments by ``step()``; returns what happened to the round
-    """
-
-    def __init__(self, inner: torch.optim.Optimizer, finish_round: Callable[[], RoundResult]):
+    def __init__(self, inner: torch.optim.Optimizer):
         # torch.optim.Optimizer.__init__ is not called: every attribute it would set is the inner optimizer's
-        self.inner, self.finish_round = inner, finish_round
-        self.last_result: RoundResult | None = None
+        self.inner = inner
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -37,9 +31,7 @@ class SwarmOptimizer(torch.optim.Optimizer):
         return self.inner.defaults
 
     def step(self, closure: Callable | None = None) -> None:
-        if closure is not None:
-            raise ValueError("SwarmOptimizer does not support closures")
-        self.last_result = self.finish_round()
+        raise NotImplementedError
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -54,4 +46,23 @@ class SwarmOptimizer(torch.optim.Optimizer):
         self.inner.add_param_group(param_group)
 
     def __repr__(self) -> str:
-        return f"SwarmOptimizer({self.inner!r})"
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+class SwarmOptimizer(WrappedOptimizer):
+    """Its ``step()`` is one swarm round, so TRL's training loop stays untouched: the trainer computes and
+    accumulates the gradient as usual, and the swarm applies the averaged step (or skips it) through ``inner``.
+
+    :param inner: the local optimizer (e.g. AdamW) — identical hyperparameters on every peer
+    :param finish_round: called with no arguments by ``step()``; returns what happened to the round
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, finish_round: Callable[[], RoundResult]):
+        super().__init__(inner)
+        self.finish_round = finish_round
+        self.last_result: RoundResult | None = None
+
+    def step(self, closure: Callable | None = None) -> None:
+        if closure is not None:
+            raise ValueError("SwarmOptimizer does not support closures")
+        self.last_result = self.finish_round()

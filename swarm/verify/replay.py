@@ -54,6 +54,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from swarm.recipe import Recipe
+from swarm.training.optimizer import WrappedOptimizer
 from swarm.training.state import param_checksum
 
 REWARD_TOLERANCE = 1e-6  # absolute, per reward: reward functions are deterministic Python
@@ -139,30 +140,17 @@ class _Record:
     inputs: dict[str, Any] | None = None
 
 
-class GradientRecorder(torch.optim.Optimizer):
+class GradientRecorder(WrappedOptimizer):
     """The optimizer handed to TRL: ``step()`` copies every trainable parameter's ``.grad`` and then steps ``inner``
     (e.g. the peer's AdamW or a :class:`~swarm.training.optimizer.SwarmOptimizer`), or nothing when ``inner`` is
     None (replay: the model must stay at the audited state)."""
 
     def __init__(self, named_parameters: Sequence[tuple[str, torch.nn.Parameter]], inner: torch.optim.Optimizer | None):
-        # torch.optim.Optimizer.__init__ is not called: param groups and state are the inner optimizer's
         self.names = [name for name, _ in named_parameters]
         self.params = [param for _, param in named_parameters]
         self.steps_inner = inner is not None
-        self.inner = inner if inner is not None else torch.optim.SGD(self.params, lr=0.0)  # never stepped
+        super().__init__(inner if inner is not None else torch.optim.SGD(self.params, lr=0.0))  # never stepped
         self.gradient: list[torch.Tensor] | None = None
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.inner.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.inner.defaults
 
     def step(self, closure: Any = None) -> None:
         if closure is not None:
@@ -172,18 +160,6 @@ class GradientRecorder(torch.optim.Optimizer):
         ]
         if self.steps_inner:
             self.inner.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.inner.add_param_group(param_group)
 
 
 class RecordingGRPOTrainer(GRPOTrainer):
