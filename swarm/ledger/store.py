@@ -14,6 +14,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterator
@@ -86,21 +87,15 @@ class LedgerStore:
         """Store an entry written elsewhere (or by :meth:`append`) after checking it; raises
         :class:`LedgerError` (or :class:`DuplicateCredit`) naming the entry if it is not acceptable."""
         entry.verify()
-        self._db.execute("BEGIN IMMEDIATE")  # the write lock: checks and insert see one state, across processes
-        try:
+        with self._write_transaction():
             self._check_place(entry)
             self._insert(entry)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def append(self, identity: Identity, **fields: object) -> LedgerEntry:
         """Write, sign and store the next entry of ``identity``'s chain; ``fields`` are those of
         :meth:`LedgerEntry.create` other than ``seq`` and ``prev_hash``, which come from the store. Safe when
         several processes append for the same identity: the chain position is chosen under the write lock."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write_transaction():
             last = self._db.execute(
                 "SELECT seq, hash FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1", (str(identity.peer_id),)
             ).fetchone()
@@ -108,11 +103,18 @@ class LedgerStore:
             entry = LedgerEntry.create(identity, seq=seq, prev_hash=prev_hash, **fields)  # type: ignore[arg-type]
             self._check_place(entry)
             self._insert(entry)
+        return entry
+
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[None]:
+        """One transaction holding SQLite's write lock: checks and insert see one state, across processes."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return entry
 
     def _check_place(self, entry: LedgerEntry) -> None:
         if self._db.execute("SELECT 1 FROM entries WHERE hash = ?", (entry.hash,)).fetchone():
