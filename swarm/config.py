@@ -89,6 +89,11 @@ class AveragingConfig(_Section):
     round_timeout: float = Field(60.0, gt=0)  # the longest a peer waits on others in one epoch
     peer_timeout: float = Field(15.0, gt=0)  # a peer silent for this long is considered gone
     max_weight: float = Field(1e6, gt=0)  # cap on the sample count any peer may claim in one round
+    # mean: hivemind's weighted mean; centered_clip: each part is a CenteredClip of the members' parts (robust to
+    # a minority that sends huge or skewed gradients that no audit has caught yet; DESIGN §3 step 5)
+    aggregation: Literal["mean", "centered_clip"] = "mean"
+    clip_tau: float = Field(1.0, gt=0)  # CenteredClip radius, in gradient-norm units of one part
+    clip_iterations: int = Field(20, gt=0)
 
     @field_validator("matchmaking_time")
     @classmethod
@@ -96,6 +101,25 @@ class AveragingConfig(_Section):
         if value <= 3.0:
             raise ValueError("must be greater than 3 seconds (hivemind's matchmaking request timeout)")
         return value
+
+
+class VerifyConfig(_Section):
+    """Audits by replay (DESIGN §3 steps 4, 7): every contribution is committed before averaging; after the round
+    a beacon nobody controls selects each one with probability ``audit_probability`` and assigns auditors among
+    the other members of the group, who recompute its gradient from the same state and rollouts."""
+
+    enabled: bool = True
+    audit_probability: float = Field(0.1, ge=0, le=1)
+    recheck_auditors: int = Field(2, ge=0)  # a failed audit is replayed by this many more auditors; majority rules
+    audit_window: int = Field(3, gt=0)  # epochs a contribution is kept and served to auditors
+    ban_epochs: int = Field(50, gt=0)  # how long a peer whose audit finally failed is kept out of averaging
+    # the precision class this peer computes and declares its gradients in; None: follows model.dtype
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    tolerance: float | None = Field(None, gt=0)  # relative L2 error allowed; None: the declared class's default
+    fetch_timeout: float = Field(20.0, gt=0)  # an audited peer that does not serve its contribution in time fails
+    max_contribution_mb: float = Field(512.0, gt=0)  # larger contributions are refused by auditors
+    attack: str | None = None  # a cheating peer for tests and demos (swarm/verify/attacks.py); `swarm local` gives
+    # it to the last peer only
 
 
 class CheckpointConfig(_Section):
@@ -121,7 +145,14 @@ class SwarmConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @property
+    def precision(self) -> str:
+        """The declared precision class: ``verify.precision``, or the one ``model.dtype`` implies."""
+        implied = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.model.dtype]
+        return self.verify.precision or implied
 
     @field_validator("workdir", "identity_path", mode="before")
     @classmethod

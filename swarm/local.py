@@ -42,13 +42,18 @@ class LocalPeer:
         return read_json(self.workdir / STATUS_FILE) or {}
 
 
-def peer_command(args: argparse.Namespace, workdir: Path, join: list[str], expected_peers: int) -> list[str]:
-    """The ``swarm run`` command line of one simulated peer: the user's config and overrides, plus its own dir."""
+def peer_command(
+    args: argparse.Namespace, workdir: Path, join: list[str], expected_peers: int, honest: bool = True
+) -> list[str]:
+    """The ``swarm run`` command line of one simulated peer: the user's config and overrides, plus its own dir.
+    A configured ``verify.attack`` is kept for the dishonest peer only (``honest=False``)."""
     command = [sys.executable, "-m", "swarm.cli", "run", "--workdir", str(workdir)]
     if args.config is not None:
         command += ["--config", str(args.config)]
     for override in args.overrides:
         command += ["--set", override]
+    if honest:
+        command += ["--set", "verify.attack=null"]
     if args.recipe:
         command += ["--recipe", args.recipe]
     if args.max_epochs is not None:
@@ -59,6 +64,7 @@ def peer_command(args: argparse.Namespace, workdir: Path, join: list[str], expec
 
 
 def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]) -> LocalPeer:
+    """Start simulated peer ``index``; the last of ``args.peers`` peers is the one a ``verify.attack`` applies to."""
     workdir = root / f"peer_{index}"
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, PEER_ADDR_FILE, PEER_SUMMARY_FILE):
@@ -69,7 +75,7 @@ def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]
     threads = max(1, (os.cpu_count() or 1) // max(1, args.peers))
     environment.setdefault("OMP_NUM_THREADS", str(threads))
     process = subprocess.Popen(
-        peer_command(args, workdir, join, args.peers),
+        peer_command(args, workdir, join, args.peers, honest=index != args.peers - 1),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -34,6 +34,7 @@ class DashboardState:
     my_samples: int = 0
     swarm_samples: int = 0
     last_compute_s: float | None = None  # how long computing the previous epoch took: the ETA of the next averaging
+    audits: dict[str, int] | None = None  # verification figures (Verifier.figures()); None: verification off
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -60,12 +61,22 @@ def render(state: DashboardState) -> Table:
         ("loss", "…" if state.loss is None else f"{state.loss:.4f}"),
         ("last round", f"{state.last_round} (group of {state.group_size})" if state.last_round else "…"),
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
-        ("audits passed / failed", "not enabled yet"),
+        *_audit_rows(state.audits),
         ("my credit", "not enabled yet"),
     ]
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _audit_rows(audits: dict[str, int] | None) -> list[tuple[str, str]]:
+    if audits is None:
+        return [("audits", "verification off")]
+    return [
+        ("my audits passed / failed", f"{audits['my_audits_passed']} / {audits['my_audits_failed']}"),
+        ("audits I ran (cheats found)", f"{audits['audits_done']} ({audits['cheats_found']})"),
+        ("banned peers", str(audits["banned_peers"])),
+    ]
 
 
 class Dashboard:
@@ -114,3 +125,4 @@ class DashboardCallback(SwarmCallback):
         state.reward, state.loss = record.reward, record.loss
         state.last_round, state.group_size = record.outcome, record.group_size
         state.last_compute_s = record.compute_s
+        state.audits = trainer.verifier.figures() if trainer.verifier is not None else None

@@ -98,7 +98,10 @@ class WandbCallback(SwarmCallback):
 
     def on_epoch_end(self, trainer, record) -> None:
         peers_online, swarm_samples = trainer.peer.swarm_view()
-        self.tracker.log(dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples), record.epoch)
+        audits = {f"verify/{key}": value for key, value in trainer.verifier.figures().items()} if trainer.verifier else {}
+        self.tracker.log(
+            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits), record.epoch
+        )
 
     def on_end(self, trainer) -> None:
         self.tracker.finish()

@@ -6,6 +6,10 @@ peers end up one rounding error (or, with compression, one quantization error of
 parameters drift. :class:`ExactAllReduceRunner` instead sends each reduced part itself, passed through the same
 compression for every receiver (the reducer included), so all members hold the same bytes. A failed part makes
 the whole round fail instead of silently keeping the local values.
+
+On top of that, :class:`SwarmAverager` keeps banned peers out (matchmaking refuses them both ways, and their parts
+count as zeros at weight 0 if they still get into a group), can reduce with CenteredClip instead of the mean
+(:mod:`swarm.network.robust`), and serves this peer's saved contributions to auditors.
 """
 
 from __future__ import annotations
@@ -15,33 +19,62 @@ import ctypes
 import logging
 import multiprocessing as mp
 import time
+import typing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor
 from hivemind.utils.streaming import combine_from_streaming
 
+from swarm.network.robust import SwarmPartReducer, check_aggregation
+
 logger = logging.getLogger(__name__)
 
 RoundKey = tuple[int, str]  # (epoch, state hash) a contribution was computed at
+CONTRIBUTION_CHUNK_BYTES = 2**20  # contribution files are streamed in chunks of at most this size
 
 
 class ExactAllReduceRunner(AllReduceRunner):
-    """Butterfly all-reduce whose outputs are the averaged parts themselves (not deltas), identical on every peer."""
+    """Butterfly all-reduce whose outputs are the averaged parts themselves (not deltas), identical on every peer.
 
-    def __init__(self, *args: Any, bytes_sent: Any = None, **kwargs: Any):
+    The parts this peer reduces go through a :class:`~swarm.network.robust.SwarmPartReducer`: ``aggregation``
+    picks the rule, and senders in ``ignored_peer_ids`` count as zeros at weight 0.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        bytes_sent: Any = None,
+        aggregation: str = "mean",
+        clip_tau: float = 1.0,
+        clip_iterations: int = 20,
+        ignored_peer_ids: Iterable[PeerID] = (),
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self._bytes_sent = bytes_sent  # a shared counter of payload bytes this peer sends (for benchmarks)
+        ignored_peer_ids = set(ignored_peer_ids)
+        self.tensor_part_reducer.finished.set()  # unused; keeps its __del__ from warning about missing parts
+        self.tensor_part_reducer = SwarmPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            aggregation=aggregation,
+            clip_tau=clip_tau,
+            clip_iterations=clip_iterations,
+            ignored_senders=[i for i, peer in enumerate(self.sender_peer_ids) if peer in ignored_peer_ids],
+        )
         container = self.tensor_part_container
         container.return_deltas = False
         my_index = self.ordered_peer_ids.index(self.peer_id)
@@ -119,6 +152,23 @@ def _invert(text: str) -> tuple[int, ...]:
     return tuple(-ord(char) for char in text)
 
 
+class BanAwareMatchmaking(Matchmaking):
+    """hivemind's matchmaking that never asks a banned peer to lead its group.
+
+    hivemind builds its ``Matchmaking`` inside the averager process; :class:`SwarmAverager` turns that instance into
+    this class as it is assigned (the class only adds behaviour, no state). ``is_banned`` is set at the same time.
+    """
+
+    is_banned: Callable[[PeerID], bool] = staticmethod(lambda peer_id: False)
+
+    async def _request_join_group(self, leader: PeerID):
+        # also covers leaders suggested by a disbanding leader: hivemind calls this method again for them
+        if self.is_banned(leader):
+            logger.debug(f"Not asking banned peer {leader} to lead our group")
+            return None
+        return await super()._request_join_group(leader)
+
+
 class SwarmAverager(DecentralizedAverager):
     """Averages this peer's gradient buffers with a group of peers and serves its training state to others.
 
@@ -127,12 +177,28 @@ class SwarmAverager(DecentralizedAverager):
     * on success every group member holds the same averaged buffers, weighted by each member's weight;
     * members whose (epoch, state hash) is not the group's :func:`round_consensus` contribute with weight 0,
       so a peer on a stale or diverged state never pollutes the average (it resyncs instead);
-    * if any part cannot be reduced, the step raises and the buffers keep their previous values.
+    * if any part cannot be reduced, the step raises and the buffers keep their previous values;
+    * banned peers (:meth:`set_banned`) are refused as followers and never asked to lead; if one is nevertheless
+      in the group (a third peer that does not ban it led the group), the parts this peer reduces count its input
+      as zeros at weight 0. The round still runs, so members stay bit-identical; the slices that other members
+      reduce follow *their* ban lists, and the slice the banned peer reduces is whatever it sends (as for any
+      reducer);
+    * with ``aggregation="centered_clip"`` each part is reduced with :func:`swarm.network.robust.centered_clip`
+      instead of the weighted mean (every member still receives the same bytes).
 
     :param gradient_buffers: tensors to average in place (shared memory, same shapes on every peer)
     :param state_provider: returns ``(metadata, tensors)`` of this peer's training state, for peers that download it
+    :param aggregation: ``"mean"`` (weighted mean) or ``"centered_clip"`` (robust to a minority of outliers)
+    :param clip_tau: CenteredClip radius, in L2 norm of one averaged part (``part_size_bytes`` decides part sizes)
+    :param clip_iterations: CenteredClip iterations per part
+    :param contributions_dir: folder of ``epoch-{N}.pt`` files served by :meth:`rpc_download_contribution`
+      (written atomically by the host process; None serves nothing)
     :param kwargs: passed to :class:`hivemind.averaging.DecentralizedAverager`
     """
+
+    # hivemind caches RPC handlers per class but inherits the cache: keep ours separate from the parent's
+    _rpc_handlers = None
+    _stub_type = None
 
     def __init__(
         self,
@@ -140,12 +206,67 @@ class SwarmAverager(DecentralizedAverager):
         dht,
         *,
         state_provider: Callable[[], tuple[dict[str, Any], list[torch.Tensor]]],
+        aggregation: str = "mean",
+        clip_tau: float = 1.0,
+        clip_iterations: int = 20,
+        contributions_dir: str | Path | None = None,
         **kwargs: Any,
     ):
+        check_aggregation(aggregation, clip_tau, clip_iterations)
         self._state_provider = state_provider
+        self.aggregation, self.clip_tau, self.clip_iterations = aggregation, clip_tau, clip_iterations
+        self.contributions_dir = None if contributions_dir is None else Path(contributions_dir)
+        self._banned_peers: frozenset[str] = frozenset()  # base58 peer ids; the averager process holds the live set
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
         super().__init__(gradient_buffers, dht, **kwargs)
 
+    # ---- bans -------------------------------------------------------------------------------------------------
+    @property
+    def _matchmaking(self) -> BanAwareMatchmaking:
+        try:
+            return self.__dict__["_swarm_matchmaking"]
+        except KeyError:
+            raise AttributeError("_matchmaking exists only in the running averager process") from None
+
+    @_matchmaking.setter
+    def _matchmaking(self, matchmaking: Matchmaking) -> None:
+        # hivemind assigns its Matchmaking in the averager process (in _run_internal); this is the seam to extend it
+        if type(matchmaking) is Matchmaking:
+            matchmaking.__class__ = BanAwareMatchmaking
+        matchmaking.is_banned = self._refuses_in_matchmaking
+        self.__dict__["_swarm_matchmaking"] = matchmaking
+
+    def _is_banned(self, peer_id: PeerID) -> bool:
+        return str(peer_id) in self._banned_peers
+
+    def _refuses_in_matchmaking(self, peer_id: PeerID) -> bool:
+        """Whether matchmaking keeps ``peer_id`` out (both ways); banned peers by default."""
+        return self._is_banned(peer_id)
+
+    def set_banned(self, peer_ids: Iterable[str]) -> None:
+        """Replace the set of banned peers (base58 peer ids); takes effect for the next join request or group."""
+        banned = frozenset(str(peer_id) for peer_id in peer_ids)
+        future = MPFuture()
+        self._outer_pipe.send(("_set_banned", [], dict(banned=banned, future=future)))
+        future.result(timeout=30)
+        self._banned_peers = banned  # a host-side copy, for inspection only
+
+    async def _set_banned(self, banned: frozenset[str], future: MPFuture) -> None:
+        self._banned_peers = banned
+        future.set_result(None)
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """Refuse a banned peer (hivemind's follower treats any code but ACCEPTED as a rejection), else hivemind's."""
+        if self._refuses_in_matchmaking(context.remote_id):
+            logger.debug(f"Refused a join request from banned peer {context.remote_id}")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    # ---- averaging --------------------------------------------------------------------------------------------
     def get_current_state(self):
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
@@ -161,6 +282,9 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        banned = [peer_id for peer_id in group_info.peer_ids if self._is_banned(peer_id)]
+        if banned:
+            logger.warning(f"Banned peers {[str(peer) for peer in banned]} are in our group: their input is dropped")
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -169,6 +293,10 @@ class SwarmAverager(DecentralizedAverager):
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
             bytes_sent=self.bytes_sent,
+            aggregation=self.aggregation,
+            clip_tau=self.clip_tau,
+            clip_iterations=self.clip_iterations,
+            ignored_peer_ids=banned,
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
@@ -193,6 +321,7 @@ class SwarmAverager(DecentralizedAverager):
         matchmaking.group_key_manager.target_group_size = size
         future.set_result(None)
 
+    # ---- state ------------------------------------------------------------------------------------------------
     def download_state(self, peer_id: PeerID, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """Download the training state of one given peer; None if it does not answer in ``timeout`` seconds."""
         future = MPFuture()
@@ -224,6 +353,103 @@ class SwarmAverager(DecentralizedAverager):
             logger.debug(f"Downloading state from {peer_id} failed: {error!r}")
             if not future.done():
                 future.set_result(None)
+
+
+    # ---- contributions ----------------------------------------------------------------------------------------
+    # hivemind has no generic message for this, so both directions reuse ``averaging_pb2.DownloadData``: the request's
+    # ``metadata`` is the averager serializer's (msgpack) encoding of ``{"epoch": int}``, and each response carries
+    # one chunk of the file (at most CONTRIBUTION_CHUNK_BYTES) in ``metadata``. An empty stream means "not found".
+
+    def _contribution_path(self, serialized_request: bytes) -> Path | None:
+        """The file a request asks for, or None if the request is malformed or nothing is served for it."""
+        if self.contributions_dir is None:
+            return None
+        try:
+            request = self.serializer.loads(serialized_request)
+        except Exception:
+            return None
+        epoch = request.get("epoch") if isinstance(request, dict) else None
+        if type(epoch) is not int or epoch < 0:
+            return None
+        return self.contributions_dir / f"epoch-{epoch}.pt"
+
+    async def rpc_download_contribution(
+        self, request: averaging_pb2.DownloadData, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:
+        """Stream ``contributions_dir/epoch-{epoch}.pt`` in chunks of at most 1 MiB; nothing if it does not exist.
+
+        The file is read from one open handle, so a file the host replaces atomically meanwhile is served whole
+        (the old version). Malformed requests get an empty stream and never raise.
+        """
+        path = self._contribution_path(request.metadata)
+        if path is None:
+            logger.debug(f"Malformed or unserved contribution request from {context.remote_id}")
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            file = await loop.run_in_executor(None, open, path, "rb")
+        except OSError:
+            logger.debug(f"{context.remote_id} asked for missing contribution {path.name}")
+            return
+        try:
+            while chunk := await loop.run_in_executor(None, file.read, CONTRIBUTION_CHUNK_BYTES):
+                yield averaging_pb2.DownloadData(metadata=chunk)
+        finally:
+            file.close()
+
+    def download_contribution(self, peer_id: str, epoch: int, timeout: float, max_bytes: int) -> bytes | None:
+        """The bytes of another peer's saved contribution for ``epoch``.
+
+        :param peer_id: the serving peer (base58)
+        :param timeout: seconds for the whole download
+        :param max_bytes: give up (and return None) as soon as more than this many bytes arrived
+        :returns: the file's bytes; None if the peer does not answer in time, fails, has no such file, or the file
+          is larger than ``max_bytes`` (at most ``max_bytes`` plus one chunk is ever held in memory)
+        """
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        future = MPFuture()
+        request = dict(
+            peer_bytes=PeerID.from_base58(peer_id).to_bytes(), epoch=epoch, timeout=timeout, max_bytes=max_bytes,
+            future=future,
+        )
+        self._outer_pipe.send(("_download_contribution", [], request))
+        try:
+            return future.result(timeout=timeout + 5)
+        except Exception as error:
+            logger.warning(f"Could not download the contribution of {peer_id} for epoch {epoch}: {error!r}")
+            return None
+
+    async def _download_contribution(
+        self, peer_bytes: bytes, epoch: int, timeout: float, max_bytes: int, future: MPFuture
+    ) -> None:
+        peer_id = PeerID(peer_bytes)
+        try:
+            result = await asyncio.wait_for(self._fetch_contribution(peer_id, epoch, max_bytes), timeout)
+        except Exception as error:
+            logger.debug(f"Downloading the contribution of {peer_id} for epoch {epoch} failed: {error!r}")
+            result = None
+        if not future.done():
+            future.set_result(result)
+
+    async def _fetch_contribution(self, peer_id: PeerID, epoch: int, max_bytes: int) -> bytes | None:
+        stub = self.get_stub(self._p2p, peer_id, namespace=self.prefix)
+        request = averaging_pb2.DownloadData(metadata=self.serializer.dumps(dict(epoch=epoch)))
+        stream = await stub.rpc_download_contribution(request)
+        chunks, size = [], 0
+        try:
+            async for message in stream:
+                size += len(message.metadata)
+                if size > max_bytes:
+                    logger.debug(f"The contribution of {peer_id} for epoch {epoch} exceeds {max_bytes} bytes")
+                    return None
+                chunks.append(message.metadata)
+        finally:
+            try:
+                await stream.aclose()
+            except RuntimeError as error:  # as in hivemind's matchmaking: closing a finished stream may complain
+                logger.debug(repr(error))
+        return b"".join(chunks) if size else None
 
 
 def round_key_of(gathered: Any) -> RoundKey | None:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.config import NetworkConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
+from swarm.network.records import VerificationRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,14 @@ def check_multiaddrs(addresses: list[str], what: str) -> None:
             raise UserError(f"initial peer: {address!r} lacks the peer id part (/p2p/Qm...)", exit_code=2)
 
 
-def start_dht(network: NetworkConfig, identity: Identity, workdir: Path) -> hivemind.DHT:
+def start_dht(
+    network: NetworkConfig, identity: Identity, workdir: Path, run_id: str | None = None
+) -> hivemind.DHT:
     """Start this peer's DHT node, signed records enabled with the peer's own key.
+
+    With ``run_id``, the node also refuses to store (or to accept from other nodes) verification records of that run
+    that are forged, replayed, malformed or oversized (:class:`~swarm.network.records.VerificationRecordValidator`);
+    every other key, the run's peer statuses included, is checked only for owner signatures.
 
     With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
     waiting ``bootstrap_backoff`` seconds (doubling) in between. On success the multiaddrs others can join with are
@@ -43,6 +51,9 @@ def start_dht(network: NetworkConfig, identity: Identity, workdir: Path) -> hive
     check_multiaddrs(network.host_maddrs, "network.host_maddrs")
     check_multiaddrs(network.announce_maddrs, "network.announce_maddrs")
     attempts = network.bootstrap_attempts if network.initial_peers else 1
+    validators: list[RecordValidatorBase] = [RSASignatureValidator(identity.private_key)]
+    if run_id is not None:
+        validators.append(VerificationRecordValidator(run_id))
     delay = network.bootstrap_backoff
     last_error: BaseException | None = None
     for attempt in range(1, attempts + 1):
@@ -55,7 +66,7 @@ def start_dht(network: NetworkConfig, identity: Identity, workdir: Path) -> hive
                 use_relay=network.use_relay,
                 use_auto_relay=network.use_auto_relay,
                 identity_path=str(identity.path),
-                record_validators=[RSASignatureValidator(identity.private_key)],
+                record_validators=validators,
                 start=True,
             )
             break

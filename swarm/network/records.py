@@ -3,17 +3,36 @@
 Every record a peer owns sits under a subkey holding its public key (``[owner:...]``), so hivemind's
 ``RSASignatureValidator`` lets only that key write it, and the reader checks that the claimed peer id is the one
 derived from that key. Anything malformed is dropped, never raised: the network is untrusted input.
+
+The verification layer's records (DESIGN §3 steps 4 and 7) are also checked by the DHT nodes that store and
+return them (:class:`VerificationRecordValidator`, registered by :func:`swarm.network.dht.start_dht`):
+
+* ``<run_id>.commitments``, subkey ``b"<epoch>:[owner:<key>]"``: a :class:`Commitment`, one per (peer, epoch);
+* ``<run_id>.verdicts``, subkey ``b"<epoch>:<audited>:[owner:<key>]"``: an :class:`AuditVerdict`, one per
+  (auditor, epoch, audited peer).
+
+An entry of these keys is accepted (by a node and by a reader) only if its subkey holds exactly one canonical
+RSA public key, its value is a valid model of at most :data:`MAX_RECORD_BYTES` bytes, the peer id the value
+claims (``peer_id`` / ``auditor``) is the one derived from that key, and the subkey is exactly the one the value
+determines (so a record signed for one epoch or audited peer cannot stand for another).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
+import re
+from typing import Any, Literal
 
 import hivemind
 import multihash
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
@@ -97,3 +116,297 @@ class StatusBoard:
                 continue
             statuses[status.peer_id] = status
         return statuses
+
+
+# ---- verification records (DESIGN §3 steps 4 and 7) ---------------------------------------------------------------
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Commitment(BaseModel):
+    """What a peer publishes BEFORE it averages its gradient for ``epoch``: hashes binding the contribution it
+    serves to auditors. Immutable once built; :meth:`digest` is what averaging-group members exchange."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    peer_id: str = Field(max_length=128)
+    epoch: int = Field(ge=0)
+    state_hash: str = Field(max_length=128)  # param checksum of the model the gradient was computed at
+    data_seed: str = Field(max_length=128)  # digest of the assigned rows
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    rollouts_hash: str = Field(max_length=128)  # sha256 over prompt/completion token ids and claimed rewards
+    gradient_hash: str = Field(max_length=128)  # sha256 over the gradient tensors actually sent into averaging
+    precision: Precision
+
+    def digest(self) -> str:
+        """sha256 hex of the canonical JSON of all fields (sorted keys, no whitespace): equal commitments give equal
+        digests in every process, and any change of any field changes it."""
+        return hashlib.sha256(
+            json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
+
+    def subkey_prefix(self) -> bytes:
+        return f"{self.epoch}:".encode()
+
+
+class AuditVerdict(BaseModel):
+    """What an auditor publishes after replaying ``audited``'s contribution of ``epoch``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    auditor: str = Field(max_length=128)
+    audited: str = Field(max_length=128)
+    epoch: int = Field(ge=0)
+    commitment: str = Field(max_length=128)  # digest of the commitment audited
+    verdict: str = Field(max_length=32, pattern=r"^[a-z_]+$")  # "pass" or a failure kind
+    error: float | None = Field(default=None, allow_inf_nan=False)  # relative L2 error; finite or None
+    role: Literal["primary", "recheck"]
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def subkey_prefix(self) -> bytes:
+        return f"{self.epoch}:{self.audited}:".encode()
+
+
+def commitments_key(run_id: str) -> str:
+    return f"{run_id}.commitments"
+
+
+def verdicts_key(run_id: str) -> str:
+    return f"{run_id}.verdicts"
+
+
+class RecordRejected(ValueError):
+    """An entry of a verification key that is not acceptable; the message says why, in one line."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_owner(key: bytes) -> str | None:
+    """The peer id of an OpenSSH-encoded RSA public key, or None unless ``key`` is exactly its canonical encoding
+    (a comment or other re-encoding of the same key would give one peer a second subkey for the same slot)."""
+    try:
+        public_key = RSAPublicKey.from_bytes(key)
+        if public_key.to_bytes() != key:
+            return None
+        return str(peer_id_from_public_key(public_key))
+    except Exception:
+        return None
+
+
+def _short(text: Any, limit: int = 80) -> str:
+    """Untrusted text made safe for a one-line log message."""
+    text = ascii(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SUBKEY_EPOCH_RE = re.compile(rb"^(\d{1,20}):")
+
+
+def verify_entry(model: type[Commitment] | type[AuditVerdict], subkey: Any, value: Any) -> Commitment | AuditVerdict:
+    """Check one entry of a verification key (deserialized subkey and value, signature already verified and
+    stripped) and return the record it holds.
+
+    :raises RecordRejected: one line naming the first problem: no single canonical owner key in the subkey, a value
+      that is not a valid ``model``, a claimed peer id that is not the owner's (forged), an auditor auditing itself,
+      or a subkey other than the one the value determines (replayed under another epoch / audited peer)
+    """
+    if not isinstance(subkey, bytes):
+        raise RecordRejected(f"subkey is a {type(subkey).__name__}, not bytes")
+    if len(subkey) > MAX_RECORD_BYTES:
+        raise RecordRejected(f"subkey of {len(subkey)} bytes > {MAX_RECORD_BYTES}")
+    keys = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey)
+    if len(keys) != 1:
+        raise RecordRejected(f"subkey holds {len(keys)} owner keys, not 1")
+    owner = _canonical_owner(keys[0])
+    if owner is None:
+        raise RecordRejected("subkey owner is not a canonical RSA public key")
+    if not isinstance(value, dict):
+        raise RecordRejected(f"value is a {type(value).__name__}, not a dict")
+    try:
+        record = model.model_validate(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "value"
+        raise RecordRejected(
+            f"not a valid {model.__name__} ({error.error_count()} errors; {_short(where, 40)}: {first['msg']})"
+        ) from None
+    claimed = record.peer_id if isinstance(record, Commitment) else record.auditor
+    if claimed != owner:
+        raise RecordRejected(f"forged: signed by {owner} but claims {_short(claimed)}")
+    if isinstance(record, AuditVerdict) and record.audited == record.auditor:
+        raise RecordRejected(f"{owner} audits itself")
+    if subkey != record.subkey_prefix() + RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", keys[0]):
+        found = _SUBKEY_EPOCH_RE.match(subkey)
+        raise RecordRejected(
+            f"replayed: {owner} stored it under another subkey (epoch {found.group(1).decode() if found else '?'})"
+            f" than its value's (epoch {record.epoch}"
+            f"{'' if isinstance(record, Commitment) else f', audited {_short(record.audited)}'})"
+        )
+    return record
+
+
+class VerificationRecordValidator(RecordValidatorBase):
+    """A hivemind record validator that makes DHT nodes refuse to store, or to accept from others, any entry of
+    ``<run_id>.commitments`` / ``<run_id>.verdicts`` that :func:`verify_entry` rejects, or whose value (signature
+    stripped) exceeds :data:`MAX_RECORD_BYTES`. Regular (subkey-less) values of those keys are refused too: one
+    with a later expiration would otherwise replace the whole dictionary. Every other key passes untouched.
+
+    Use it together with ``RSASignatureValidator``, which proves the owner key signed the entry: hivemind's
+    ``CompositeValidator`` runs validators by decreasing ``priority`` and strips each one's signature before the
+    next, so this validator (priority 5 < 10) sees a verified value. It strips any signature itself as well, in
+    case it runs alone. Each rejection is logged at warning level, one line; ``validate`` never raises.
+    """
+
+    def __init__(self, run_id: str):
+        self._models: dict[bytes, tuple[str, type[Commitment] | type[AuditVerdict]]] = {
+            DHTID.generate(source=commitments_key(run_id)).to_bytes(): (run_id, Commitment),
+            DHTID.generate(source=verdicts_key(run_id)).to_bytes(): (run_id, AuditVerdict),
+        }
+
+    @property
+    def priority(self) -> int:
+        return 5  # below RSASignatureValidator (10): validated after the signature is checked and stripped
+
+    def validate(self, record: DHTRecord) -> bool:
+        found = self._models.get(record.key)
+        if found is None:
+            return True
+        run_id, model = found
+        try:
+            problem = self._problem(model, record)
+        except Exception as error:  # never raise inside the DHT's RPC handlers
+            problem = f"{type(error).__name__} while checking"
+        if problem is None:
+            return True
+        logger.warning(f"Rejected a {model.__name__} record of run {run_id!r}: {problem}")
+        return False
+
+    @staticmethod
+    def _problem(model: type[Commitment] | type[AuditVerdict], record: DHTRecord) -> str | None:
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            return "a value without a subkey"
+        value_bytes = RSASignatureValidator._SIGNATURE_RE.sub(b"", record.value)
+        if len(value_bytes) > MAX_RECORD_BYTES:
+            return f"oversized: {len(value_bytes)} bytes > {MAX_RECORD_BYTES}"
+        try:
+            subkey = DHTProtocol.serializer.loads(record.subkey)
+            value = DHTProtocol.serializer.loads(value_bytes)
+        except Exception:
+            return "not msgpack"
+        try:
+            verify_entry(model, subkey, value)
+        except RecordRejected as error:
+            return str(error)
+        return None
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, VerificationRecordValidator):
+            return False
+        self._models.update(other._models)  # one validator guarding several runs
+        return True
+
+
+def _owner_marker(identity: Identity) -> bytes:
+    return RSASignatureValidator(identity.private_key).local_public_key
+
+
+def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [(subkey, getattr(item, "value", None)) for subkey, item in found.value.items()]
+
+
+def _log_dropped(model: type[BaseModel], error: RecordRejected) -> None:
+    text = str(error)
+    level = logging.WARNING if text.startswith(("forged", "replayed")) or "audits itself" in text else logging.DEBUG
+    logger.log(level, f"Dropped a {model.__name__}: {text}")
+
+
+class CommitmentBoard:
+    """Publishes this peer's :class:`Commitment` per epoch and reads everybody's, under ``<run_id>.commitments``.
+
+    Only this identity's key can write its entries (``RSASignatureValidator``); :meth:`fetch` returns only entries
+    :func:`verify_entry` accepts, so at most one commitment per (peer, epoch), each signed by the peer it names.
+    Note that the owner may still overwrite its own entry with a later expiration: compare :meth:`Commitment.digest`
+    with what it sent to its averaging group.
+
+    :param ttl: seconds a published commitment stays in the DHT (the audit window)
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity, ttl: float):
+        self.dht, self.key, self.ttl = dht, commitments_key(run_id), ttl
+        self.peer_id = str(identity.peer_id)
+        self.marker = _owner_marker(identity)
+
+    def publish(self, commitment: Commitment) -> bool:
+        """Store ``commitment`` under its epoch's subkey; the DHT's answer (hivemind reports the status of the
+        replica that answered last, so True does not prove every node took it).
+
+        :raises ValueError: if ``commitment.peer_id`` is not this identity's peer id
+        """
+        if commitment.peer_id != self.peer_id:
+            raise ValueError(f"a commitment for {commitment.peer_id} cannot be published as {self.peer_id}")
+        subkey = commitment.subkey_prefix() + self.marker
+        return bool(self.dht.store(self.key, commitment.model_dump(), get_dht_time() + self.ttl, subkey=subkey))
+
+    def fetch(self, epoch: int) -> dict[str, Commitment]:
+        """Peer id → that peer's commitment for ``epoch`` (this peer's own included once published). Forged,
+        replayed or malformed entries are dropped and logged, never raised."""
+        commitments = {}
+        for subkey, value in _entries(self.dht, self.key):
+            if isinstance(subkey, bytes) and not subkey.startswith(f"{epoch}:".encode()):
+                continue  # another epoch (a replay into this epoch's subkey is caught by verify_entry)
+            try:
+                commitment = verify_entry(Commitment, subkey, value)
+            except RecordRejected as error:
+                _log_dropped(Commitment, error)
+                continue
+            if commitment.epoch == epoch:
+                commitments[commitment.peer_id] = commitment
+        return commitments
+
+
+class VerdictBoard:
+    """Publishes this peer's :class:`AuditVerdict` records and reads everybody's, under ``<run_id>.verdicts``.
+
+    :meth:`fetch` returns only entries :func:`verify_entry` accepts: each signed by the auditor it names, never a
+    self-audit, at most one per (auditor, epoch, audited peer).
+
+    :param ttl: seconds a published verdict stays in the DHT
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity, ttl: float):
+        self.dht, self.key, self.ttl = dht, verdicts_key(run_id), ttl
+        self.peer_id = str(identity.peer_id)
+        self.marker = _owner_marker(identity)
+
+    def publish(self, verdict: AuditVerdict) -> bool:
+        """Store ``verdict`` under its (epoch, audited) subkey; the DHT's answer (as :meth:`CommitmentBoard.publish`).
+
+        :raises ValueError: if ``verdict.auditor`` is not this identity's peer id, or it audits this peer itself
+        """
+        if verdict.auditor != self.peer_id:
+            raise ValueError(f"a verdict by {verdict.auditor} cannot be published as {self.peer_id}")
+        if verdict.audited == self.peer_id:
+            raise ValueError("a peer cannot publish a verdict on itself")
+        subkey = verdict.subkey_prefix() + self.marker
+        return bool(self.dht.store(self.key, verdict.model_dump(), get_dht_time() + self.ttl, subkey=subkey))
+
+    def fetch(self, epoch: int | None = None) -> list[AuditVerdict]:
+        """Valid verdicts (of ``epoch`` only, unless None), sorted by (epoch, audited, auditor). Forged, replayed
+        or malformed entries are dropped and logged, never raised."""
+        verdicts = []
+        for subkey, value in _entries(self.dht, self.key):
+            if epoch is not None and isinstance(subkey, bytes) and not subkey.startswith(f"{epoch}:".encode()):
+                continue
+            try:
+                verdict = verify_entry(AuditVerdict, subkey, value)
+            except RecordRejected as error:
+                _log_dropped(AuditVerdict, error)
+                continue
+            if epoch is None or verdict.epoch == epoch:
+                verdicts.append(verdict)
+        return sorted(verdicts, key=lambda v: (v.epoch, v.audited, v.auditor))

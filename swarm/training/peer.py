@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
 from swarm.training.state import TrainingState
+
+CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class SwarmPeer:
         self.samples = 0
         self.last_reward: float | None = None
         self.ready_epoch = -1
+        self.banned: frozenset[str] = frozenset()  # peers this peer refuses to wait for, average with or load from
         self.dht = self.board = self.averager = None
         self._stop = threading.Event()
         self._publish_failures = 0
@@ -81,7 +85,7 @@ class SwarmPeer:
         averaging = self.config.averaging
         reason = resolve_client_mode(self.config.network)
         logger.info(f"client mode {'on' if self.config.network.client_mode else 'off'}: {reason}")
-        self.dht = start_dht(self.config.network, self.identity, self.config.workdir)
+        self.dht = start_dht(self.config.network, self.identity, self.config.workdir, run_id=self.config.run_id)
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
         # hivemind ignores SIGINT in this process before forking the averager and never restores it: keep Ctrl+C
@@ -99,6 +103,10 @@ class SwarmPeer:
             allreduce_timeout=averaging.allreduce_timeout,
             next_chunk_timeout=averaging.allreduce_timeout / 3,
             compression=make_compression(averaging.compression),
+            aggregation=averaging.aggregation,
+            clip_tau=averaging.clip_tau,
+            clip_iterations=averaging.clip_iterations,
+            contributions_dir=Path(self.config.workdir) / CONTRIBUTION_DIR,
             client_mode=self.config.network.client_mode,
             declare_state_period=averaging.peer_timeout,
             shutdown_timeout=3,
@@ -163,12 +171,25 @@ class SwarmPeer:
             logger.warning(f"Could not read peer statuses: {error!r}")
             fresh = {}
         fresh.pop(self.peer_id, None)
+        for peer_id in self.banned:
+            fresh.pop(peer_id, None)
+            self._seen.pop(peer_id, None)
         now = time.monotonic()
         for peer_id, status in fresh.items():
             self._seen[peer_id] = (now, status)
         horizon = now - self.config.averaging.peer_timeout
         self._seen = {peer_id: seen for peer_id, seen in self._seen.items() if seen[0] >= horizon}
         return {peer_id: status for peer_id, (_, status) in self._seen.items()}
+
+    def set_banned(self, peer_ids: list[str]) -> None:
+        """Exclude these peers: the barrier ignores them, state is never loaded from them, and the averager refuses
+        them in matchmaking and drops their parts (see :meth:`SwarmAverager.set_banned`)."""
+        banned = frozenset(peer_ids) - {self.peer_id}
+        if banned == self.banned:
+            return
+        self.banned = banned
+        if self.averager is not None:
+            self.averager.set_banned(sorted(banned))
 
     def swarm_view(self) -> tuple[int, int]:
         """(peers online, samples contributed swarm-wide) from the statuses last read — no DHT round trip."""
@@ -227,6 +248,7 @@ class SwarmPeer:
 
     def download_state(self, holders: list[str], min_epoch: int) -> bool:
         """Load the state of the first of ``holders`` that serves a valid one at ``min_epoch`` or later."""
+        holders = [peer_id for peer_id in holders if peer_id not in self.banned]
         for peer_id in random.sample(holders, len(holders)):
             result = self.averager.download_state(PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout)
             if result is None:

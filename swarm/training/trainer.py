@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from datasets import Dataset
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from swarm.config import SwarmConfig, dump_config
+from swarm.errors import UserError
 from swarm.hardware import check_fits, detect_hardware
 from swarm.identity import Identity
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
@@ -35,6 +37,15 @@ from swarm.training.optimizer import SwarmOptimizer
 from swarm.training.peer import SwarmPeer
 from swarm.training.state import TrainingState, param_checksum
 from swarm.training.strategies.sync import Outcome, RoundResult, SyncGradientAveraging
+from swarm.verify.attacks import Attack, AttackContext, make_attack
+from swarm.verify.auditor import Verifier
+from swarm.verify.replay import (
+    Contribution,
+    GradientRecorder,
+    GRPOSettings,
+    contribution_from_record,
+    make_recording_trainer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +60,7 @@ class EpochRecord:
     samples: int = 0  # samples this peer computed for the round
     compute_s: float = 0.0  # generating, scoring, backpropagating
     sync_s: float = 0.0  # waiting for peers, averaging, stepping or downloading state
+    audit_s: float = 0.0  # replaying other peers' contributions (verification)
     bytes_sent: int = 0  # all-reduce payload bytes this peer sent, failed attempts included
 
     def as_summary(self) -> dict[str, Any]:
@@ -128,6 +140,26 @@ class SwarmTrainer:
         self.peer = SwarmPeer(config, self.identity, self.state, epoch)
         self.peer.samples = samples
         self.strategy = SyncGradientAveraging(self.peer, self.optimizer, config.training.max_grad_norm)
+        self.attack = self._make_attack()
+        self._previous_contribution: Contribution | None = None
+        self.verifier: Verifier | None = None
+        if config.verify.enabled and self.trainer_kind == "grpo":
+            self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0))
+        elif config.verify.enabled:
+            logger.warning(f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)")
+
+    def _make_attack(self) -> Attack | None:
+        name = self.config.verify.attack
+        if name is None:
+            return None
+        if self.trainer_kind != "grpo":
+            raise UserError(f"verify.attack: the attack suite cheats at GRPO; recipe {self.recipe.name} uses SFT", 2)
+        try:
+            attack = make_attack(name)
+        except ValueError as error:
+            raise UserError(f"verify.attack: {error}", 2) from None
+        logger.warning(f"{self.identity.name} is a CHEATING peer (verify.attack={name}), for tests and demos only")
+        return attack
 
     @property
     def checkpoint_path(self) -> Path:
@@ -173,6 +205,8 @@ class SwarmTrainer:
                 self._emit("on_phase", f"waiting for {self.expected_peers} peers")
                 self.peer.wait_for_peers(self.expected_peers, config.averaging.round_timeout)
             self._emit("on_phase", "catching up with the swarm")
+            if self.verifier is not None:
+                self.verifier.start()
             self.peer.sync_with_swarm()
             max_epochs = config.training.max_epochs
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
@@ -187,6 +221,9 @@ class SwarmTrainer:
                 self._write_status(record)
                 self._emit("on_epoch_end", record)
             if not self._stopping.is_set():
+                if self.verifier is not None:
+                    self._emit("on_phase", "finished: waiting for the last audits")
+                    self.verifier.finish(self.peer.epoch, config.averaging.round_timeout)
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
@@ -206,7 +243,9 @@ class SwarmTrainer:
 
     def _write_status(self, record: EpochRecord) -> None:
         status = dict(vars(record), name=self.identity.name, round_epoch=record.epoch, epoch=self.peer.epoch,
-                      samples=self.peer.samples)
+                      samples=self.peer.samples, peer_id=self.peer.peer_id)
+        if self.verifier is not None:
+            status.update(self.verifier.figures(), banned=self.verifier.stats.banned)
         write_json_atomic(self.workdir / STATUS_FILE, status)
         with open(self.workdir / METRICS_FILE, "a") as metrics:
             metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
@@ -217,27 +256,41 @@ class SwarmTrainer:
         rows = self.recipe.assigned_rows(
             self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round
         )
-        samples = len(rows) * (self.config.training.num_generations if self.trainer_kind == "grpo" else 1)
+        seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
         sync_seconds = 0.0
 
-        def finish_round() -> RoundResult:
+        def finish_round(samples: int, commitment: str | None = None) -> RoundResult:
             nonlocal sync_seconds
             self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
             started = time.perf_counter()
             try:
-                return self.strategy.finish_round(samples)
+                return self.strategy.finish_round(samples, commitment)
             finally:
                 sync_seconds += time.perf_counter() - started
 
-        swarm_optimizer = SwarmOptimizer(self.optimizer, finish_round)
-        seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
-        trl_trainer = self._make_trl_trainer(rows, swarm_optimizer, seed=seed)
+        if self.verifier is not None:
+            self.verifier.remember_state(epoch)
+        if self.trainer_kind == "grpo":
+            trl_trainer, swarm_optimizer, samples = self._grpo_epoch(epoch, rows, seed, finish_round)
+        else:
+            samples = len(rows)
+            swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
+            trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed)
         bytes_before = self.peer.averager.bytes_sent.value
         self._emit("on_phase", f"computing epoch {epoch}")
         started = time.perf_counter()
-        trl_trainer.train()
+        autocast = self.attack.autocast_dtype() if self.attack is not None else None
+        with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            trl_trainer.train()
         elapsed = time.perf_counter() - started
         result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
+        audit_seconds = 0.0
+        if self.verifier is not None:
+            self._emit("on_phase", f"auditing epoch {epoch}")
+            started = time.perf_counter()
+            self.verifier.after_round(result)
+            self.verifier.process(self.peer.epoch)
+            audit_seconds = time.perf_counter() - started
         logs = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
         reward = logs[-1].get("reward") if logs else None
         loss = logs[-1].get("loss") if logs else None
@@ -248,19 +301,76 @@ class SwarmTrainer:
             loss=None if loss is None else float(loss),
             outcome=result.outcome.value,
             group_size=result.group_size,
-            samples=samples,
+            samples=samples[0] if isinstance(samples, list) else samples,
             compute_s=round(elapsed - sync_seconds, 4),
             sync_s=round(sync_seconds, 4),
+            audit_s=round(audit_seconds, 4),
             bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
         )
 
-    def _make_trl_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int):
+    def _grpo_epoch(self, epoch: int, rows: list[dict[str, Any]], seed: int, finish_round):
+        """A recording GRPO trainer for this epoch whose ``optimizer.step()`` turns what TRL computed into a
+        contribution, commits it (verification on) and then runs the swarm round with it."""
+        settings = self._grpo_settings(seed)
+        named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+        state_hash = param_checksum(self.model)
+        context = compute_rows = reward_funcs = None
+        if self.attack is not None:
+            context = AttackContext(
+                rows=rows,
+                unassigned_rows=lambda: self.recipe.assigned_rows(
+                    self.config.run_id, f"{self.peer.peer_id}/unassigned", epoch, len(rows)
+                ),
+                previous=self._previous_contribution,
+                other=lambda: self.verifier.other_contribution(epoch) if self.verifier is not None else None,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            compute_rows = self.attack.compute_rows(context)
+            reward_funcs = self.attack.reward_funcs(self.recipe.checked_reward_funcs())
+        compute_rows = compute_rows or rows
+        claimed = [len(rows) * settings.num_generations]  # the sample count (weight) this peer claims
+
+        def commit_and_average() -> RoundResult:
+            contribution = contribution_from_record(trl_trainer, recorder, state_hash, compute_rows, settings)
+            if self.attack is not None:
+                contribution = self.attack.tamper(contribution, context)
+                with torch.no_grad():
+                    for (_, param), grad in zip(named, contribution.gradient):
+                        param.grad = grad.to(param.device, param.dtype).clone()
+            self._previous_contribution = contribution
+            claimed[0] = len(contribution.rows) * settings.num_generations
+            commitment = self.verifier.commit(epoch, contribution).digest() if self.verifier is not None else None
+            return finish_round(claimed[0], commitment)
+
+        swarm_optimizer = SwarmOptimizer(self.optimizer, commit_and_average)
+        recorder = GradientRecorder(named, swarm_optimizer)
+        trl_trainer = make_recording_trainer(
+            self.model, self.tokenizer, self.recipe, compute_rows, settings, recorder, self.workdir / "trl",
+            reward_funcs=reward_funcs,
+        )
+        return trl_trainer, swarm_optimizer, claimed
+
+    def _grpo_settings(self, seed: int) -> GRPOSettings:
         training = self.config.training
-        total = len(rows) * (training.num_generations if self.trainer_kind == "grpo" else 1)
+        return GRPOSettings(
+            num_generations=training.num_generations,
+            max_completion_length=training.max_completion_length or self.recipe.max_completion_length,
+            temperature=training.temperature,
+            seed=seed,
+            micro_batch_size=training.micro_batch_size,
+            learning_rate=training.learning_rate,
+            precision=self.config.precision,
+        )
+
+    def _make_sft_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int):
+        from trl import SFTConfig, SFTTrainer
+
+        training = self.config.training
+        total = len(rows)
         micro = min(training.micro_batch_size or total, total)
         if total % micro:
             micro = total  # keep one round = exactly one optimizer step
-        common = dict(
+        args = SFTConfig(
             output_dir=str(self.workdir / "trl"),
             per_device_train_batch_size=micro,
             gradient_accumulation_steps=total // micro,
@@ -276,39 +386,16 @@ class SwarmTrainer:
             seed=seed,
             log_level="error",
             bf16=self.config.model.dtype == "bfloat16" and torch.cuda.is_available(),
+            completion_only_loss=True,
+            max_length=self.config.model.max_positions,
         )
-        max_completion = training.max_completion_length or self.recipe.max_completion_length
-        dataset = Dataset.from_list(rows)
-        if self.trainer_kind == "grpo":
-            from trl import GRPOConfig, GRPOTrainer
-
-            args = GRPOConfig(
-                **common,
-                num_generations=training.num_generations,
-                max_completion_length=max_completion,
-                temperature=training.temperature,
-                beta=0.0,
-                shuffle_dataset=False,
-            )
-            trainer = GRPOTrainer(
-                model=self.model,
-                reward_funcs=self.recipe.checked_reward_funcs(),
-                args=args,
-                train_dataset=dataset,
-                processing_class=self.tokenizer,
-                optimizers=(optimizer, None),
-            )
-        else:
-            from trl import SFTConfig, SFTTrainer
-
-            args = SFTConfig(**common, completion_only_loss=True, max_length=self.config.model.max_positions)
-            trainer = SFTTrainer(
-                model=self.model,
-                args=args,
-                train_dataset=dataset,
-                processing_class=self.tokenizer,
-                optimizers=(optimizer, None),
-            )
+        trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=self.tokenizer,
+            optimizers=(optimizer, None),
+        )
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         return trainer

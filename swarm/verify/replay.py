@@ -83,6 +83,7 @@ class GRPOSettings:
     seed: int = 0
     micro_batch_size: int | None = None  # None: one micro-batch of all completions
     learning_rate: float = 1e-2  # does not change the gradient; recorded so that capture can take the real step
+    precision: str = "fp32"  # the declared precision class: "fp32" (no autocast), "bf16" or "fp16" (mixed precision)
 
 
 @dataclass
@@ -243,7 +244,9 @@ def _permute(value: Any, order: list[int]) -> Any:
 
 
 def grpo_config(settings: GRPOSettings, num_rows: int, output_dir: str | Path) -> GRPOConfig:
-    """The peer's GRPOConfig for one epoch: mirrors ``SwarmTrainer._make_trl_trainer`` (one optimizer step)."""
+    """The GRPOConfig of one swarm epoch, for the peer that trains and the auditor that replays alike: one optimizer
+    step (``max_steps=1``), constant learning rate, no clipping (the swarm clips the averaged gradient), no KL term
+    (no reference model to keep in lock-step), the dataset in the assigned order."""
     total = num_rows * settings.num_generations
     micro = min(settings.micro_batch_size or total, total)
     if total % micro:
@@ -260,7 +263,11 @@ def grpo_config(settings: GRPOSettings, num_rows: int, output_dir: str | Path) -
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
+        # TRL defaults to bf16 mixed precision, also on CPU: the declared precision class must decide it, or an fp32
+        # peer silently computes in bf16 (and a replay could not tell a cheaper, lower-precision peer apart)
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16" and torch.cuda.is_available(),
         seed=settings.seed,
         log_level="error",
         num_generations=settings.num_generations,
@@ -279,11 +286,14 @@ def make_recording_trainer(
     settings: GRPOSettings,
     optimizer: GradientRecorder,
     output_dir: str | Path,
+    reward_funcs: list[Any] | None = None,
     **replay: Any,
 ) -> RecordingGRPOTrainer:
+    """A :class:`RecordingGRPOTrainer` for one epoch on ``rows``, scoring with the recipe's reward functions (or
+    ``reward_funcs``: only a cheating peer of the attack suite passes other ones)."""
     trainer = RecordingGRPOTrainer(
         model=model,
-        reward_funcs=recipe.checked_reward_funcs(),
+        reward_funcs=recipe.checked_reward_funcs() if reward_funcs is None else reward_funcs,
         args=grpo_config(settings, len(rows), output_dir),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -321,6 +331,18 @@ def capture_contribution(
             model, tokenizer, recipe, rows, settings, recorder, output_dir or scratch
         )
         trainer.train()
+    return contribution_from_record(trainer, recorder, state_hash, rows, settings)
+
+
+def contribution_from_record(
+    trainer: RecordingGRPOTrainer,
+    recorder: GradientRecorder,
+    state_hash: str,
+    rows: list[dict[str, Any]],
+    settings: GRPOSettings,
+) -> Contribution:
+    """The contribution a recording trainer has made once TRL reached ``optimizer.step()`` (the recorder has the
+    gradient, the record the rollouts). :raises RuntimeError: if it has not got that far"""
     record = trainer.record
     if recorder.gradient is None or record.inputs is None or record.rewards is None:
         raise RuntimeError("the GRPO step finished without an optimizer step or without rollouts")
@@ -339,7 +361,7 @@ def capture_contribution(
         rewards=record.rewards,
         advantages=inputs["advantages"],
         order=record.order,
-        param_names=[name for name, _ in named],
+        param_names=list(recorder.names),
         gradient=recorder.gradient,
     )
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from swarm.network.averager import round_consensus, round_key_of
 from swarm.training.peer import POLL_INTERVAL, SwarmPeer
+from swarm.training.state import tensors_hash
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class RoundResult:
     outcome: Outcome
     epoch: int  # the epoch the gradient was computed at
     group_size: int = 1
+    # averaged rounds only: the commitment digest of every member in the group's consensus (peer id -> digest) and
+    # the hash of the averaged gradient, identical on every member (the audit beacon is made of both)
+    commitments: dict[str, str] = field(default_factory=dict)
+    averaged_digest: str | None = None
 
 
 class SyncGradientAveraging:
@@ -57,7 +62,12 @@ class SyncGradientAveraging:
         self.expected_group = 2
         self.catch_up_grace = 3 * peer.config.averaging.matchmaking_time
 
-    def finish_round(self, samples: int) -> RoundResult:
+    def finish_round(self, samples: int, commitment: str | None = None) -> RoundResult:
+        """Average the gradient in the parameters' ``.grad`` with the swarm and step (see the module docstring).
+
+        :param samples: the sample count this peer claims (its averaging weight, capped at ``max_weight``)
+        :param commitment: digest of this peer's published commitment, exchanged with the group before averaging
+        """
         peer, averaging = self.peer, self.peer.config.averaging
         peer.check_alive()
         epoch = peer.epoch
@@ -70,12 +80,13 @@ class SyncGradientAveraging:
             while True:
                 verdict = self._barrier(epoch, deadline)
                 if verdict == "behind":
-                    peer.sync_with_swarm()
+                    if not peer.sync_with_swarm():
+                        time.sleep(RETRY_PAUSE)  # nobody served the state: do not spin on recomputing the epoch
                     return RoundResult(Outcome.RESYNCED, epoch)
                 if verdict == "alone":
                     self._apply(local, epoch, samples)
                     return RoundResult(Outcome.SOLO, epoch)
-                gathered = self._average(local, epoch, weight)
+                gathered = self._average(local, epoch, weight, commitment)
                 if gathered is not None:
                     keys = [round_key_of(item) for item in gathered.values()]
                     consensus = round_consensus([key for key in keys if key is not None])
@@ -87,7 +98,12 @@ class SyncGradientAveraging:
                         result = [tensor.clone() for tensor in averaged]
                     if all(torch.isfinite(tensor).all() for tensor in result):
                         self._apply(result, epoch, samples)
-                        return RoundResult(Outcome.AVERAGED, epoch, len(gathered))
+                        commitments = {
+                            str(pid): item["commitment"] for pid, item in gathered.items()
+                            if round_key_of(item) == consensus and isinstance(item.get("commitment"), str)
+                        }
+                        return RoundResult(Outcome.AVERAGED, epoch, len(gathered), commitments,
+                                           tensors_hash(epoch, result))
                     logger.warning(f"epoch {epoch}: the averaged gradient is not finite; retrying")
                 if time.monotonic() >= deadline:
                     logger.warning(f"epoch {epoch}: averaging failed until the round timeout; recomputing")
@@ -124,7 +140,7 @@ class SyncGradientAveraging:
                 return "go"
             time.sleep(POLL_INTERVAL)
 
-    def _average(self, local: list[torch.Tensor], epoch: int, weight: float) -> dict | None:
+    def _average(self, local: list[torch.Tensor], epoch: int, weight: float, commitment: str | None) -> dict | None:
         peer, averaging = self.peer, self.peer.config.averaging
         with peer.averager.get_tensors() as buffers:
             for buffer, grad in zip(buffers, local):
@@ -133,7 +149,7 @@ class SyncGradientAveraging:
         peer.averager.set_target_group_size(self.expected_group)
         try:
             gathered = peer.averager.step(
-                gather=dict(epoch=epoch, state_hash=peer.state_hash, samples=weight),
+                gather=dict(epoch=epoch, state_hash=peer.state_hash, samples=weight, commitment=commitment),
                 weight=weight,
                 timeout=averaging.matchmaking_time * 3,
                 allow_retries=False,

@@ -1,0 +1,438 @@
+"""The attack suite: cheating peers, for the offline benchmark (bench/verification.py), the tests and live demos.
+
+An :class:`Attack` changes a peer's GRPO step at four seams, used the same way offline
+(:func:`cheating_contribution`) and live by the swarm trainer:
+
+1. :meth:`Attack.compute_rows` — the rows it really computes on (default: the assigned ones);
+2. :meth:`Attack.reward_funcs` — the reward functions it scores with (default: the honest ones);
+3. :meth:`Attack.autocast_dtype` — a lower precision it computes in (default: none, the declared precision);
+4. :meth:`Attack.tamper` — what it commits, serves to auditors *and* sends into averaging; it always claims the
+   assigned rows (``context.rows``). A cheater that commits one thing and sends another is caught by the separate
+   binding check of the commitment, not by the replay, so every attack here is self-consistent on that point.
+
+Every attack in :data:`ATTACKS` is caught by a replay of the contribution against the assigned rows
+(:func:`swarm.verify.replay.replay_gradient` with the tolerance of the declared precision class) with the verdict
+in its ``expected`` attribute, under these conditions, which the suite relies on and states per attack:
+
+* the honest gradient is not zero (GRPO gives a zero gradient when every group's rewards are all equal; then the
+  multiplicative attacks — ``free_rider``, ``tiny``, ``scaled_*``, ``sign_flip``, ``alie`` — send what an honest
+  peer would and cannot be told apart, nor do they do harm);
+* ``partial_batch`` needs at least two assigned rows; ``wrong_data`` needs unassigned rows whose prompts differ
+  from the assigned ones (a regenerated row can collide by chance on small datasets);
+* ``lower_precision`` is caught only where the honest computation really runs in the declared fp32: TRL's
+  ``GRPOConfig`` defaults to ``bf16=True`` (mixed precision, also on CPU), which a GRPO config must turn off.
+
+Guarantees of :meth:`Attack.tamper` for every attack here: the result claims ``context.rows`` and the state hash
+of the contribution it was given, and its gradient has the shapes and parameter names of that contribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from swarm.recipe import Recipe
+from swarm.training.state import param_checksum
+from swarm.verify.replay import (
+    Contribution,
+    GradientRecorder,
+    GRPOSettings,
+    Verdict,
+    contribution_from_record,
+    make_recording_trainer,
+)
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackContext",
+    "cheating_contribution",
+    "make_attack",
+]
+
+
+@dataclass
+class AttackContext:
+    """What a cheating peer knows when it makes its contribution of one epoch."""
+
+    rows: list[dict[str, Any]]  # the rows assigned to this peer for this epoch
+    unassigned_rows: Callable[[], list[dict[str, Any]]]  # rows NOT assigned to it (e.g. another seed), same count
+    previous: Contribution | None  # this peer's own contribution of the previous epoch
+    other: Callable[[], Contribution | None]  # another peer's contribution of this epoch (may return None)
+    generator: torch.Generator  # randomness for the attack
+
+
+class Attack:
+    """An honest peer: every seam is the identity. Subclasses change one or more of them.
+
+    :cvar name: the registry name (:data:`ATTACKS`)
+    :cvar declared_precision: the precision class the peer declares (the auditor's tolerance follows it)
+    :cvar expected: the verdict a replay against the assigned rows gives (``Verdict.PASS`` for the honest base)
+    """
+
+    name: ClassVar[str] = "honest"
+    declared_precision: ClassVar[str] = "fp32"
+    expected: ClassVar[Verdict] = Verdict.PASS
+
+    def compute_rows(self, context: AttackContext) -> list[dict[str, Any]]:
+        """The rows the cheater actually computes on."""
+        return context.rows
+
+    def reward_funcs(self, honest: list[Any]) -> list[Any]:
+        """The reward functions the cheater scores with, given the honest ones (same order, same names)."""
+        return honest
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """A lower precision the cheater computes in (under ``torch.autocast``); None: the declared one."""
+        return None
+
+    def tamper(self, contribution: Contribution, context: AttackContext) -> Contribution:
+        """What the cheater commits, serves and sends into averaging, given what it computed."""
+        return contribution
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _claiming(contribution: Contribution, context: AttackContext, **changes: Any) -> Contribution:
+    """``contribution`` with ``changes``, claiming the assigned rows."""
+    return contribution.with_changes(rows=[dict(row) for row in context.rows], **changes)
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+class _GradientAttack(Attack):
+    """Computes honestly, then sends ``change(gradient)``: caught as ``gradient_mismatch``."""
+
+    expected: ClassVar[Verdict] = Verdict.GRADIENT_MISMATCH
+
+    def change(self, gradient: list[torch.Tensor], context: AttackContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def tamper(self, contribution: Contribution, context: AttackContext) -> Contribution:
+        return _claiming(contribution, context, gradient=self.change(list(contribution.gradient), context))
+
+
+class FreeRider(_GradientAttack):
+    """Sends a zero gradient (relative error 1)."""
+
+    name = "free_rider"
+
+    def change(self, gradient, context):
+        return [torch.zeros_like(g) for g in gradient]
+
+
+class _Scaled(_GradientAttack):
+    factor: ClassVar[float] = 1.0
+
+    def change(self, gradient, context):
+        return [g * self.factor for g in gradient]
+
+
+class Tiny(_Scaled):
+    """Sends the gradient x 1e-3 (relative error ~1): barely moves the average, still earns credit if unaudited."""
+
+    name = "tiny"
+    factor = 1e-3
+
+
+class ScaledUp(_Scaled):
+    """Sends the gradient x 2 (relative error 1): outweighs the honest peers."""
+
+    name = "scaled_up"
+    factor = 2.0
+
+
+class ScaledDown(_Scaled):
+    """Sends the gradient x 0.5 (relative error 0.5)."""
+
+    name = "scaled_down"
+    factor = 0.5
+
+
+class SignFlip(_Scaled):
+    """Sends minus the gradient (relative error 2): gradient ascent."""
+
+    name = "sign_flip"
+    factor = -1.0
+
+
+class RandomDirection(_GradientAttack):
+    """Sends a random Gaussian direction with the honest norm (relative error ~sqrt(2))."""
+
+    name = "random"
+
+    def change(self, gradient, context):
+        noise = [torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient]
+        scale = _norm(gradient) / max(_norm(noise), 1e-30)
+        return [n * scale for n in noise]
+
+
+class Stale(_GradientAttack):
+    """Sends its previous epoch's gradient (computed at the previous state) with this epoch's rollouts; zeros when
+    it has no previous contribution. Saves nothing here (it computes to get rollouts), but models a peer whose
+    gradient lags one step (relative error measured ~1 on the tiny model)."""
+
+    name = "stale"
+
+    def change(self, gradient, context):
+        previous = context.previous
+        if previous is None or [g.shape for g in previous.gradient] != [g.shape for g in gradient]:
+            return [torch.zeros_like(g) for g in gradient]
+        return [p.detach().clone().to(g) for p, g in zip(previous.gradient, gradient)]
+
+
+class PartialBatch(Attack):
+    """Computes on the first half of the assigned rows and claims all of them (it keeps its half of the rollouts):
+    caught as ``wrong_data`` (the rollouts' prompts are not the assigned rows). Needs >= 2 assigned rows."""
+
+    name = "partial_batch"
+    expected = Verdict.WRONG_DATA
+
+    def compute_rows(self, context):
+        return context.rows[: max(1, len(context.rows) // 2)]
+
+    def tamper(self, contribution, context):
+        return _claiming(contribution, context)
+
+
+class Copy(Attack):
+    """Sends another peer's contribution of this epoch (its rollouts, rewards, advantages, order and gradient) as
+    its own, claiming its own rows and the current state; falls back to its own previous contribution when there is
+    no other one, and to a zero gradient on its own rollouts when there is neither. Caught as ``wrong_data`` (the
+    rollouts are not the assigned rows) — or ``gradient_mismatch`` in the last fallback."""
+
+    name = "copy"
+    expected = Verdict.WRONG_DATA
+
+    def tamper(self, contribution, context):
+        source = context.other() or context.previous
+        if source is None:
+            return _claiming(contribution, context, gradient=[torch.zeros_like(g) for g in contribution.gradient])
+        return replace(
+            source,
+            state_hash=contribution.state_hash,
+            rows=[dict(row) for row in context.rows],
+            param_names=list(contribution.param_names),
+            gradient=[g.detach().clone() for g in source.gradient],
+        )
+
+
+class WrongData(Attack):
+    """Computes on rows it was not assigned (e.g. chosen to steer the model) and claims the assigned ones: caught
+    as ``wrong_data``."""
+
+    name = "wrong_data"
+    expected = Verdict.WRONG_DATA
+
+    def compute_rows(self, context):
+        return context.unassigned_rows()
+
+    def tamper(self, contribution, context):
+        return _claiming(contribution, context)
+
+
+class _ForgedRewardFunc:
+    """A reward function with the honest one's name that returns rewards the completions did not earn.
+
+    ``opposite``: 1 - r (reverses the ranking, so GRPO's gradient pushes towards the worst completions), and r + 1
+    where 1 - r == r (r = 0.5): every non-None reward differs from the earned one. ``random``: uniform in [0, 1)
+    (differs with probability 1). None ("not applicable") stays None."""
+
+    def __init__(self, honest: Callable[..., list[float | None]], mode: str, generator: torch.Generator):
+        self.honest = honest
+        self.mode = mode
+        self.generator = generator
+        self.__name__ = getattr(honest, "__name__", type(honest).__name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[float | None]:
+        earned = self.honest(*args, **kwargs)
+        forged: list[float | None] = []
+        for reward in earned:
+            if reward is None:
+                forged.append(None)
+            elif self.mode == "random":
+                forged.append(float(torch.rand((), generator=self.generator)))
+            else:
+                opposite = 1.0 - float(reward)
+                forged.append(opposite if opposite != float(reward) else float(reward) + 1.0)
+        return forged
+
+
+class ForgedRewards(Attack):
+    """Scores with reward functions that return rewards the completions did not earn (see
+    :class:`_ForgedRewardFunc`), so its advantages and gradient follow the forged rewards: caught as
+    ``forged_rewards``. Reward models (``torch.nn.Module``) and hub ids are left as they are; at least one reward
+    function must be a plain function.
+
+    :param mode: ``"opposite"`` (default) or ``"random"``
+    """
+
+    name = "forged_rewards"
+    expected = Verdict.FORGED_REWARDS
+
+    def __init__(self, mode: str = "opposite", seed: int = 0):
+        if mode not in ("opposite", "random"):
+            raise ValueError(f"forged_rewards mode must be 'opposite' or 'random', got {mode!r}")
+        self.mode = mode
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reward_funcs(self, honest):
+        forged = [
+            _ForgedRewardFunc(func, self.mode, self.generator)
+            if callable(func) and not isinstance(func, torch.nn.Module) else func
+            for func in honest
+        ]
+        if not any(isinstance(func, _ForgedRewardFunc) for func in forged):
+            raise ValueError("forged_rewards needs at least one reward function that is a plain function")
+        return forged
+
+
+class ForgedAdvantages(_GradientAttack):
+    """Keeps the honest rewards but claims negated advantages, with the gradient that goes with them (GRPO's loss
+    is linear in the advantages at the on-policy point with no KL term, so that gradient is minus the honest one):
+    caught as ``forged_advantages``, a check ``forged_rewards`` never reaches. Added to the suite because a peer can
+    steer through the advantages alone."""
+
+    name = "forged_advantages"
+    expected = Verdict.FORGED_ADVANTAGES
+
+    def change(self, gradient, context):
+        return [-g for g in gradient]
+
+    def tamper(self, contribution, context):
+        forged = super().tamper(contribution, context)
+        return forged.with_changes(advantages=-contribution.advantages)
+
+
+class LowerPrecision(Attack):
+    """Computes under ``torch.autocast`` in bfloat16 while declaring fp32 (cheaper on hardware with fast bf16):
+    caught as ``gradient_mismatch`` (~5e-3 relative error measured on the tiny model vs. ~0 for honest fp32).
+    Only where the honest fp32 computation is really fp32 (see the module docstring)."""
+
+    name = "lower_precision"
+    expected = Verdict.GRADIENT_MISMATCH
+
+    def autocast_dtype(self):
+        return torch.bfloat16
+
+
+class Alie(_GradientAttack):
+    """"A Little Is Enough" (Baruch et al., 2019): adds z * sigma to every coordinate, in one direction drawn once
+    and kept for every epoch (so the bias accumulates across steps), sigma estimated per tensor from the gradient's
+    own magnitude (its RMS). z is set so that the shift is ``fraction`` of the gradient's norm (default 7.5%):
+    small enough to pass a robust aggregator, far above the fp32 tolerance, so caught as ``gradient_mismatch``
+    (relative error = ``fraction``)."""
+
+    name = "alie"
+
+    def __init__(self, fraction: float = 0.075):
+        if not 0 < fraction:
+            raise ValueError(f"alie fraction must be positive, got {fraction}")
+        self.fraction = fraction
+        self.direction: list[torch.Tensor] | None = None
+        self.last_z: float | None = None
+
+    def change(self, gradient, context):
+        shapes = [g.shape for g in gradient]
+        if self.direction is None or [d.shape for d in self.direction] != shapes:
+            self.direction = [
+                torch.randint(0, 2, g.shape, generator=context.generator).float() * 2 - 1 for g in gradient
+            ]
+        sigma = [float(g.double().pow(2).mean().sqrt()) if g.numel() else 0.0 for g in gradient]
+        unit = math.sqrt(sum(s * s * g.numel() for s, g in zip(sigma, gradient)))  # norm of sigma * direction
+        z = self.fraction * _norm(gradient) / unit if unit > 0 else 0.0
+        self.last_z = z
+        return [g + (z * s) * d.to(g) for g, s, d in zip(gradient, sigma, self.direction)]
+
+
+class TruncatedBackward(_GradientAttack):
+    """Stops backpropagation half-way: sends zeros for the first half of the parameter tensors (embeddings and the
+    first layers, which a lazy peer never reaches), saving part of the backward pass. DESIGN §3 names "one block
+    zeroed" among the mildest useful attacks; this is its compute-saving form. Caught as ``gradient_mismatch``."""
+
+    name = "truncated_backward"
+
+    def change(self, gradient, context):
+        cut = max(1, len(gradient) // 2)
+        return [torch.zeros_like(g) if index < cut else g for index, g in enumerate(gradient)]
+
+
+class SmallNoise(_GradientAttack):
+    """Adds Gaussian noise of ``fraction`` (default 1%) of the gradient's norm: about the size of the bf16 vs fp32
+    difference, the smallest perturbation of the suite. Caught as ``gradient_mismatch`` when declaring fp32; it
+    would pass a tolerance class looser than ``fraction`` — which is what declaring a lower precision buys."""
+
+    name = "small_noise"
+
+    def __init__(self, fraction: float = 1e-2):
+        self.fraction = fraction
+
+    def change(self, gradient, context):
+        noise = [torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient]
+        scale = self.fraction * _norm(gradient) / max(_norm(noise), 1e-30)
+        return [g + n * scale for g, n in zip(gradient, noise)]
+
+
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls
+    for cls in (
+        FreeRider, Tiny, RandomDirection, SignFlip, ScaledUp, ScaledDown, Stale, PartialBatch, Copy, WrongData,
+        ForgedRewards, LowerPrecision, Alie, ForgedAdvantages, TruncatedBackward, SmallNoise,
+    )
+}
+
+
+def make_attack(name: str) -> Attack:
+    """A fresh attack by registry name (its default options). :raises ValueError: naming the known attacks"""
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+    return cls()
+
+
+@contextlib.contextmanager
+def _autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None:
+        yield
+        return
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=dtype):
+        yield
+
+
+def cheating_contribution(
+    attack: Attack,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    context: AttackContext,
+    settings: GRPOSettings,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Contribution:
+    """Make ``attack``'s contribution the way the swarm trainer does live: a real TRL GRPO step on
+    ``attack.compute_rows(context)``, scored by ``attack.reward_funcs(recipe.checked_reward_funcs())``, under
+    ``attack.autocast_dtype()``, recorded, then ``attack.tamper``-ed. The model is left unchanged unless
+    ``optimizer`` is given (it is stepped with the computed, untampered gradient)."""
+    rows = attack.compute_rows(context) or context.rows
+    reward_funcs = attack.reward_funcs(recipe.checked_reward_funcs())
+    state_hash = param_checksum(model)
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    recorder = GradientRecorder(named, optimizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = make_recording_trainer(
+            model, tokenizer, recipe, rows, settings, recorder, scratch, reward_funcs=reward_funcs
+        )
+        with _autocast(model, attack.autocast_dtype()):
+            trainer.train()
+    contribution = contribution_from_record(trainer, recorder, state_hash, rows, settings)
+    return attack.tamper(contribution, context)

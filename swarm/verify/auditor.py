@@ -1,0 +1,321 @@
+"""The verification layer as one peer runs it (DESIGN §3 steps 4 and 7): commit, audit, re-check, ban.
+
+Per epoch, around :class:`~swarm.training.strategies.sync.SyncGradientAveraging`'s round:
+
+1. :meth:`Verifier.remember_state` keeps the trainable parameters θ_e (auditors replay from them);
+2. :meth:`Verifier.commit` writes the contribution to ``WORKDIR/contributions/epoch-E.pt`` (served to auditors
+   over hivemind P2P for ``verify.audit_window`` epochs) and publishes its signed commitment; its digest travels
+   with the all-reduce, so every group member knows what every other one committed to;
+3. after an averaged round, :meth:`Verifier.after_round` derives the audits from the round's beacon
+   (:mod:`swarm.verify.selection`): the same on every member;
+4. :meth:`Verifier.process` runs this peer's audits: the primary ones at once; a re-check when the primary auditor
+   of a contribution this peer is assigned to re-check has failed it. A contribution fails finally when a majority
+   of its assigned auditors failed it; its peer is then banned from this peer's averaging for
+   ``verify.ban_epochs`` epochs (matchmaking refuses it, its parts are dropped, the barrier ignores it) and the
+   failure is appended to ``WORKDIR/audit_events.jsonl`` for the ledger.
+
+Guarantees: an honest peer is never failed by an honest auditor (replays with the peer's own micro-batch split and
+order are exact in fp32); a peer never bans itself; a verdict counts only if it comes from an auditor the beacon
+assigned, about the commitment the group saw; nothing a remote peer serves or publishes can raise here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm.config import SwarmConfig
+from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, VerdictBoard
+from swarm.recipe import Recipe
+from swarm.training.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
+from swarm.training.strategies.sync import Outcome, RoundResult
+from swarm.verify.commitment import (
+    MalformedContribution,
+    commitment_mismatch,
+    load_contribution,
+    make_commitment,
+    save_contribution,
+)
+from swarm.verify.replay import GRADIENT_TOLERANCE, Contribution, GRPOSettings, Verdict, replay_gradient
+from swarm.verify.selection import AuditAssignment, assign_audits
+
+logger = logging.getLogger(__name__)
+
+EVENTS_FILE = "audit_events.jsonl"
+UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
+MISSING_COMMITMENT = "missing_commitment"
+MALFORMED = "malformed"
+COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was committed
+WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
+
+
+@dataclass
+class AuditStats:
+    """What the dashboard and trackers show about verification on this peer."""
+
+    audits_done: int = 0  # replays this peer ran as an auditor
+    cheats_found: int = 0  # of those, failed ones
+    my_audits_passed: int = 0  # final outcomes of audits of this peer's contributions
+    my_audits_failed: int = 0
+    banned: list[str] = field(default_factory=list)
+
+
+class Verifier:
+    """One peer's part of the verification layer.
+
+    :param config: the peer's config (``verify`` section, run id, training settings)
+    :param peer: the peer (its DHT, averager and identity are used; its ``banned`` set is kept up to date)
+    :param recipe: the recipe; auditors regenerate the audited peer's rows and re-score with its reward functions
+    :param model: the training model (copied once, lazily, into a separate model that replays audits)
+    :param tokenizer: the training tokenizer
+    :param settings: the swarm's GRPO settings (a contribution computed with other ones fails)
+    """
+
+    def __init__(self, config: SwarmConfig, peer: SwarmPeer, recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
+                 settings: GRPOSettings):
+        self.config, self.peer, self.recipe = config, peer, recipe
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.verify = config.verify
+        self.directory = Path(config.workdir) / CONTRIBUTION_DIR
+        self.events_path = Path(config.workdir) / EVENTS_FILE
+        self.stats = AuditStats()
+        self.snapshots: dict[int, list[torch.Tensor]] = {}  # epoch -> trainable parameters θ_e
+        self.assignments: dict[int, list[AuditAssignment]] = {}
+        self.performed: set[tuple[int, str]] = set()  # (epoch, audited) this peer has judged
+        self.finalized: set[tuple[int, str]] = set()
+        self.bans: dict[str, int] = {}  # peer id -> first epoch it may average again
+        self._audit_model: torch.nn.Module | None = None
+        self.commitments = self.verdicts = None
+
+    def figures(self) -> dict[str, int]:
+        """Counters for the dashboard, status file and trackers."""
+        stats = self.stats
+        return dict(audits_done=stats.audits_done, cheats_found=stats.cheats_found,
+                    my_audits_passed=stats.my_audits_passed, my_audits_failed=stats.my_audits_failed,
+                    banned_peers=len(stats.banned))
+
+    @property
+    def me(self) -> str:
+        return self.peer.peer_id
+
+    def start(self) -> None:
+        """Call once the peer has joined (the boards need its DHT)."""
+        ttl = self.verify.audit_window * self.config.averaging.round_timeout * 2
+        self.commitments = CommitmentBoard(self.peer.dht, self.config.run_id, self.peer.identity, ttl)
+        self.verdicts = VerdictBoard(self.peer.dht, self.config.run_id, self.peer.identity, ttl)
+
+    # ---- before averaging ---------------------------------------------------------------------------------------
+    def remember_state(self, epoch: int) -> None:
+        """Keep θ_e (trainable parameters only: frozen ones never change) for the audit window."""
+        self.snapshots[epoch] = [param.detach().to("cpu", copy=True) for param in self._trainable(self.model)]
+        for old in [e for e in self.snapshots if e <= epoch - self.verify.audit_window]:
+            del self.snapshots[old]
+
+    def commit(self, epoch: int, contribution: Contribution) -> Commitment:
+        """Keep the contribution for auditors and publish its commitment (before any gradient is sent)."""
+        save_contribution(self.directory, epoch, contribution, keep_epochs=self.verify.audit_window)
+        commitment = make_commitment(self.me, epoch, contribution, self.config.precision)
+        if not self.commitments.publish(commitment):
+            logger.warning(f"epoch {epoch}: the commitment could not be stored in the DHT; auditors will fail it")
+        return commitment
+
+    def other_contribution(self, epoch: int, wait: float = 10.0) -> Contribution | None:
+        """Another peer's committed contribution of ``epoch`` (what the ``copy`` attack submits as its own)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for peer_id in self.commitments.fetch(epoch):
+                if peer_id != self.me and (contribution := self._download(peer_id, epoch)) is not None:
+                    return contribution
+            time.sleep(POLL_INTERVAL)
+        return None
+
+    # ---- after averaging ----------------------------------------------------------------------------------------
+    def after_round(self, result: RoundResult) -> list[AuditAssignment]:
+        """Derive the audits of an averaged round (the same on every member of its group)."""
+        if result.outcome is not Outcome.AVERAGED or not result.commitments or result.averaged_digest is None:
+            return []
+        assignments = assign_audits(
+            result.epoch, result.commitments, result.averaged_digest,
+            self.verify.audit_probability, self.verify.recheck_auditors,
+        )
+        self.assignments[result.epoch] = assignments
+        for old in [e for e in self.assignments if e <= result.epoch - self.verify.audit_window]:
+            del self.assignments[old]
+        return assignments
+
+    def process(self, current_epoch: int) -> None:
+        """Run this peer's pending audits and re-checks, then decide final failures and bans."""
+        for epoch, assignments in sorted(self.assignments.items()):
+            for assignment in assignments:
+                if self.me not in assignment.auditors or (epoch, assignment.audited) in self.performed:
+                    continue
+                if assignment.auditors[0] == self.me:
+                    self._audit(assignment, "primary")
+                elif self._primary_failed(assignment, wait=epoch == current_epoch - 1):
+                    self._audit(assignment, "recheck")
+        self._finalize(current_epoch)
+
+    def finish(self, current_epoch: int, timeout: float) -> None:
+        """At the end of training: keep auditing, and serving this peer's contributions, until every audit this peer
+        takes part in (as auditor or audited) is decided, or ``timeout`` seconds pass. Leaving earlier would make
+        this peer's last contributions unavailable to its auditors, which counts as a failed audit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.process(current_epoch)
+            pending = [
+                assignment for assignments in self.assignments.values() for assignment in assignments
+                if (assignment.epoch, assignment.audited) not in self.finalized
+                and (assignment.audited == self.me or self.me in assignment.auditors)
+            ]
+            if not pending:
+                return
+            time.sleep(POLL_INTERVAL)
+
+    def _primary_failed(self, assignment: AuditAssignment, wait: bool) -> bool:
+        """Whether the primary auditor has published a failure; waits briefly for its verdict on the last round."""
+        deadline = time.monotonic() + (self.verify.fetch_timeout if wait else 0.0)
+        while True:
+            primary = [v for v in self._verdicts_for(assignment) if v.auditor == assignment.auditors[0]]
+            if primary or time.monotonic() >= deadline:
+                return any(not verdict.passed for verdict in primary)
+            time.sleep(POLL_INTERVAL)
+
+    def _verdicts_for(self, assignment: AuditAssignment) -> list[AuditVerdict]:
+        try:
+            found = self.verdicts.fetch(assignment.epoch)
+        except Exception as error:
+            logger.warning(f"Could not read verdicts: {error!r}")
+            return []
+        return [
+            verdict for verdict in found
+            if verdict.audited == assignment.audited and verdict.commitment == assignment.commitment
+            and verdict.auditor in assignment.auditors
+        ]
+
+    def _finalize(self, current_epoch: int) -> None:
+        for epoch, assignments in self.assignments.items():
+            for assignment in assignments:
+                key = (epoch, assignment.audited)
+                if key in self.finalized:
+                    continue
+                verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment)}
+                failed = [verdict for verdict in verdicts.values() if not verdict.passed]
+                passed = len(verdicts) - len(failed)
+                primary = verdicts.get(assignment.auditors[0])
+                if len(failed) >= assignment.majority:
+                    self.finalized.add(key)
+                    self._final_failure(assignment, failed, current_epoch)
+                elif passed >= assignment.majority or (primary is not None and primary.passed):
+                    self.finalized.add(key)
+                    if assignment.audited == self.me:
+                        self.stats.my_audits_passed += 1
+        self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
+        self.peer.set_banned(self.stats.banned)
+
+    def _final_failure(self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int) -> None:
+        kinds = sorted({verdict.verdict for verdict in failed})
+        event = dict(
+            time=time.time(), event="audit_failed", epoch=assignment.epoch, audited=assignment.audited,
+            commitment=assignment.commitment, verdicts=kinds, auditors=[verdict.auditor for verdict in failed],
+            banned_until_epoch=current_epoch + self.verify.ban_epochs,
+        )
+        with open(self.events_path, "a") as events:
+            events.write(json.dumps(event) + "\n")
+        if assignment.audited == self.me:
+            self.stats.my_audits_failed += 1
+            logger.error(f"epoch {assignment.epoch}: this peer's contribution failed its audit ({', '.join(kinds)})")
+            return
+        self.bans[assignment.audited] = current_epoch + self.verify.ban_epochs
+        logger.warning(
+            f"epoch {assignment.epoch}: {assignment.audited} failed its audit ({', '.join(kinds)}, "
+            f"{len(failed)} of {len(assignment.auditors)} auditors): banned for {self.verify.ban_epochs} epochs"
+        )
+
+    # ---- one audit ----------------------------------------------------------------------------------------------
+    def _audit(self, assignment: AuditAssignment, role: str) -> None:
+        epoch, audited = assignment.epoch, assignment.audited
+        self.performed.add((epoch, audited))
+        if epoch not in self.snapshots:
+            logger.info(f"epoch {epoch}: cannot audit {audited}, this peer no longer holds that state")
+            return
+        started = time.perf_counter()
+        kind, error = self._judge(assignment)
+        verdict = AuditVerdict(
+            auditor=self.me, audited=audited, epoch=epoch, commitment=assignment.commitment, verdict=kind,
+            error=error if error is not None and math.isfinite(error) else None, role=role,
+        )
+        self.stats.audits_done += 1
+        self.stats.cheats_found += int(not verdict.passed)
+        log = logger.info if verdict.passed else logger.warning
+        log(f"epoch {epoch}: {role} audit of {audited}: {kind} (error {error if error is not None else 'n/a'}, "
+            f"{time.perf_counter() - started:.2f}s)")
+        try:
+            self.verdicts.publish(verdict)
+        except Exception as error_:
+            logger.warning(f"Could not publish a verdict: {error_!r}")
+
+    def _judge(self, assignment: AuditAssignment) -> tuple[str, float | None]:
+        epoch, audited = assignment.epoch, assignment.audited
+        commitment = self.commitments.fetch(epoch).get(audited)
+        if commitment is None or commitment.digest() != assignment.commitment:
+            return MISSING_COMMITMENT, None
+        data = self._download_bytes(audited, epoch)
+        if data is None:
+            return UNAVAILABLE, None
+        try:
+            contribution = load_contribution(data)
+        except MalformedContribution as error:
+            logger.info(f"epoch {epoch}: {audited} served a malformed contribution: {error}")
+            return MALFORMED, None
+        if (field_name := commitment_mismatch(contribution, commitment)) is not None:
+            logger.info(f"epoch {epoch}: {audited}'s contribution does not match its committed {field_name}")
+            return COMMITMENT_MISMATCH, None
+        mine, theirs = self.settings, contribution.settings
+        if (mine.num_generations, mine.max_completion_length, mine.temperature) != (
+            theirs.num_generations, theirs.max_completion_length, theirs.temperature
+        ) or theirs.precision != commitment.precision or commitment.precision not in GRADIENT_TOLERANCE:
+            return WRONG_SETTINGS, None
+        model = self._model_at(epoch)
+        rows = self.recipe.assigned_rows(self.config.run_id, audited, epoch, len(contribution.rows))
+        tolerance = self.verify.tolerance or GRADIENT_TOLERANCE[commitment.precision]
+        try:
+            result = replay_gradient(model, self.tokenizer, self.recipe, contribution, rows=rows, tolerance=tolerance)
+        except Exception as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
+            logger.info(f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}")
+            return MALFORMED, None
+        if result.verdict is Verdict.WRONG_STATE:
+            logger.info(f"epoch {epoch}: {audited} claims another state than the group's")
+        return result.verdict.value, result.error
+
+    def _download_bytes(self, peer_id: str, epoch: int) -> bytes | None:
+        return self.peer.averager.download_contribution(
+            peer_id, epoch, timeout=self.verify.fetch_timeout,
+            max_bytes=int(self.verify.max_contribution_mb * 2**20),
+        )
+
+    def _download(self, peer_id: str, epoch: int) -> Contribution | None:
+        data = self._download_bytes(peer_id, epoch)
+        try:
+            return None if data is None else load_contribution(data)
+        except MalformedContribution:
+            return None
+
+    def _model_at(self, epoch: int) -> torch.nn.Module:
+        if self._audit_model is None:
+            self._audit_model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for param, value in zip(self._trainable(self._audit_model), self.snapshots[epoch]):
+                param.copy_(value)
+        return self._audit_model
+
+    @staticmethod
+    def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [param for param in model.parameters() if param.requires_grad]

@@ -1,0 +1,162 @@
+"""What a peer commits to before averaging, and the contribution file it serves to auditors (DESIGN §3 step 4).
+
+A :class:`~swarm.network.records.Commitment` binds, by hashes, everything an auditor later replays: the model state
+the gradient was computed at, the rows, the rollouts with their claimed rewards and advantages, and the gradient
+sent into averaging. The contribution itself is kept in ``WORKDIR/contributions/epoch-E.pt`` for the audit window
+and streamed to auditors over hivemind P2P. Guarantees:
+
+* :func:`save_contribution` writes atomically (a crash leaves the previous file or none, never a torn one);
+* :func:`load_contribution` reads untrusted bytes with ``torch.load(weights_only=True)`` (tensors, lists, dicts and
+  scalars only — no code) and raises :class:`MalformedContribution` for anything that is not a contribution;
+* :func:`commitment_mismatch` names the first committed field a served contribution does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm.network.records import Commitment
+from swarm.training.state import tensors_hash
+from swarm.verify.replay import Contribution, GRPOSettings
+
+_TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "advantages")
+
+
+class MalformedContribution(ValueError):
+    """Bytes served as a contribution that are not one."""
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the rows as canonical JSON: the ``data_seed`` field of a commitment."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rollouts_hash(contribution: Contribution) -> str:
+    """sha256 over the rollouts' token ids, the shuffle order and the claimed rewards and advantages."""
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps([contribution.prompt_token_ids, contribution.completion_token_ids,
+                              contribution.order, contribution.reward_names]).encode())
+    for name in _TENSOR_FIELDS:
+        tensor = getattr(contribution, name).detach().cpu().contiguous()
+        hasher.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def gradient_hash(epoch: int, gradient: list[torch.Tensor]) -> str:
+    return tensors_hash(epoch, gradient)
+
+
+def token_count(contribution: Contribution) -> int:
+    return int(contribution.prompt_mask.sum()) + int(contribution.completion_mask.sum())
+
+
+def make_commitment(peer_id: str, epoch: int, contribution: Contribution, precision: str) -> Commitment:
+    return Commitment(
+        peer_id=peer_id,
+        epoch=epoch,
+        state_hash=contribution.state_hash,
+        data_seed=rows_digest(contribution.rows),
+        samples=contribution.num_completions,
+        tokens=token_count(contribution),
+        rollouts_hash=rollouts_hash(contribution),
+        gradient_hash=gradient_hash(epoch, contribution.gradient),
+        precision=precision,
+    )
+
+
+def commitment_mismatch(contribution: Contribution, commitment: Commitment) -> str | None:
+    """The first field of ``commitment`` that ``contribution`` does not match, or None when it matches."""
+    checks = dict(
+        state_hash=contribution.state_hash,
+        data_seed=rows_digest(contribution.rows),
+        samples=contribution.num_completions,
+        tokens=token_count(contribution),
+        rollouts_hash=rollouts_hash(contribution),
+        gradient_hash=gradient_hash(commitment.epoch, contribution.gradient),
+    )
+    for name, value in checks.items():
+        if getattr(commitment, name) != value:
+            return name
+    return None
+
+
+# ---- the contribution file ----------------------------------------------------------------------------------------
+def contribution_path(directory: Path, epoch: int) -> Path:
+    """The file name the averager's ``rpc_download_contribution`` serves for ``epoch``."""
+    return Path(directory) / f"epoch-{epoch}.pt"
+
+
+def contribution_bytes(contribution: Contribution) -> bytes:
+    payload = {f.name: getattr(contribution, f.name) for f in fields(contribution)}
+    payload["settings"] = asdict(contribution.settings)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def save_contribution(directory: Path, epoch: int, contribution: Contribution, keep_epochs: int) -> Path:
+    """Write the contribution of ``epoch`` atomically and delete those older than ``keep_epochs`` epochs."""
+    path = contribution_path(directory, epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    staging.write_bytes(contribution_bytes(contribution))
+    os.replace(staging, path)
+    for old in path.parent.glob("epoch-*.pt"):
+        try:
+            if int(old.stem.removeprefix("epoch-")) <= epoch - keep_epochs:
+                old.unlink(missing_ok=True)
+        except ValueError:
+            continue
+    return path
+
+
+def load_contribution(data: bytes) -> Contribution:
+    """Parse a served contribution. :raises MalformedContribution: naming what is wrong"""
+    try:
+        with warnings.catch_warnings():  # untrusted bytes may claim any pickle protocol; the error says enough
+            warnings.simplefilter("ignore")
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise MalformedContribution(f"not a contribution file ({type(error).__name__})") from None
+    if not isinstance(payload, dict):
+        raise MalformedContribution("not a contribution file (no field table)")
+    expected = {f.name for f in fields(Contribution)}
+    if set(payload) != expected:
+        raise MalformedContribution(f"fields {sorted(set(payload) ^ expected)} missing or unexpected")
+    try:
+        settings = payload["settings"]
+        if not isinstance(settings, dict) or set(settings) != {f.name for f in fields(GRPOSettings)}:
+            raise MalformedContribution("settings are malformed")
+        payload["settings"] = GRPOSettings(**settings)
+        for name in (*_TENSOR_FIELDS,):
+            if not isinstance(payload[name], torch.Tensor):
+                raise MalformedContribution(f"{name} is not a tensor")
+        if not (isinstance(payload["gradient"], list) and all(isinstance(t, torch.Tensor) for t in payload["gradient"])):
+            raise MalformedContribution("gradient is not a list of tensors")
+        for name in ("prompt_token_ids", "completion_token_ids"):
+            value = payload[name]
+            if not (isinstance(value, list) and all(isinstance(ids, list) and all(isinstance(t, int) for t in ids)
+                                                   for ids in value)):
+                raise MalformedContribution(f"{name} is not a list of token id lists")
+        if not (isinstance(payload["order"], list) and all(isinstance(i, int) for i in payload["order"])):
+            raise MalformedContribution("order is not a list of indices")
+        if not (isinstance(payload["rows"], list) and all(isinstance(row, dict) for row in payload["rows"])):
+            raise MalformedContribution("rows is not a list of rows")
+        if not (isinstance(payload["param_names"], list) and isinstance(payload["reward_names"], list)
+                and isinstance(payload["state_hash"], str)):
+            raise MalformedContribution("param_names, reward_names or state_hash is malformed")
+        return Contribution(**payload)
+    except MalformedContribution:
+        raise
+    except Exception as error:
+        raise MalformedContribution(f"malformed ({type(error).__name__}: {error})") from None

@@ -1,0 +1,77 @@
+"""The verification layer in a real local swarm: 3 honest peers + 1 cheater (one per attack family), every
+contribution audited. The cheater must be caught and excluded, no honest peer flagged, and the honest peers must
+end on identical parameters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, clean_env, read_json, read_metrics
+
+PEERS = 4
+EPOCHS = 5
+# one attack per family: a tampered gradient, work on other data, forged rewards, a lower precision than declared
+FAMILIES = ["sign_flip", "wrong_data", "forged_rewards", "lower_precision"]
+SMALL_AND_AUDITED = [
+    "training.prompts_per_round=4", "training.num_generations=4",
+    "verify.audit_probability=1.0", "verify.recheck_auditors=2",
+    "averaging.peer_timeout=8", "averaging.round_timeout=40",
+]
+
+
+def run_swarm(root: Path, attack: str | None) -> tuple[dict[str, dict], subprocess.CompletedProcess]:
+    """Run ``swarm local`` with ``verify.attack`` (applied to the last peer); peers' summaries by directory name."""
+    overrides = [*SMALL_AND_AUDITED, *([f"verify.attack={attack}"] if attack else [])]
+    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(PEERS), "--max-epochs", str(EPOCHS),
+               "--plain", "--workdir", str(root), "--timeout", "500"]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=560)
+    summaries = {}
+    for index in range(PEERS):
+        summary = read_json(root / f"peer_{index}" / "summary.json")
+        assert summary is not None, f"peer_{index} wrote no summary: {result.stderr[-2000:]}"
+        summaries[f"peer_{index}"] = summary["peers"][0]
+    return summaries, result
+
+
+def audit_events(workdir: Path) -> list[dict]:
+    path = workdir / "audit_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("attack", FAMILIES)
+def test_cheater_is_caught_and_excluded(tmp_path: Path, attack: str) -> None:
+    summaries, result = run_swarm(tmp_path, attack)
+    honest = [f"peer_{index}" for index in range(PEERS - 1)]
+    cheater = summaries[f"peer_{PEERS - 1}"]["peer_id"]
+    honest_ids = {summaries[name]["peer_id"] for name in honest}
+    logs = {name: (tmp_path / name / "stdout.log").read_text(errors="replace") for name in summaries}
+    assert all(summaries[name]["epochs"] == EPOCHS for name in honest), result.stderr[-2000:]
+    assert len({summaries[name]["param_checksum"] for name in honest}) == 1, "honest peers diverged"
+
+    for name in honest:
+        events = audit_events(tmp_path / name)
+        flagged = {event["audited"] for event in events}
+        assert flagged == {cheater}, f"{name} flagged {flagged}, expected only the cheater; log:\n{logs[name][-3000:]}"
+        status = read_json(tmp_path / name / "status.json")
+        assert status["banned"] == [cheater]
+        assert status["my_audits_failed"] == 0 and status["my_audits_passed"] >= 1  # audited, and passed
+        assert status["audits_done"] >= 1
+        # excluded: once banned, no honest round has the cheater in its group (groups of at most 3)
+        banned_at = min(event["epoch"] for event in events)
+        later = [record for record in read_metrics(tmp_path / name) if record["epoch"] > banned_at + 1]
+        assert later, f"{name}: no rounds after the ban at epoch {banned_at}"
+        assert all(record["group_size"] <= PEERS - 1 for record in later), later
+    assert "CHEATING" in logs[f"peer_{PEERS - 1}"] and "CHEATING" not in "".join(logs[name] for name in honest)
+    # no honest peer was ever failed by a majority, on any peer (the cheater's own view included)
+    for name in summaries:
+        assert not {event["audited"] for event in audit_events(tmp_path / name)} & honest_ids, logs[name][-3000:]
+
+
