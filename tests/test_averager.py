@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarm.network.averager import SwarmAverager, round_consensus
-from swarm.network.compression import make_compression
+from swarm.network.compression import as_received, make_compression
 
 
 def test_round_consensus_is_the_majority_and_order_independent() -> None:
@@ -34,13 +34,14 @@ def dhts():
             dht.shutdown()
 
 
-def _average(dhts, inputs, keys, weights, compression: str):
+def _average(dhts, inputs, keys, weights, compression: str, inspect=None):
+    """Average ``inputs`` (one list of tensors per DHT) in one group; ``inspect(averagers)`` runs before shutdown."""
     prefix = f"test_{uuid.uuid4().hex[:8]}"
     averagers = [
         SwarmAverager(
             [tensor.clone() for tensor in tensors], dht, state_provider=lambda: ({}, []), prefix=prefix,
             start=True, target_group_size=len(dhts), min_matchmaking_time=4.0, request_timeout=3.0,
-            compression=make_compression(compression), part_size_bytes=2**14,
+            compression=make_compression(compression), part_size_bytes=2**14, keep_received_epochs=1,
         )
         for dht, tensors in zip(dhts, inputs)
     ]
@@ -62,6 +63,8 @@ def _average(dhts, inputs, keys, weights, compression: str):
         for averager in averagers:
             with averager.get_tensors() as tensors:
                 outputs.append([tensor.clone() for tensor in tensors])
+        if inspect is not None:
+            inspect(averagers)
         return outputs, [averager.bytes_sent.value for averager in averagers]
     finally:
         for averager in averagers:
@@ -98,3 +101,33 @@ def test_member_on_a_different_state_is_left_out_of_the_average(dhts) -> None:
         expected = (inputs[0][index] + inputs[1][index]) / 2
         for output in outputs:
             assert torch.allclose(output[index], expected, atol=1e-6)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
+def test_each_reducer_keeps_exactly_what_every_sender_sent(dhts, compression: str) -> None:
+    """What an auditor checks a committed gradient against: the slices it reduced, as each sender sent them."""
+    inputs = _inputs(2)
+    flat = [torch.cat([tensor.reshape(-1) for tensor in tensors]) for tensors in inputs]
+    codec = make_compression(compression)
+    checked = []
+
+    def inspect(averagers) -> None:
+        for reducer in averagers:
+            for index, sender in enumerate(averagers):
+                if sender is reducer:
+                    continue
+                received = reducer.received_span(1, str(sender.peer_id))
+                if received is None:
+                    continue
+                offset, parts = received
+                for part in parts:
+                    expected = as_received(flat[index][offset:offset + part.numel()].contiguous(), codec)
+                    assert torch.equal(part, expected), f"{compression}: a kept part is not what was sent"
+                    offset += part.numel()
+                checked.append(offset)
+        assert averagers[0].received_span(0, str(averagers[1].peer_id)) is None  # no round at epoch 0
+
+    _average(dhts, inputs, [(1, "h")] * 3, [1.0, 1.0, 1.0], compression, inspect)
+    assert len(checked) >= 4, "fewer than two reducers kept what they received"
+    assert max(checked) == flat[0].numel()  # the last reducer's slice ends at the end of the gradient

@@ -78,10 +78,23 @@ class ExactAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         container.return_deltas = False
         my_index = self.ordered_peer_ids.index(self.peer_id)
+        # where the parts this peer reduces start in the flattened gradient (parts are consecutive runs of it)
+        self.span_offset = sum(len(part) for index in range(my_index) for part, _ in container._input_parts_by_peer[index])
+        self.received: dict[int, list[torch.Tensor]] = {}  # sender index -> the parts it sent, as decoded here
         self._own_part_compression = [
             container.compression.compress(part, info).compression
             for part, info in list(container._input_parts_by_peer[my_index])[:1]
         ]
+
+    def received_spans(self) -> dict[PeerID, list[torch.Tensor]]:
+        """What each other sender sent for the parts this peer reduced, part by part as decoded here (consecutive
+        slices of its flattened gradient starting at :attr:`span_offset`); only senders whose every part arrived."""
+        parts = len(self.parts_for_local_averaging)
+        return {
+            self.sender_peer_ids[index]: [part.reshape(-1) for part in received]
+            for index, received in self.received.items()
+            if len(received) == parts and parts > 0
+        }
 
     def _count_sent(self, count: int) -> None:
         if self._bytes_sent is not None:
@@ -122,6 +135,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                self.received.setdefault(sender_index, []).append(tensor_part)
                 try:
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
@@ -191,6 +205,8 @@ class SwarmAverager(DecentralizedAverager):
     :param aggregation: ``"mean"`` (weighted mean) or ``"centered_clip"`` (robust to a minority of outliers)
     :param clip_tau: CenteredClip radius, in L2 norm of one averaged part (``part_size_bytes`` decides part sizes)
     :param clip_iterations: CenteredClip iterations per part
+    :param keep_received_epochs: keep, for this many epochs, what every other member sent for the parts this peer
+      reduced (:meth:`received_span`), so that an auditor can check a sent gradient against a committed one
     :param contributions_dir: folder of ``epoch-{N}.pt`` files served by :meth:`rpc_download_contribution`
       (written atomically by the host process; None serves nothing)
     :param kwargs: passed to :class:`hivemind.averaging.DecentralizedAverager`
@@ -210,6 +226,7 @@ class SwarmAverager(DecentralizedAverager):
         clip_tau: float = 1.0,
         clip_iterations: int = 20,
         contributions_dir: str | Path | None = None,
+        keep_received_epochs: int = 0,
         **kwargs: Any,
     ):
         check_aggregation(aggregation, clip_tau, clip_iterations)
@@ -217,6 +234,9 @@ class SwarmAverager(DecentralizedAverager):
         self.aggregation, self.clip_tau, self.clip_iterations = aggregation, clip_tau, clip_iterations
         self.contributions_dir = None if contributions_dir is None else Path(contributions_dir)
         self._banned_peers: frozenset[str] = frozenset()  # base58 peer ids; the averager process holds the live set
+        self.keep_received_epochs = keep_received_epochs
+        self._received: dict[int, tuple[int, dict[str, list[torch.Tensor]]]] = {}  # epoch -> (offset, sender -> parts)
+        self._round_epoch: int | None = None
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
         super().__init__(gradient_buffers, dht, **kwargs)
 
@@ -275,6 +295,7 @@ class SwarmAverager(DecentralizedAverager):
         gathered = [self.serializer.loads(self.serializer.loads(blob)[2]) for blob in group_info.gathered]
         keys = [round_key_of(item) for item in gathered]
         mine = keys[group_info.peer_ids.index(self.peer_id)]
+        self._round_epoch = None if mine is None else mine[0]
         valid = [key for key in keys if key is not None]
         if mine is None or mine != round_consensus(valid):
             kwargs["weight"] = 0.0
@@ -307,6 +328,26 @@ class SwarmAverager(DecentralizedAverager):
         for tensor, value in zip(tensors, averaged):
             tensor.copy_(value)
         self.last_updated = time.time()
+        if self.keep_received_epochs > 0 and self._round_epoch is not None:
+            epoch = self._round_epoch
+            spans = {str(peer): span for peer, span in runner.received_spans().items()}
+            self._received[epoch] = (runner.span_offset, spans)
+            for old in [e for e in self._received if e <= epoch - self.keep_received_epochs]:
+                del self._received[old]
+
+    def received_span(self, epoch: int, peer_id: str) -> tuple[int, list[torch.Tensor]] | None:
+        """(offset, parts): what ``peer_id`` sent this peer in the all-reduce of ``epoch`` for the parts this peer
+        reduced — consecutive slices of its flattened gradient from ``offset``, as decoded after compression. None
+        if this peer kept nothing for it (it reduced no part, the round failed, or it is older than
+        ``keep_received_epochs``)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_received_span", [], dict(epoch=epoch, peer_id=peer_id, future=future)))
+        return future.result(timeout=30)
+
+    async def _received_span(self, epoch: int, peer_id: str, future: MPFuture) -> None:
+        offset, spans = self._received.get(epoch, (0, {}))
+        span = spans.get(peer_id)
+        future.set_result(None if span is None else (offset, [part.clone() for part in span]))
 
     def set_target_group_size(self, size: int) -> None:
         """Assemble the next group as soon as ``size`` peers joined (instead of waiting the whole matchmaking time)."""

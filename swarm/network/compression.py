@@ -19,14 +19,16 @@ import numpy as np
 import torch
 from hivemind.compression import (
     CompressionBase,
+    CompressionInfo,
     Float16Compression,
     NoCompression,
     Uniform8BitQuantization,
+    deserialize_torch_tensor,
 )
 from hivemind.compression.quantization import Quantization
 from hivemind.proto import runtime_pb2
 
-__all__ = ["COMPRESSION_NAMES", "make_compression", "patch_hivemind_quantization"]
+__all__ = ["COMPRESSION_NAMES", "as_received", "make_compression", "patch_hivemind_quantization"]
 
 COMPRESSION_NAMES: tuple[str, ...] = ("none", "fp16", "8bit")
 
@@ -85,6 +87,11 @@ def make_compression(name: str) -> CompressionBase:
         patch_hivemind_quantization()
         return Uniform8BitQuantization()
     raise ValueError(f"unknown compression {name!r}; allowed values: {', '.join(COMPRESSION_NAMES)}")
+
+
+def as_received(values: torch.Tensor, compression: CompressionBase) -> torch.Tensor:
+    """``values`` after a round trip through ``compression``: what a peer receives when ``values`` is sent."""
+    return deserialize_torch_tensor(compression.compress(values, CompressionInfo.from_tensor(values)))
 
 
 patch_hivemind_quantization()

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from swarm.config import SwarmConfig
+from swarm.network.compression import as_received, make_compression
 from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, VerdictBoard
 from swarm.recipe import Recipe
 from swarm.training.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
@@ -55,6 +56,26 @@ MISSING_COMMITMENT = "missing_commitment"
 MALFORMED = "malformed"
 COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was committed
 WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
+SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
+SENT_TOLERANCE = 1e-3  # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
+
+
+class VerificationObserver:
+    """Hooks through which the ledger (or any other consumer) follows verification on this peer. Every hook is
+    called from the training thread; an exception in a hook is logged and does not stop verification."""
+
+    def on_round(self, epoch: int, commitments: dict[str, Commitment]) -> None:
+        """An averaged round: the signed commitments of its consensus members (peer id -> commitment)."""
+
+    def on_verdict(self, verdict: AuditVerdict) -> None:
+        """This peer published ``verdict`` as an auditor."""
+
+    def on_final(self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict],
+                 current_epoch: int) -> None:
+        """The audit of ``assignment`` is decided (a majority of its auditors failed it, or it passed)."""
+
+    def on_epoch_end(self, current_epoch: int) -> None:
+        """Called after each round's verification work (replication, periodic roots, ...)."""
 
 
 @dataclass
@@ -80,7 +101,7 @@ class Verifier:
     """
 
     def __init__(self, config: SwarmConfig, peer: SwarmPeer, recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
-                 settings: GRPOSettings):
+                 settings: GRPOSettings, observers: list[VerificationObserver] | None = None):
         self.config, self.peer, self.recipe = config, peer, recipe
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.verify = config.verify
@@ -94,6 +115,14 @@ class Verifier:
         self.bans: dict[str, int] = {}  # peer id -> first epoch it may average again
         self._audit_model: torch.nn.Module | None = None
         self.commitments = self.verdicts = None
+        self.observers = list(observers or [])
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception as error:  # a broken consumer must never stop verification
+                logger.warning(f"{type(observer).__name__}.{hook} failed: {type(error).__name__}: {error}")
 
     def figures(self) -> dict[str, int]:
         """Counters for the dashboard, status file and trackers."""
@@ -147,6 +176,11 @@ class Verifier:
             self.verify.audit_probability, self.verify.recheck_auditors,
         )
         self.assignments[result.epoch] = assignments
+        if self.observers:
+            found = self.commitments.fetch(result.epoch)
+            members = {peer: found[peer] for peer, digest in result.commitments.items()
+                       if peer in found and found[peer].digest() == digest}
+            self._notify("on_round", result.epoch, members)
         for old in [e for e in self.assignments if e <= result.epoch - self.verify.audit_window]:
             del self.assignments[old]
         return assignments
@@ -213,12 +247,15 @@ class Verifier:
                 if len(failed) >= assignment.majority:
                     self.finalized.add(key)
                     self._final_failure(assignment, failed, current_epoch)
+                    self._notify("on_final", assignment, False, list(verdicts.values()), current_epoch)
                 elif passed >= assignment.majority or (primary is not None and primary.passed):
                     self.finalized.add(key)
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
+                    self._notify("on_final", assignment, True, list(verdicts.values()), current_epoch)
         self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
         self.peer.set_banned(self.stats.banned)
+        self._notify("on_epoch_end", current_epoch)
 
     def _final_failure(self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int) -> None:
         kinds = sorted({verdict.verdict for verdict in failed})
@@ -259,6 +296,7 @@ class Verifier:
             f"{time.perf_counter() - started:.2f}s)")
         try:
             self.verdicts.publish(verdict)
+            self._notify("on_verdict", verdict)
         except Exception as error_:
             logger.warning(f"Could not publish a verdict: {error_!r}")
 
@@ -278,6 +316,9 @@ class Verifier:
         if (field_name := commitment_mismatch(contribution, commitment)) is not None:
             logger.info(f"epoch {epoch}: {audited}'s contribution does not match its committed {field_name}")
             return COMMITMENT_MISMATCH, None
+        sent_error = self._sent_error(epoch, audited, contribution.gradient)
+        if sent_error is not None and sent_error > SENT_TOLERANCE:
+            return SENT_MISMATCH, sent_error
         mine, theirs = self.settings, contribution.settings
         if (mine.num_generations, mine.max_completion_length, mine.temperature) != (
             theirs.num_generations, theirs.max_completion_length, theirs.temperature
@@ -294,6 +335,31 @@ class Verifier:
         if result.verdict is Verdict.WRONG_STATE:
             logger.info(f"epoch {epoch}: {audited} claims another state than the group's")
         return result.verdict.value, result.error
+
+    def _sent_error(self, epoch: int, audited: str, gradient: list[torch.Tensor]) -> float | None:
+        """Relative L2 error between what ``audited`` sent this peer in the all-reduce (the parts this peer
+        reduced) and the same slices of the gradient it committed to, passed through the same compression. None
+        when this peer reduced nothing of it. The slice is fixed before the beacon picks this auditor, so a peer
+        that sends anything but its committed gradient on a fraction f of the vector is caught with probability
+        about f per auditor."""
+        received = self.peer.averager.received_span(epoch, audited)
+        if received is None:
+            return None
+        offset, parts = received
+        flat = torch.cat([tensor.reshape(-1).float() for tensor in gradient]) if gradient else torch.zeros(0)
+        compression = make_compression(self.config.averaging.compression)
+        diff = norm = 0.0
+        for part in parts:
+            committed = flat[offset:offset + part.numel()]
+            offset += part.numel()
+            if committed.numel() != part.numel():
+                return math.inf
+            expected = as_received(committed.contiguous(), compression).double()
+            diff += float((part.double() - expected).pow(2).sum())
+            norm += float(expected.pow(2).sum())
+        if norm == 0.0:
+            return 0.0 if diff == 0.0 else math.inf
+        return math.sqrt(diff / norm)
 
     def _download_bytes(self, peer_id: str, epoch: int) -> bytes | None:
         return self.peer.averager.download_contribution(
