@@ -34,8 +34,10 @@ def dhts():
             dht.shutdown()
 
 
-def _average(dhts, inputs, keys, weights, compression: str, inspect=None):
-    """Average ``inputs`` (one list of tensors per DHT) in one group; ``inspect(averagers)`` runs before shutdown."""
+def _average(dhts, inputs, keys, weights, compression: str, inspect=None, declared=None):
+    """Average ``inputs`` (one list of tensors per DHT) in one group; ``inspect(averagers)`` runs before shutdown.
+    ``declared``: the sample counts members declare in their gathered metadata (default: their weights)."""
+    declared = weights if declared is None else declared
     prefix = f"test_{uuid.uuid4().hex[:8]}"
     averagers = [
         SwarmAverager(
@@ -50,7 +52,9 @@ def _average(dhts, inputs, keys, weights, compression: str, inspect=None):
         def run(index: int) -> None:
             epoch, state_hash = keys[index]
             results[index] = averagers[index].step(
-                gather=dict(epoch=epoch, state_hash=state_hash), weight=weights[index], timeout=40
+                gather=dict(epoch=epoch, state_hash=state_hash, samples=declared[index]),
+                weight=weights[index],
+                timeout=40,
             )
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
@@ -131,3 +135,14 @@ def test_each_reducer_keeps_exactly_what_every_sender_sent(dhts, compression: st
     _average(dhts, inputs, [(1, "h")] * 3, [1.0, 1.0, 1.0], compression, inspect)
     assert len(checked) >= 4, "fewer than two reducers kept what they received"
     assert max(checked) == flat[0].numel()  # the last reducer's slice ends at the end of the gradient
+
+
+@pytest.mark.timeout(180)
+def test_a_member_cannot_weigh_more_than_it_declared(dhts) -> None:
+    """The weight in each all-reduce message is self-reported: it is capped by the samples declared to the group."""
+    inputs = _inputs(3)
+    outputs, _ = _average(dhts, inputs, [(1, "h")] * 3, [1.0, 1.0, 1000.0], "none", declared=[1.0, 1.0, 1.0])
+    for index in range(len(inputs[0])):
+        expected = sum(peer[index] for peer in inputs) / 3
+        for output in outputs:
+            assert torch.allclose(output[index], expected, atol=1e-5)

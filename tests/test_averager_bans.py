@@ -83,7 +83,9 @@ def step_all(
         started = time.monotonic()
         try:
             results[index] = averagers[index].step(
-                gather=dict(epoch=1, state_hash="h"), weight=weights[index], timeout=timeouts[index]
+                gather=dict(epoch=1, state_hash="h", samples=weights[index]),
+                weight=weights[index],
+                timeout=timeouts[index],
             )
         except Exception as error:
             results[index] = error

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import math
 import multiprocessing as mp
 import time
 import typing
@@ -61,9 +62,14 @@ class ExactAllReduceRunner(AllReduceRunner):
         clip_tau: float = 1.0,
         clip_iterations: int = 20,
         ignored_peer_ids: Iterable[PeerID] = (),
+        weight_caps: dict[PeerID, float] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        # the weight a sender states in each message is capped by what it declared to the group before data moved
+        self._weight_caps = {
+            index: (weight_caps or {}).get(peer, math.inf) for index, peer in enumerate(self.sender_peer_ids)
+        }
         self._bytes_sent = bytes_sent  # a shared counter of payload bytes this peer sends (for benchmarks)
         ignored_peer_ids = set(ignored_peer_ids)
         self.tensor_part_reducer.finished.set()  # unused; keeps its __del__ from warning about missing parts
@@ -119,7 +125,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
+                sender_index, part_index, tensor_part, weight=min(self.weight, self._weight_caps[sender_index])
             )
             self.tensor_part_container.register_processed_part(
                 peer_index, part_index, self._as_received(averaged_part)
@@ -131,7 +137,11 @@ class ExactAllReduceRunner(AllReduceRunner):
         try:
             loop = asyncio.get_event_loop()
             async for tensor_part, weight, part_compression in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                lambda msg: (
+                    deserialize_torch_tensor(msg.tensor_part),
+                    min(msg.weight, self._weight_caps[sender_index]),
+                    msg.tensor_part.compression,
+                ),
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
@@ -205,6 +215,8 @@ class SwarmAverager(DecentralizedAverager):
     :param aggregation: ``"mean"`` (weighted mean) or ``"centered_clip"`` (robust to a minority of outliers)
     :param clip_tau: CenteredClip radius, in L2 norm of one averaged part (``part_size_bytes`` decides part sizes)
     :param clip_iterations: CenteredClip iterations per part
+    :param max_weight: the largest weight any member's input counts with; a member's weight is also capped by the
+      ``samples`` it declared in its gathered metadata (0 when it declared none)
     :param keep_received_epochs: keep, for this many epochs, what every other member sent for the parts this peer
       reduced (:meth:`received_span`), so that an auditor can check a sent gradient against a committed one
     :param contributions_dir: folder of ``epoch-{N}.pt`` files served by :meth:`rpc_download_contribution`
@@ -227,6 +239,7 @@ class SwarmAverager(DecentralizedAverager):
         clip_iterations: int = 20,
         contributions_dir: str | Path | None = None,
         keep_received_epochs: int = 0,
+        max_weight: float = math.inf,
         **kwargs: Any,
     ):
         check_aggregation(aggregation, clip_tau, clip_iterations)
@@ -235,6 +248,8 @@ class SwarmAverager(DecentralizedAverager):
         self.contributions_dir = None if contributions_dir is None else Path(contributions_dir)
         self._banned_peers: frozenset[str] = frozenset()  # base58 peer ids; the averager process holds the live set
         self.keep_received_epochs = keep_received_epochs
+        self.max_weight = max_weight
+        self._weight_caps: dict[PeerID, float] = {}
         self._received: dict[int, tuple[int, dict[str, list[torch.Tensor]]]] = {}  # epoch -> (offset, sender -> parts)
         self._round_epoch: int | None = None
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
@@ -296,6 +311,9 @@ class SwarmAverager(DecentralizedAverager):
         keys = [round_key_of(item) for item in gathered]
         mine = keys[group_info.peer_ids.index(self.peer_id)]
         self._round_epoch = None if mine is None else mine[0]
+        self._weight_caps = {
+            peer: _declared_weight(item, self.max_weight) for peer, item in zip(group_info.peer_ids, gathered)
+        }
         valid = [key for key in keys if key is not None]
         if mine is None or mine != round_consensus(valid):
             kwargs["weight"] = 0.0
@@ -318,6 +336,7 @@ class SwarmAverager(DecentralizedAverager):
             clip_tau=self.clip_tau,
             clip_iterations=self.clip_iterations,
             ignored_peer_ids=banned,
+            weight_caps=self._weight_caps,
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
@@ -491,6 +510,14 @@ class SwarmAverager(DecentralizedAverager):
             except RuntimeError as error:  # as in hivemind's matchmaking: closing a finished stream may complain
                 logger.debug(repr(error))
         return b"".join(chunks) if size else None
+
+
+def _declared_weight(gathered: Any, max_weight: float) -> float:
+    """The weight a member declared to its group (``samples`` in its gathered metadata), capped; 0 if malformed."""
+    samples = gathered.get("samples") if isinstance(gathered, dict) else None
+    if isinstance(samples, bool) or not isinstance(samples, int | float) or not math.isfinite(samples) or samples < 0:
+        return 0.0
+    return float(min(samples, max_weight))
 
 
 def round_key_of(gathered: Any) -> RoundKey | None:

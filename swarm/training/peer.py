@@ -107,6 +107,7 @@ class SwarmPeer:
             clip_tau=averaging.clip_tau,
             clip_iterations=averaging.clip_iterations,
             contributions_dir=Path(self.config.workdir) / CONTRIBUTION_DIR,
+            max_weight=averaging.max_weight,
             keep_received_epochs=self.config.verify.audit_window if self.config.verify.enabled else 0,
             client_mode=self.config.network.client_mode,
             declare_state_period=averaging.peer_timeout,

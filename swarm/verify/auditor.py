@@ -56,6 +56,7 @@ MISSING_COMMITMENT = "missing_commitment"
 MALFORMED = "malformed"
 COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was committed
 WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
+WRONG_WEIGHT = "wrong_weight"  # it declared more samples to its group (its averaging weight) than it committed
 SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
 SENT_TOLERANCE = 1e-3  # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
 
@@ -110,6 +111,7 @@ class Verifier:
         self.stats = AuditStats()
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # epoch -> trainable parameters θ_e
         self.assignments: dict[int, list[AuditAssignment]] = {}
+        self.declared: dict[int, dict[str, float]] = {}  # epoch -> the weight each member declared to the group
         self.performed: set[tuple[int, str]] = set()  # (epoch, audited) this peer has judged
         self.finalized: set[tuple[int, str]] = set()
         self.bans: dict[str, int] = {}  # peer id -> first epoch it may average again
@@ -181,8 +183,10 @@ class Verifier:
             members = {peer: found[peer] for peer, digest in result.commitments.items()
                        if peer in found and found[peer].digest() == digest}
             self._notify("on_round", result.epoch, members)
+        self.declared[result.epoch] = dict(result.declared_samples)
         for old in [e for e in self.assignments if e <= result.epoch - self.verify.audit_window]:
             del self.assignments[old]
+            self.declared.pop(old, None)
         return assignments
 
     def process(self, current_epoch: int) -> None:
@@ -316,6 +320,8 @@ class Verifier:
         if (field_name := commitment_mismatch(contribution, commitment)) is not None:
             logger.info(f"epoch {epoch}: {audited}'s contribution does not match its committed {field_name}")
             return COMMITMENT_MISMATCH, None
+        if self.declared.get(epoch, {}).get(audited, 0.0) > commitment.samples:
+            return WRONG_WEIGHT, None
         sent_error = self._sent_error(epoch, audited, contribution.gradient)
         if sent_error is not None and sent_error > SENT_TOLERANCE:
             return SENT_MISMATCH, sent_error

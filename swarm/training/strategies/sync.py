@@ -46,6 +46,7 @@ class RoundResult:
     # the hash of the averaged gradient, identical on every member (the audit beacon is made of both)
     commitments: dict[str, str] = field(default_factory=dict)
     averaged_digest: str | None = None
+    declared_samples: dict[str, float] = field(default_factory=dict)  # the weight each member declared to the group
 
 
 class SyncGradientAveraging:
@@ -102,8 +103,10 @@ class SyncGradientAveraging:
                             str(pid): item["commitment"] for pid, item in gathered.items()
                             if round_key_of(item) == consensus and isinstance(item.get("commitment"), str)
                         }
+                        declared = {str(pid): item.get("samples") for pid, item in gathered.items()
+                                    if str(pid) in commitments and isinstance(item.get("samples"), int | float)}
                         return RoundResult(Outcome.AVERAGED, epoch, len(gathered), commitments,
-                                           tensors_hash(epoch, result))
+                                           tensors_hash(epoch, result), declared)
                     logger.warning(f"epoch {epoch}: the averaged gradient is not finite; retrying")
                 if time.monotonic() >= deadline:
                     logger.warning(f"epoch {epoch}: averaging failed until the round timeout; recomputing")
