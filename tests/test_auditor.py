@@ -1,0 +1,137 @@
+"""The audit protocol of :class:`Verifier` with several simulated peers sharing one in-memory verdict board: who
+audits, when a failure is re-checked, when it is final, and what a lying auditor can (not) do. The replays
+themselves are stubbed here (tests/test_replay.py, tests/test_attacks.py and tests/test_verify_swarm.py run real
+ones)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from swarm.config import SwarmConfig
+from swarm.network.records import AuditVerdict
+from swarm.training.strategies.sync import Outcome, RoundResult
+from swarm.verify.auditor import VerificationObserver, Verifier
+from swarm.verify.replay import GRPOSettings
+
+
+@dataclass
+class FakePeer:
+    peer_id: str
+    banned: list[str] = field(default_factory=list)
+
+    def set_banned(self, peer_ids: list[str]) -> None:
+        self.banned = list(peer_ids)
+
+
+class SharedVerdicts:
+    """The DHT's verdict key, shared by every simulated peer."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[AuditVerdict] = []
+
+    def publish(self, verdict: AuditVerdict) -> bool:
+        self.verdicts.append(verdict)
+        return True
+
+    def fetch(self, epoch: int | None = None) -> list[AuditVerdict]:
+        return [verdict for verdict in self.verdicts if epoch is None or verdict.epoch == epoch]
+
+
+class NoCommitments:
+    def fetch(self, epoch: int) -> dict:
+        return {}
+
+
+class Recorder(VerificationObserver):
+    def __init__(self) -> None:
+        self.finals: list[tuple[str, bool]] = []
+
+    def on_final(self, assignment, passed, verdicts, current_epoch) -> None:
+        self.finals.append((assignment.audited, passed))
+
+
+PEERS = [f"Qm{name}" for name in ("Alice", "Bob", "Carol", "Dave")]
+
+
+def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str]) -> tuple[dict[str, Verifier], dict[str, Recorder]]:
+    """Four verifiers; replays of a cheater's contribution fail, a liar fails every contribution it replays."""
+    board = SharedVerdicts()
+    verifiers, recorders = {}, {}
+    for peer_id in PEERS:
+        config = SwarmConfig(workdir=tmp_path / peer_id)
+        config.verify.audit_probability = 1.0
+        config.verify.recheck_auditors = 2
+        config.verify.fetch_timeout = 0.01  # a re-checker does not wait for a primary verdict that comes later
+        config.workdir.mkdir(parents=True)
+        recorders[peer_id] = Recorder()
+        verifier = Verifier(config, FakePeer(peer_id), None, None, None, GRPOSettings(),
+                            observers=[recorders[peer_id]])
+        verifier.verdicts, verifier.commitments = board, NoCommitments()
+        verifier.snapshots[0] = []
+
+        def judge(assignment, me=peer_id):
+            failed = assignment.audited in cheaters or me in liars
+            return ("gradient_mismatch", 0.5) if failed else ("pass", 0.0)
+
+        verifier._judge = judge
+        verifiers[peer_id] = verifier
+    return verifiers, recorders
+
+
+def run_round(verifiers: dict[str, Verifier]) -> None:
+    result = RoundResult(Outcome.AVERAGED, 0, len(PEERS), {peer: f"{i:064x}" for i, peer in enumerate(PEERS)},
+                         "averaged-gradient")
+    for verifier in verifiers.values():
+        verifier.after_round(result)
+    for _ in range(2):  # primaries first (every peer), then re-checks and decisions
+        for verifier in verifiers.values():
+            verifier.process(current_epoch=1)
+
+
+def test_a_cheater_is_rechecked_failed_by_a_majority_and_banned_everywhere(tmp_path: Path) -> None:
+    verifiers, recorders = make_swarm(tmp_path, cheaters={"QmDave"}, liars=set())
+    run_round(verifiers)
+    for peer_id, verifier in verifiers.items():
+        if peer_id == "QmDave":
+            assert verifier.peer.banned == [] and verifier.stats.my_audits_failed == 1  # never bans itself
+            continue
+        assert verifier.peer.banned == ["QmDave"]
+        events = [json.loads(line) for line in (tmp_path / peer_id / "audit_events.jsonl").read_text().splitlines()]
+        assert [(event["audited"], event["verdicts"]) for event in events] == [("QmDave", ["gradient_mismatch"])]
+        assert ("QmDave", False) in recorders[peer_id].finals
+    verdicts = verifiers["QmAlice"].verdicts.fetch(0)
+    about_dave = [verdict for verdict in verdicts if verdict.audited == "QmDave"]
+    assert len(about_dave) == 3 and {verdict.role for verdict in about_dave} == {"primary", "recheck"}
+    # honest contributions are audited once (no re-check when the primary passes) and decided as passed
+    for peer_id in ("QmAlice", "QmBob", "QmCarol"):
+        assert len([verdict for verdict in verdicts if verdict.audited == peer_id]) == 1
+        assert (peer_id, True) in recorders["QmAlice"].finals
+
+
+@pytest.mark.parametrize("liar", PEERS)
+def test_one_lying_auditor_never_gets_an_honest_peer_banned(tmp_path: Path, liar: str) -> None:
+    verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars={liar})
+    run_round(verifiers)
+    for verifier in verifiers.values():
+        assert verifier.peer.banned == []
+        assert not (verifier.events_path).exists()
+    assert all(verifier.stats.my_audits_failed == 0 for verifier in verifiers.values())
+
+
+def test_a_verdict_from_an_auditor_the_beacon_did_not_assign_does_not_count(tmp_path: Path) -> None:
+    verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars=set())
+    alice = verifiers["QmAlice"]
+    result = RoundResult(Outcome.AVERAGED, 0, 4, {peer: f"{i:064x}" for i, peer in enumerate(PEERS)}, "avg")
+    assignments = {assignment.audited: assignment for assignment in alice.after_round(result)}
+    target = assignments["QmBob"]
+    for auditor in ("QmBob", "QmStranger"):  # the audited peer itself, and a peer outside the group
+        alice.verdicts.publish(AuditVerdict.model_construct(
+            auditor=auditor, audited="QmBob", epoch=0, commitment=target.commitment, verdict="gradient_mismatch",
+            error=1.0, role="primary",
+        ))
+    alice._finalize(current_epoch=1)
+    assert alice.peer.banned == []
