@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from swarm.errors import ConfigError
+from swarm.ledger.config import LedgerConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
@@ -146,6 +147,7 @@ class SwarmConfig(_Section):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @property

@@ -19,13 +19,21 @@ from swarm.identity import Identity
 from swarm.ledger.anchor import FileAnchor, NoneAnchor
 from swarm.ledger.balances import Balance, Rules, balances
 from swarm.ledger.cli import add_ledger_parser, credits, run_ledger
-from swarm.ledger.entries import GENESIS_HASH, MICRO, LedgerEntry, LedgerError
+from swarm.ledger.entries import GENESIS_HASH, MICRO, LedgerEntry, LedgerError, commitment_body
 from swarm.ledger.merkle import MerkleTree, leaf_bytes, verify_proof
 from swarm.ledger.store import DuplicateCredit, LedgerCorrupted, LedgerStore
+from swarm.network.records import Commitment
 
 
 def commitment(n: int) -> str:
+    """A reference to a commitment nobody made (for entries refused before their references are checked)."""
     return f"{n:064x}"
+
+
+def commit(subject: Identity, epoch: int, ref: int, samples: int = 8) -> Commitment:
+    return Commitment(peer_id=str(subject.peer_id), epoch=epoch, state_hash="s" * 64, data_seed=f"{ref:064x}",
+                      samples=samples, tokens=samples * 100, rollouts_hash="r" * 64, gradient_hash="g" * 64,
+                      precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +43,12 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Identity, Identity, 
     return alice, bob, carol
 
 
-def credit(store: LedgerStore, author: Identity, subject: Identity, epoch: int, ref: int, samples: int = 8):
-    return store.append(author, kind="contribution", subject=str(subject.peer_id), epoch=epoch,
-                        samples=samples, tokens=samples * 100, refs=[commitment(ref)])
+def credit(store: LedgerStore, author: Identity, epoch: int, ref: int, samples: int = 8,
+           attests: tuple[str, ...] = ()) -> LedgerEntry:
+    """``author``'s contribution entry for a commitment of its own, attesting the commitment digests ``attests``."""
+    mine = commit(author, epoch, ref, samples)
+    return store.append(author, commitment=commitment_body(mine), kind="contribution", subject=str(author.peer_id),
+                        epoch=epoch, samples=samples, tokens=samples * 100, refs=[mine.digest(), *attests])
 
 
 @pytest.fixture
@@ -49,8 +60,9 @@ def store(tmp_path: Path):
 def test_entries_round_trip_and_survive_reopening(tmp_path: Path, keys):
     alice, bob, _ = keys
     with LedgerStore(tmp_path / "ledger.db") as store:
-        written = [credit(store, alice, alice, epoch, epoch) for epoch in range(3)]
-        written.append(store.append(bob, kind="audit", subject=str(alice.peer_id), epoch=1, refs=[commitment(1)]))
+        written = [credit(store, alice, epoch, epoch) for epoch in range(3)]
+        written.append(store.append(bob, kind="audit", subject=str(alice.peer_id), epoch=1,
+                                    refs=[commit(alice, 1, 1).digest()]))  # its commitment is stored already
         assert store.verify() == 4
     with LedgerStore(tmp_path / "ledger.db") as store:
         assert sorted(store.entries(), key=lambda e: e.hash) == sorted(written, key=lambda e: e.hash)
@@ -90,7 +102,7 @@ def test_entry_claiming_another_authors_peer_id_is_rejected(store: LedgerStore, 
 
 def test_replayed_entry_is_rejected(store: LedgerStore, keys):
     alice, _, _ = keys
-    first = credit(store, alice, alice, 0, 0)
+    first = credit(store, alice, 0, 0)
     with pytest.raises(LedgerError, match=f"entry {first.hash} .*already in the ledger"):
         store.add(first)
     # a different, correctly signed entry at a position the author already used
@@ -103,21 +115,66 @@ def test_replayed_entry_is_rejected(store: LedgerStore, keys):
 
 def test_a_contribution_is_credited_once_whoever_submits_it(tmp_path: Path, keys):
     alice, bob, carol = keys
+    digest = commit(carol, 3, 42).digest()
     with LedgerStore(tmp_path / "ledger.db") as store, LedgerStore(tmp_path / "ledger.db") as second_process:
-        credit(store, alice, carol, 3, 42)
-        with pytest.raises(DuplicateCredit, match=f"contribution:{carol.peer_id}:3:{commitment(42)} is already"):
-            credit(store, bob, carol, 3, 42)  # another author
+        credit(store, carol, 3, 42)
+        with pytest.raises(DuplicateCredit, match=f"contribution:{carol.peer_id}:3:{digest} is already"):
+            credit(store, carol, 3, 42)  # submitted twice
         with pytest.raises(DuplicateCredit):
-            credit(second_process, alice, carol, 3, 42)  # the same peer again, through another connection
-        credit(store, bob, carol, 4, 42)  # another epoch is another contribution
-        assert store.verify() == 2
-        table = balances(store.entries(), Rules(provisional_epochs=0), current_epoch=10)
+            credit(second_process, carol, 3, 42)  # the same peer again, through another connection
+        with pytest.raises(LedgerError, match="can only be claimed by its contributor"):
+            store.append(bob, commitment=commitment_body(commit(carol, 3, 42)), kind="contribution",
+                         subject=str(carol.peer_id), epoch=3, samples=8, tokens=800, refs=[digest])
+        credit(store, carol, 4, 42)  # another epoch is another contribution
+        credit(store, alice, 3, 1, attests=(digest, commit(carol, 4, 42).digest()))  # alice saw both in her rounds
+        credit(store, bob, 4, 2, attests=(commit(carol, 4, 42).digest(),))
+        assert store.verify() == 4
+        entries = store.entries()
+    # the same entry delivered again (a second copy, a replayed message) is still counted once
+    table = balances(entries + entries, Rules(provisional_epochs=0), current_epoch=10)
     assert table[str(carol.peer_id)].final == 2 * 8 * MICRO
+
+
+def test_an_entry_for_a_contribution_that_does_not_exist_is_rejected(store: LedgerStore, keys):
+    alice, bob, _ = keys
+    real = commit(alice, 0, 0)
+    fields = dict(kind="contribution", subject=str(alice.peer_id), epoch=0, samples=8, tokens=800)
+    with pytest.raises(LedgerError, match="contribution does not exist — no commitment with digest"):
+        store.append(alice, refs=[real.digest()], **fields)  # no commitment anywhere
+    with pytest.raises(LedgerError, match="contribution does not exist — the commitment given is not"):
+        store.append(alice, commitment=commitment_body(commit(alice, 0, 1)), refs=[real.digest()], **fields)
+    inflated = commit(alice, 0, 0, samples=8000)  # a real commitment, but the entry claims fewer... or more samples
+    with pytest.raises(LedgerError, match="says samples=8 but commitment"):
+        store.append(alice, commitment=commitment_body(inflated), refs=[inflated.digest()], **fields)
+    with pytest.raises(LedgerError, match="audited contribution does not exist"):
+        store.append(bob, kind="audit", subject=str(alice.peer_id), epoch=0, refs=[real.digest()])
+    with pytest.raises(LedgerError, match="cannot slash itself"):
+        store.append(alice, commitment=commitment_body(real), kind="slash", subject=str(alice.peer_id), epoch=0,
+                     samples=8, refs=[real.digest()])
+    assert len(store) == 0
+    credit(store, alice, 0, 0)
+    assert store.commitment(real.digest()) == commitment_body(real)
+
+
+def test_a_deleted_or_altered_commitment_fails_verification(tmp_path: Path, keys):
+    alice, _, _ = keys
+    path = tmp_path / "ledger.db"
+    with LedgerStore(path) as store:
+        entry = credit(store, alice, 0, 0)
+    with sqlite3.connect(path) as db:
+        (body,) = db.execute("SELECT body FROM commitments").fetchone()
+        db.execute("UPDATE commitments SET body = ?", (bytes(body).replace(b'"samples":8', b'"samples":9'),))
+    with LedgerStore(path) as store, pytest.raises(LedgerCorrupted, match=f"bad entry {entry.hash} .*not"):
+        store.verify()
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM commitments")
+    with LedgerStore(path) as store, pytest.raises(LedgerCorrupted, match="contribution does not exist"):
+        store.verify()
 
 
 def test_broken_chain_and_gaps_are_rejected(store: LedgerStore, keys):
     alice, _, _ = keys
-    credit(store, alice, alice, 0, 0)
+    credit(store, alice, 0, 0)
     fields = dict(kind="contribution", subject=str(alice.peer_id), epoch=1, samples=8, refs=[commitment(1)])
     wrong_link = LedgerEntry.create(alice, seq=1, prev_hash="ab" * 32, **fields)
     with pytest.raises(LedgerError, match=f"entry {wrong_link.hash} .*broken chain"):
@@ -145,7 +202,10 @@ def test_non_canonical_bytes_are_rejected(keys):
 def _filled(path: Path, keys) -> list[LedgerEntry]:
     alice, bob, carol = keys
     with LedgerStore(path) as store:
-        written = [credit(store, author, author, epoch, epoch, samples=5 + epoch)
+        # three peers averaging together for 3 epochs, each attesting the two others' commitments
+        written = [credit(store, author, epoch, epoch, samples=5 + epoch,
+                          attests=tuple(commit(other, epoch, epoch, 5 + epoch).digest()
+                                        for other in (alice, bob, carol) if other is not author))
                    for epoch in range(3) for author in (alice, bob, carol)]
         assert store.verify() == 9
     return written
@@ -190,16 +250,26 @@ def test_one_flipped_byte_in_the_database_file_is_detected_and_named(tmp_path: P
 def test_balances_follow_the_rules_and_ignore_order(tmp_path: Path, keys):
     alice, bob, carol = keys
     rules = Rules(credit_per_sample=MICRO, audit_credit=3 * MICRO, slash_amount=50 * MICRO,
-                  slash_per_sample=10 * MICRO, provisional_epochs=2)
+                  slash_per_sample=10 * MICRO, provisional_epochs=2, slash_quorum=2)
     a, b, c = (str(k.peer_id) for k in keys)
+    d = {(who, epoch): commit(who, epoch, epoch, samples=samples).digest()
+         for who, epoch, samples in ((alice, 0, 10), (alice, 3, 7), (carol, 1, 9), (carol, 2, 50), (bob, 0, 4))}
+    cheat = commit(carol, 1, 1, samples=9)
     with LedgerStore(tmp_path / "ledger.db") as store:
-        credit(store, alice, alice, 0, 100, samples=10)  # final at epoch 4
-        credit(store, alice, alice, 3, 103, samples=7)  # provisional at epoch 4
-        credit(store, bob, carol, 1, 201, samples=9)  # carol cheated on this one ...
-        store.append(bob, kind="audit", subject=c, epoch=1, refs=[commitment(201)])
-        store.append(bob, kind="slash", subject=c, epoch=1, samples=9, refs=[commitment(201)])  # ... and is slashed
+        credit(store, alice, 0, 0, samples=10, attests=(d[bob, 0],))  # final at epoch 4
+        credit(store, bob, 0, 0, samples=4)  # attests nothing: alice's epoch-0 work is unattested...
+        credit(store, alice, 3, 3, samples=7)  # ... and so is this: neither counts
+        credit(store, bob, 1, 1, samples=5, attests=(cheat.digest(),))
+        credit(store, carol, 1, 1, samples=9)  # carol cheated on this one ...
+        store.append(alice, kind="audit", subject=c, epoch=1, refs=[cheat.digest()])
+        store.append(bob, kind="audit", subject=c, epoch=1, refs=[cheat.digest()])
+        store.append(alice, kind="slash", subject=c, epoch=1, samples=9, refs=[cheat.digest()])
+        one_slash = store.entries()
+        store.append(bob, kind="slash", subject=c, epoch=1, samples=9, refs=[cheat.digest()])  # ... quorum reached
         store.append(bob, kind="ban", subject=c, epoch=1)
-        credit(store, carol, carol, 2, 302, samples=50)  # work after the ban: void
+        store.append(bob, kind="audit", subject=a, epoch=3, refs=[d[alice, 3]])  # an audit of unattested work
+        credit(store, carol, 2, 2, samples=50)  # work after the ban: void
+        credit(store, alice, 2, 2, samples=6, attests=(d[carol, 2],))
         entries = store.entries()
     # the same set seen by another peer: shuffled, with duplicates from a second copy
     expected = balances(entries, rules, current_epoch=4)
@@ -208,10 +278,14 @@ def test_balances_follow_the_rules_and_ignore_order(tmp_path: Path, keys):
         random.Random(seed).shuffle(shuffled)
         assert balances(shuffled, rules, current_epoch=4) == expected
     assert list(expected) == sorted(expected)
-    assert expected[a] == Balance(final=10 * MICRO, provisional=7 * MICRO)
-    assert expected[b] == Balance(final=3 * MICRO, provisional=0)  # audit of epoch 1: window closed at 3
+    assert expected[a] == Balance(final=3 * MICRO, provisional=0)  # its audit of carol; its own work unattested
+    assert expected[b] == Balance(final=4 * MICRO + 3 * MICRO, provisional=0)  # attested by alice, + one audit
     assert expected[c] == Balance(final=-(50 + 9 * 10) * MICRO, provisional=0, banned=True)
-    assert balances(entries, rules, current_epoch=0)[a] == Balance(final=0, provisional=17 * MICRO)
+    # one auditor alone cannot slash: the ban does not count either, and carol keeps what alice attested
+    alone = balances(one_slash, rules, current_epoch=0)
+    assert alone[c] == Balance(final=0, provisional=9 * MICRO) and not alone[c].banned
+    unattested = balances(entries, dataclasses.replace(rules, require_attestation=False), current_epoch=4)
+    assert unattested[a] == Balance(final=(10 + 6 + 3) * MICRO, provisional=7 * MICRO)
     assert rules.deters(audit_probability=0.1, samples=1000) and not Rules(slash_per_sample=0).deters(0.1, 1000)
 
 
@@ -253,7 +327,7 @@ def test_cli_balance_show_export_and_proof(tmp_path: Path, keys):
     path = tmp_path / "ledger.db"
     written = _filled(path, keys)
     alice = str(keys[0].peer_id)
-    assert _ledger_cli("verify", "--db", str(path)) == (0, f"ok: 9 entries from 3 authors verified ({path})\n")
+    assert _ledger_cli("verify", "--db", str(path)) == (0, f"ok: 9 entries from 3 authors verified, 0 roots ({path})\n")
     code, text = _ledger_cli("balance", alice, "--db", str(path), "--json", "--epoch", "10")
     assert code == 0 and json.loads(text) == {alice: {"final": 18 * MICRO, "provisional": 0, "banned": False}}
     assert credits(18 * MICRO) in _ledger_cli("balance", "--db", str(path), "--epoch", "10")[1]

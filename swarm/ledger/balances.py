@@ -6,16 +6,26 @@ The entries are assumed valid (signed, chained): the store only holds such entri
 
 The rules (all amounts in micro-credits, 1 credit = 1_000_000):
 
-* **Contribution** (subject S, epoch e, ``samples`` n, commitment c): S earns ``n × credit_per_sample``.
-  It is *provisional* while ``current_epoch < e + provisional_epochs`` (the audit window is open) and *final*
-  afterwards.
-* **Audit** (author A, epoch e): the auditor A earns ``audit_credit``, provisional/final like a contribution.
-* **Slash** (subject S, commitment c, ``samples`` n of the failed contribution): S loses
-  ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit for c (if any) is void.
+* **Attestation** (``require_attestation``): a commitment c of peer S at epoch e is *attested* when a contribution
+  entry of epoch e written by another peer lists c in its ``refs[1:]`` — every member of an averaged round lists
+  the commitments of the other members it saw. Work nobody else saw in a round earns nothing, so no peer can credit
+  itself (or have an audit or a slash counted) for a contribution that does not exist.
+* **Contribution** (written by S itself, epoch e, ``samples`` n, commitment c, attested): S earns
+  ``n × credit_per_sample``. It is *provisional* while ``current_epoch < e + provisional_epochs`` (the audit window
+  is open) and *final* afterwards.
+* **Audit** (author A of an attested commitment, epoch e): the auditor A earns ``audit_credit``, provisional/final
+  like a contribution; once per (auditor, commitment).
+* **Slash** (subject S, attested commitment c, ``samples`` n of the failed contribution): counts once at least
+  ``slash_quorum`` distinct auditors (other than S) wrote a slash for (S, c) — each auditor that failed the audit
+  writes one, so no single peer can slash another. S then loses ``slash_amount + n × slash_per_sample``, final at
+  once, and the contribution credit for c (if any) is void.
   Deterrence: with audit probability p, cheating on n samples costs more than it gains when
   ``p × (slash_amount + n × slash_per_sample) > n × credit_per_sample`` — see :meth:`Rules.deters`.
-* **Ban** (subject S, epoch b): S is marked banned; its contributions and audits count only if their window had
-  closed before the ban (``e + provisional_epochs <= b``); everything else of S is void.
+* **Ban** (subject S, epoch b; counts only if S has a counted slash): S is marked banned; its contributions and
+  audits count only if their window had closed before the ban (``e + provisional_epochs <= b``); everything else of
+  S is void.
+* Entries that break :meth:`~swarm.ledger.entries.LedgerEntry.check_references`'s who-may-write-what rules (a
+  contribution claimed for someone else, an audit, slash or ban of oneself) count for nothing.
 * **Idempotency**: entries with the same :attr:`~swarm.ledger.entries.LedgerEntry.idempotency_key` count once
   (the one with the smallest hash), so a contribution is never credited twice.
 * The ``credit`` field written in entries is ignored: credit is always recomputed from these rules.
@@ -38,6 +48,8 @@ class Rules:
     :param slash_amount: fixed micro-credits a failed audit costs the cheater
     :param slash_per_sample: further micro-credits per sample of the failed contribution
     :param provisional_epochs: epochs a credit stays provisional (the audit window) before it is final
+    :param slash_quorum: distinct auditors whose slash entries a slash needs to count
+    :param require_attestation: credit, audits and slashes count only for commitments another round member attested
     """
 
     credit_per_sample: int = MICRO
@@ -45,8 +57,14 @@ class Rules:
     slash_amount: int = 100 * MICRO
     slash_per_sample: int = 20 * MICRO
     provisional_epochs: int = 2
+    slash_quorum: int = 2
+    require_attestation: bool = True
 
     def __post_init__(self) -> None:
+        if type(self.require_attestation) is not bool:
+            raise ValueError(f"ledger rule require_attestation must be a bool, got {self.require_attestation!r}")
+        if type(self.slash_quorum) is not int or self.slash_quorum < 1:
+            raise ValueError(f"ledger rule slash_quorum must be a positive integer, got {self.slash_quorum!r}")
         for name in ("credit_per_sample", "audit_credit", "slash_amount", "slash_per_sample", "provisional_epochs"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -81,17 +99,37 @@ def _unique(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
     return sorted(chosen.values(), key=lambda e: e.hash)
 
 
+def _well_formed(entry: LedgerEntry) -> bool:
+    """Who may write what (see :meth:`LedgerEntry.check_references`), for entries that did not come from a store."""
+    return (entry.author == entry.subject) == (entry.kind == "contribution")
+
+
 def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -> dict[str, Balance]:
     """Every peer's :class:`Balance` (keys sorted by peer id) under ``rules`` at ``current_epoch``; see the module
     docstring for the rules. A pure function of the *set* of entries."""
-    unique = _unique(entries)
-    banned_at: dict[str, int] = {}
-    slashed: set[tuple[str, str]] = set()
-    for entry in unique:
-        if entry.kind == "ban":
-            banned_at[entry.subject] = min(entry.epoch, banned_at.get(entry.subject, entry.epoch))
+    everything = sorted({entry for entry in entries if _well_formed(entry)}, key=lambda e: e.hash)
+    attested: dict[tuple[int, str], set[str]] = {}  # (epoch, commitment) -> the peers that attested it
+    slashers: dict[tuple[str, str], set[str]] = {}
+    for entry in everything:
+        if entry.kind == "contribution":
+            for ref in entry.refs[1:]:
+                attested.setdefault((entry.epoch, ref), set()).add(entry.author)
         elif entry.kind == "slash":
-            slashed.add((entry.subject, entry.refs[0]))
+            slashers.setdefault((entry.subject, entry.refs[0]), set()).add(entry.author)
+
+    def exists(entry: LedgerEntry) -> bool:  # the commitment it rests on was seen in a round by someone else
+        if not rules.require_attestation:
+            return True
+        return bool(attested.get((entry.epoch, entry.refs[0]), set()) - {entry.subject})
+
+    unique = [entry for entry in _unique(everything) if entry.kind == "ban" or exists(entry)]
+    slashed = {(e.subject, e.refs[0]) for e in unique
+               if e.kind == "slash" and len(slashers[(e.subject, e.refs[0])]) >= rules.slash_quorum}
+    slashed_peers = {subject for subject, _ in slashed}
+    banned_at: dict[str, int] = {}
+    for entry in unique:
+        if entry.kind == "ban" and entry.subject in slashed_peers:
+            banned_at[entry.subject] = min(entry.epoch, banned_at.get(entry.subject, entry.epoch))
 
     final: dict[str, int] = {}
     provisional: dict[str, int] = {}
@@ -109,7 +147,7 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -
                 credit(entry.subject, entry.epoch, entry.samples * rules.credit_per_sample)
         elif entry.kind == "audit":
             credit(entry.author, entry.epoch, rules.audit_credit)
-        elif entry.kind == "slash":
+        elif entry.kind == "slash" and (entry.subject, entry.refs[0]) in slashed:
             penalty = rules.slash_amount + entry.samples * rules.slash_per_sample
             final[entry.subject] = final.get(entry.subject, 0) - penalty
     peers = sorted({entry.author if entry.kind == "audit" else entry.subject for entry in unique})

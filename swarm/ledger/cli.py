@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from swarm.ledger.entries import LedgerEntry
     from swarm.ledger.store import LedgerStore
 
-LEDGER_FILE = "ledger.db"
+LEDGER_FILE = "ledger.db"  # also swarm.ledger.config.LEDGER_FILE (that module is heavier to import)
 
 
 def add_ledger_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -80,8 +80,12 @@ def credits(micro: int) -> str:
     return f"{'-' if micro < 0 else ''}{whole}.{fraction:06d}"
 
 
-def _current(store_entries: list[LedgerEntry], epoch: int | None) -> int:
-    return epoch if epoch is not None else max((e.epoch for e in store_entries), default=0)
+def _current(store: LedgerStore, store_entries: list[LedgerEntry], epoch: int | None) -> int:
+    """``epoch``, or the latest the recorder reported (the latest entry's if it never did)."""
+    if epoch is not None:
+        return epoch
+    recorded = int(store.get_meta("epoch") or 0)
+    return max([recorded, *(e.epoch for e in store_entries)])
 
 
 def _resolve(peer: str, known: list[str]) -> str:
@@ -96,10 +100,11 @@ def _resolve(peer: str, known: list[str]) -> str:
 
 
 def _balances(store: LedgerStore, epoch: int | None):
-    from swarm.ledger.balances import Rules, balances
+    """Balances under the rules the ledger was written with (stored by the recorder; defaults otherwise)."""
+    from swarm.ledger.balances import balances
 
     entries = store.entries()
-    return balances(entries, Rules(), _current(entries, epoch))
+    return balances(entries, store.rules(), _current(store, entries, epoch))
 
 
 def _balance(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
@@ -131,10 +136,24 @@ def _show(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _anchored(store: LedgerStore) -> dict[int, str]:
+    """Period -> root as the ledger's anchor holds it (the file anchor the recorder posted to, if any)."""
+    from swarm.ledger.anchor import make_anchor
+
+    stored = store.get_meta("anchor")
+    if not stored:
+        return {}
+    settings = json.loads(stored)
+    if settings.get("kind") != "file":
+        return {}
+    return {root.period: root.root for root in make_anchor("file", settings["path"]).roots()}
+
+
 def _verify(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
-    count = store.verify()  # raises LedgerCorrupted naming the first bad entry
+    count = store.verify(_anchored(store))  # raises LedgerCorrupted naming the first bad entry or root
     authors = len({e.author for e in store.entries()})
-    print(f"ok: {count} entries from {authors} authors verified ({store.path})", file=out)
+    roots = len(store.roots())
+    print(f"ok: {count} entries from {authors} authors verified, {roots} roots ({store.path})", file=out)
     return 0
 
 
@@ -174,7 +193,7 @@ def _proof(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
     tree = MerkleTree(table)
     document = {
         "peer": peer, "final": table[peer].final, "provisional": table[peer].provisional,
-        "epoch": _current(store.entries(), args.epoch), "root": tree.root,
+        "epoch": _current(store, store.entries(), args.epoch), "root": tree.root,
         "leaf": tree.leaf(peer).decode(), "proof": [list(step) for step in tree.proof(peer)],
     }
     print(json.dumps(document, indent=2), file=out)

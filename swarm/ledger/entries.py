@@ -40,6 +40,11 @@ _FIELDS = (
 )
 
 
+def commitment_body(commitment: Any) -> bytes:
+    """The canonical JSON of a :class:`~swarm.network.records.Commitment`: its sha256 is ``commitment.digest()``."""
+    return json.dumps(commitment.model_dump(), sort_keys=True, separators=(",", ":")).encode()
+
+
 class LedgerError(Exception):
     """An entry or a store that breaks a ledger rule; the message names the entry (hash, author, seq)."""
 
@@ -200,6 +205,49 @@ class LedgerEntry:
             raise LedgerError(f"{self.describe()}: author is not the peer id of the key that signed it")
         if not public_key.verify(self.canonical_bytes(), self.signature):
             raise LedgerError(f"{self.describe()}: invalid signature")
+
+    def check_references(self, commitment: bytes | None) -> None:
+        """Check that what the entry rests on exists and agrees with it (``commitment``: the canonical JSON body of
+        the commitment ``refs[0]`` names, see :func:`commitment_body`; None if unknown). The rules of who may write
+        what:
+
+        * contribution: only the contributor itself (``author == subject``), for a commitment of its own whose
+          digest is ``refs[0]`` and whose epoch, samples and tokens the entry repeats;
+        * audit and slash: never about the author itself, for the audited peer's commitment (``refs[0]``) of that
+          epoch; a slash repeats the commitment's samples (its penalty grows with them);
+        * ban: never about the author itself.
+
+        :raises LedgerError: naming the entry and the first rule it breaks (``contribution does not exist`` when the
+          commitment is missing or is not the one referenced)
+        """
+        if self.kind == "contribution" and self.author != self.subject:
+            raise LedgerError(f"{self.describe()}: a contribution can only be claimed by its contributor")
+        if self.kind in ("audit", "slash", "ban") and self.author == self.subject:
+            raise LedgerError(f"{self.describe()}: a peer cannot {self.kind} itself")
+        if self.kind == "ban":
+            return
+        from swarm.network.records import Commitment
+
+        what = "contribution" if self.kind == "contribution" else "audited contribution"
+        if commitment is None:
+            raise LedgerError(f"{self.describe()}: {what} does not exist — no commitment with digest {self.refs[0]}")
+        if hashlib.sha256(commitment).hexdigest() != self.refs[0]:
+            raise LedgerError(f"{self.describe()}: {what} does not exist — the commitment given is not {self.refs[0]}")
+        try:
+            parsed = Commitment.model_validate_json(commitment)
+        except ValueError as error:
+            raise LedgerError(f"{self.describe()}: unreadable commitment {self.refs[0]} ({error})") from None
+        if commitment_body(parsed) != commitment:
+            raise LedgerError(f"{self.describe()}: commitment {self.refs[0]} is not in canonical form")
+        expected = dict(peer_id=self.subject, epoch=self.epoch)
+        if self.kind in ("contribution", "slash"):
+            expected["samples"] = self.samples
+        if self.kind == "contribution":
+            expected["tokens"] = self.tokens
+        for name, value in expected.items():
+            if getattr(parsed, name) != value:
+                raise LedgerError(f"{self.describe()}: says {name}={value!r} but commitment {self.refs[0]} has "
+                                  f"{getattr(parsed, name)!r}")
 
     def describe(self) -> str:
         """``entry <hash> (kind, author <id> seq <n>)``: how every error names an entry."""

@@ -27,6 +27,7 @@ from swarm.config import SwarmConfig, dump_config
 from swarm.errors import UserError
 from swarm.hardware import check_fits, detect_hardware
 from swarm.identity import Identity
+from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
 from swarm.recipe import Recipe, load_recipe
@@ -143,6 +144,7 @@ class SwarmTrainer:
         self.attack = self._make_attack()
         self._previous_contribution: Contribution | None = None
         self.verifier: Verifier | None = None
+        self.ledger: LedgerRecorder | None = None
         if config.verify.enabled and self.trainer_kind == "grpo":
             self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0))
         elif config.verify.enabled:
@@ -207,6 +209,10 @@ class SwarmTrainer:
             self._emit("on_phase", "catching up with the swarm")
             if self.verifier is not None:
                 self.verifier.start()
+                if config.ledger.enabled:
+                    self.ledger = LedgerRecorder(config, self.identity, self.peer.dht)
+                    self.ledger.start()
+                    self.verifier.observers.append(self.ledger)
             self.peer.sync_with_swarm()
             max_epochs = config.training.max_epochs
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
@@ -224,6 +230,9 @@ class SwarmTrainer:
                 if self.verifier is not None:
                     self._emit("on_phase", "finished: waiting for the last audits")
                     self.verifier.finish(self.peer.epoch, config.averaging.round_timeout)
+                if self.ledger is not None:
+                    self._emit("on_phase", "finished: settling the ledger")
+                    self.ledger.settle(config.averaging.round_timeout)
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
@@ -231,6 +240,8 @@ class SwarmTrainer:
                 self.save_checkpoint()
             finally:
                 self._emit("on_end")
+                if self.ledger is not None:
+                    self.ledger.close()
                 self.peer.shutdown()
         return self.report()
 

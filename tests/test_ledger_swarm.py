@@ -1,0 +1,62 @@
+"""The ledger's acceptance in a real local swarm: 3 honest peers and a sign-flipping cheater, every contribution
+audited. Afterwards every peer's copy holds the same entries, each honest peer's balance is its verified samples ×
+the credit rate, the cheater's is at most zero, and ``swarm ledger verify`` passes on every copy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swarm.ledger.entries import MICRO
+from tests.conftest import PROJECT_ROOT, clean_env, read_json, read_metrics
+
+PEERS = 4
+EPOCHS = 6
+SETTINGS = [
+    "training.prompts_per_round=4", "training.num_generations=4",
+    "verify.audit_probability=1.0", "verify.recheck_auditors=2",
+    "averaging.peer_timeout=8", "averaging.round_timeout=40",
+    "ledger.audit_credit=0",  # so that an honest balance is exactly its verified samples × the credit rate
+    "ledger.sync_interval=2",
+]
+
+
+def ledger(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm.cli", "ledger", *args], cwd=PROJECT_ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.timeout(600)
+def test_every_copy_credits_honest_work_and_slashes_the_cheater(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(PEERS), "--max-epochs", str(EPOCHS),
+               "--plain", "--workdir", str(tmp_path), "--timeout", "540", "--set", "verify.attack=sign_flip"]
+    for setting in SETTINGS:
+        command += ["--set", setting]
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=580)
+    names = [f"peer_{index}" for index in range(PEERS)]
+    summaries = {name: (read_json(tmp_path / name / "summary.json") or {}).get("peers", [{}])[0] for name in names}
+    assert all(summaries[name].get("peer_id") for name in names), result.stderr[-3000:]
+    cheater = summaries[names[-1]]["peer_id"]
+
+    copies = {}
+    for name in names:
+        db = tmp_path / name / "ledger.db"
+        checked = ledger("verify", "--db", str(db))
+        assert checked.returncode == 0, f"{name}: {checked.stdout}{checked.stderr}"
+        shown = ledger("balance", "--json", "--db", str(db))
+        assert shown.returncode == 0, shown.stderr
+        copies[name] = json.loads(shown.stdout)
+    logs = {name: (tmp_path / name / "stdout.log").read_text(errors="replace")[-3000:] for name in names}
+    assert all(copies[name] == copies[names[0]] for name in names), (copies, logs)
+
+    balances = copies[names[0]]
+    for name in names[:-1]:
+        verified = sum(record["samples"] for record in read_metrics(tmp_path / name)
+                       if record["outcome"] == "averaged" and record["group_size"] >= 2)
+        balance = balances[summaries[name]["peer_id"]]
+        assert verified > 0 and balance["final"] + balance["provisional"] == verified * MICRO, (name, balance, logs)
+    assert balances[cheater]["final"] + balances[cheater]["provisional"] <= 0 and balances[cheater]["banned"]
