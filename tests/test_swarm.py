@@ -77,8 +77,14 @@ def test_local_swarm_trains_in_lockstep_and_improves(tmp_path: Path) -> None:
         assert len(runs) == 1
         groups, history = read_wandb_offline_run(runs[0])
         assert groups == {"swarm-default"}
-        assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
-        assert all(isinstance(row["reward"], float) and row["peers_online"] >= 1 for row in history)
+        epochs = [row for row in history if "epoch" in row]
+        assert [row["epoch"] for row in epochs] == [0, 1, 2, 3, 4]
+        assert all(isinstance(row["reward"], float) and row["peers_online"] >= 1 for row in epochs)
+        # swarm-level verification and ledger figures, and the credits table at the end
+        assert all("verify/audits_done" in row and "ledger/my_credit" in row for row in epochs)
+        assert epochs[-1]["ledger/swarm_credit"] > 0
+        table = [row for row in history if row.get("credits/_type") == "table-file"]
+        assert table and table[-1]["credits/nrows"] == 3  # one row per peer
 
 
 @pytest.mark.timeout(420)

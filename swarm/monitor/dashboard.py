@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from swarm.ledger.balances import Balance
+from swarm.ledger.cli import credits
 from swarm.training.callbacks import SwarmCallback
 
 
@@ -35,6 +37,7 @@ class DashboardState:
     swarm_samples: int = 0
     last_compute_s: float | None = None  # how long computing the previous epoch took: the ETA of the next averaging
     audits: dict[str, int] | None = None  # verification figures (Verifier.figures()); None: verification off
+    credit: str | None = None  # this peer's ledger balance, as text; None: ledger off
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -62,11 +65,21 @@ def render(state: DashboardState) -> Table:
         ("last round", f"{state.last_round} (group of {state.group_size})" if state.last_round else "…"),
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
         *_audit_rows(state.audits),
-        ("my credit", "not enabled yet"),
+        ("my credit", state.credit or "ledger off"),
     ]
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def format_credit(balance: Balance | None) -> str:
+    """'12.000000 (4.000000 provisional)' — a balance in credits, with the part still inside its audit window."""
+    if balance is None:
+        return "0.000000"
+    text = credits(balance.total)
+    if balance.provisional:
+        text += f" ({credits(balance.provisional)} provisional)"
+    return text + (" · banned" if balance.banned else "")
 
 
 def _audit_rows(audits: dict[str, int] | None) -> list[tuple[str, str]]:
@@ -126,3 +139,5 @@ class DashboardCallback(SwarmCallback):
         state.last_round, state.group_size = record.outcome, record.group_size
         state.last_compute_s = record.compute_s
         state.audits = trainer.verifier.figures() if trainer.verifier is not None else None
+        mine = trainer.credits().get(trainer.peer.peer_id) if trainer.ledger is not None else None
+        state.credit = None if trainer.ledger is None else format_credit(mine)

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from swarm.config import SwarmConfig
+from swarm.ledger.entries import MICRO
 from swarm.training.callbacks import SwarmCallback
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,17 @@ class RunTracker:
             logger.warning(f"W&B logging failed, tracking disabled: {error}")
             self.run = None
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log a ``wandb.Table`` (e.g. the swarm's credits table at the end of the run)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        except Exception as error:
+            logger.warning(f"W&B table logging failed: {error}")
+
     def finish(self) -> None:
         if self.run is not None:
             try:
@@ -99,9 +111,22 @@ class WandbCallback(SwarmCallback):
     def on_epoch_end(self, trainer, record) -> None:
         peers_online, swarm_samples = trainer.peer.swarm_view()
         audits = {f"verify/{key}": value for key, value in trainer.verifier.figures().items()} if trainer.verifier else {}
+        balances = trainer.credits()
+        mine = balances.get(trainer.peer.peer_id)
+        ledger = {} if trainer.ledger is None else {
+            "ledger/my_credit": (mine.total if mine else 0) / MICRO,
+            "ledger/my_credit_provisional": (mine.provisional if mine else 0) / MICRO,
+            "ledger/swarm_credit": sum(balance.total for balance in balances.values()) / MICRO,
+        }
         self.tracker.log(
-            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits), record.epoch
+            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits, **ledger),
+            record.epoch,
         )
 
     def on_end(self, trainer) -> None:
+        balances = trainer.credits()
+        if balances:
+            rows = [[peer, balance.final / MICRO, balance.provisional / MICRO, balance.banned]
+                    for peer, balance in sorted(balances.items())]
+            self.tracker.log_table("credits", ["peer", "final", "provisional", "banned"], rows)
         self.tracker.finish()

@@ -27,6 +27,7 @@ from swarm.config import SwarmConfig, dump_config
 from swarm.errors import UserError
 from swarm.hardware import check_fits, detect_hardware
 from swarm.identity import Identity
+from swarm.ledger.balances import Balance
 from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
@@ -410,6 +411,16 @@ class SwarmTrainer:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         return trainer
+
+    def credits(self) -> dict[str, Balance]:
+        """Every peer's balance in this peer's ledger copy (empty when the ledger is off)."""
+        if self.ledger is None:
+            return {}
+        try:
+            return self.ledger.balances()
+        except Exception as error:  # a monitor asking must never stop training
+            logger.warning(f"Could not compute ledger balances: {type(error).__name__}: {error}")
+            return {}
 
     def report(self) -> PeerReport:
         return PeerReport(
