@@ -159,3 +159,12 @@ def test_micro_batched_contribution_replays_exactly_with_its_recorded_order(setu
     result = setup.replay(contribution)
     print(f"\nhonest micro-batched (4 x 4) replay: relative error {result.error:.3e}")
     assert result.verdict is Verdict.PASS and result.error < HONEST_BOUND
+
+
+def test_capture_and_replay_leave_the_model_forward_unwrapped(setup: Setup) -> None:
+    """TRL wraps the forward once per GRPOTrainer; a peer builds one per epoch and per audit, so the wrappers must
+    not pile up (they did, until RecursionError after ~950 trainers)."""
+    before = setup.model.__dict__.get("forward")
+    capture_contribution(setup.model, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(num_generations=4))
+    setup.replay()
+    assert setup.model.__dict__.get("forward") is before

@@ -15,8 +15,9 @@ from tests.conftest import PROJECT_ROOT, clean_env, read_json, read_metrics
 
 PEERS = 4
 EPOCHS = 5
-# one attack per family: a tampered gradient, work on other data, forged rewards, a lower precision than declared
-FAMILIES = ["sign_flip", "wrong_data", "forged_rewards", "lower_precision"]
+# one attack per family: a tampered gradient, work on other data, forged rewards, a lower precision than declared,
+# and a gradient sent into averaging that is not the committed one
+FAMILIES = ["sign_flip", "wrong_data", "forged_rewards", "lower_precision", "send_mismatch"]
 SMALL_AND_AUDITED = [
     "training.prompts_per_round=4", "training.num_generations=4",
     "verify.audit_probability=1.0", "verify.recheck_auditors=2",

@@ -137,16 +137,11 @@ def _show(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _anchored(store: LedgerStore) -> dict[int, str]:
-    """Period -> root as the ledger's anchor holds it (the file anchor the recorder posted to, if any)."""
-    from swarm.ledger.anchor import make_anchor
+    """Period -> root as the ledger's anchor holds it (the anchor the recorder posted to, if any)."""
+    from swarm.ledger.anchor import anchored_roots
 
     stored = store.get_meta("anchor")
-    if not stored:
-        return {}
-    settings = json.loads(stored)
-    if settings.get("kind") != "file":
-        return {}
-    return {root.period: root.root for root in make_anchor("file", settings["path"]).roots()}
+    return anchored_roots(json.loads(stored)) if stored else {}
 
 
 def _verify(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:

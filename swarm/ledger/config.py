@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from swarm.ledger.balances import Rules
 from swarm.ledger.entries import MICRO
@@ -40,9 +40,21 @@ class LedgerConfig(BaseModel):
     sync_interval: float = Field(5.0, gt=0)  # seconds between publishing this peer's entries and pulling others'
     record_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # seconds a published chunk of entries stays in the DHT
     # --- anchoring ---
-    anchor: Literal["none", "file"] = "file"
+    anchor: Literal["none", "file", "evm"] = "file"  # evm: needs the evm extra (pip install '.[evm]')
     anchor_path: Path | None = None  # file anchor; None: WORKDIR/ledger_roots.jsonl
     anchor_every: int = Field(5, gt=0)  # epochs per period: one Merkle root per period
+    anchor_rpc_url: str | None = None  # evm: JSON-RPC endpoint (http(s)://, ws(s):// or an IPC socket path)
+    anchor_contract: str | None = None  # evm: address of the root registry (swarm.ledger.evm.deploy_anchor_contract)
+    anchor_key_env: str = "SWARM_ANCHOR_KEY"  # evm: env variable holding the owner's hex private key
+    anchor_key_file: Path | None = None  # evm: file holding that key instead (wins over anchor_key_env)
+    anchor_from_block: int = Field(0, ge=0)  # evm: first block scanned for posted roots (the deployment block)
+    anchor_timeout: float = Field(120.0, gt=0)  # evm: seconds to wait for a post's receipt
+
+    @model_validator(mode="after")
+    def _evm_settings(self) -> LedgerConfig:
+        if self.anchor == "evm" and not (self.anchor_rpc_url and self.anchor_contract):
+            raise ValueError("ledger.anchor: evm needs ledger.anchor_rpc_url and ledger.anchor_contract")
+        return self
 
     def rules(self, config: SwarmConfig) -> Rules:
         """The :class:`Rules` these settings give in ``config`` (defaults taken from its ``verify`` section)."""

@@ -39,7 +39,7 @@ import hivemind
 
 from swarm.config import SwarmConfig
 from swarm.identity import Identity
-from swarm.ledger.anchor import make_anchor
+from swarm.ledger.anchor import anchor_meta, open_anchor
 from swarm.ledger.balances import Balance, balances
 from swarm.ledger.config import LEDGER_FILE, LedgerConfig, ledger_config
 from swarm.ledger.entries import LedgerEntry, LedgerError, commitment_body
@@ -86,7 +86,7 @@ class LedgerRecorder(VerificationObserver):
         self.rules = self.settings.rules(config)
         self.me = str(identity.peer_id)
         self.path = Path(config.workdir) / LEDGER_FILE
-        self.anchor = make_anchor(self.settings.anchor, self.settings.anchor_file(Path(config.workdir)))
+        self.anchor = open_anchor(self.settings, Path(config.workdir))
         self.stats = LedgerStats()
         self.epoch = 0  # the latest current epoch verification reported
         self.heads: dict[str, LedgerHead] = {}  # last heads read from the DHT
@@ -109,8 +109,7 @@ class LedgerRecorder(VerificationObserver):
         """Open the store, record the rules, catch up with the swarm's ledger and start replicating."""
         self._store = LedgerStore(self.path)
         self._store.set_meta("rules", json.dumps(asdict(self.rules), sort_keys=True))
-        self._store.set_meta("anchor", json.dumps(dict(kind=self.settings.anchor,
-                                                       path=str(self.settings.anchor_file(Path(self.config.workdir))))))
+        self._store.set_meta("anchor", json.dumps(anchor_meta(self.settings, Path(self.config.workdir))))
         self.epoch = int(self._store.get_meta("epoch") or 0)
         samples = self.config.training.prompts_per_round * self.config.training.num_generations
         if not self.rules.deters(self.config.verify.audit_probability, samples):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from swarm.verify.replay import (
     GradientRecorder,
     GRPOSettings,
     contribution_from_record,
+    keeps_forward,
     make_recording_trainer,
 )
 
@@ -138,6 +140,10 @@ class SwarmTrainer:
         self.state = TrainingState(self.model, self.optimizer)
         self.history: dict[int, EpochRecord] = {}
         self._stopping = threading.Event()
+        # what is loaded so far lives as long as the peer: keep the collector (run after every TRL train() by
+        # accelerate) from walking it each epoch, which cost more than a tiny model's whole step
+        gc.collect()
+        gc.freeze()
         epoch, samples = self._resume()
         self.peer = SwarmPeer(config, self.identity, self.state, epoch)
         self.peer.samples = samples
@@ -282,18 +288,19 @@ class SwarmTrainer:
 
         if self.verifier is not None:
             self.verifier.remember_state(epoch)
-        if self.trainer_kind == "grpo":
-            trl_trainer, swarm_optimizer, samples = self._grpo_epoch(epoch, rows, seed, finish_round)
-        else:
-            samples = len(rows)
-            swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
-            trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed)
         bytes_before = self.peer.averager.bytes_sent.value
         self._emit("on_phase", f"computing epoch {epoch}")
         started = time.perf_counter()
         autocast = self.attack.autocast_dtype() if self.attack is not None else None
-        with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-            trl_trainer.train()
+        with keeps_forward(self.model):
+            if self.trainer_kind == "grpo":
+                trl_trainer, swarm_optimizer, samples = self._grpo_epoch(epoch, rows, seed, finish_round)
+            else:
+                samples = len(rows)
+                swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
+                trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed)
+            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                trl_trainer.train()
         elapsed = time.perf_counter() - started
         result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
         audit_seconds = 0.0
@@ -347,7 +354,7 @@ class SwarmTrainer:
             if self.attack is not None:
                 contribution = self.attack.tamper(contribution, context)
                 with torch.no_grad():
-                    for (_, param), grad in zip(named, contribution.gradient):
+                    for (_, param), grad in zip(named, self.attack.sent(contribution.gradient, context)):
                         param.grad = grad.to(param.device, param.dtype).clone()
             self._previous_contribution = contribution
             claimed[0] = len(contribution.rows) * settings.num_generations

@@ -20,7 +20,8 @@ in its ``expected`` attribute, under these conditions, which the suite relies on
 * ``partial_batch`` needs at least two assigned rows; ``wrong_data`` needs unassigned rows whose prompts differ
   from the assigned ones (a regenerated row can collide by chance on small datasets);
 * ``lower_precision`` is caught only where the honest computation really runs in the declared fp32: TRL's
-  ``GRPOConfig`` defaults to ``bf16=True`` (mixed precision, also on CPU), which a GRPO config must turn off.
+  ``GRPOConfig`` defaults to ``bf16=True`` (mixed precision, also on CPU), which ``replay.grpo_config`` turns off
+  for a declared "fp32" (``GRPOSettings.precision``).
 
 Guarantees of :meth:`Attack.tamper` for every attack here: the result claims ``context.rows`` and the state hash
 of the contribution it was given, and its gradient has the shapes and parameter names of that contribution.
@@ -45,11 +46,13 @@ from swarm.verify.replay import (
     GRPOSettings,
     Verdict,
     contribution_from_record,
+    keeps_forward,
     make_recording_trainer,
 )
 
 __all__ = [
     "ATTACKS",
+    "LIVE_ATTACKS",
     "Attack",
     "AttackContext",
     "cheating_contribution",
@@ -95,6 +98,10 @@ class Attack:
     def tamper(self, contribution: Contribution, context: AttackContext) -> Contribution:
         """What the cheater commits, serves and sends into averaging, given what it computed."""
         return contribution
+
+    def sent(self, gradient: list[torch.Tensor], context: AttackContext) -> list[torch.Tensor]:
+        """What it really sends into averaging, given the gradient it committed to (default: that gradient)."""
+        return gradient
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -366,6 +373,19 @@ class TruncatedBackward(_GradientAttack):
         return [torch.zeros_like(g) if index < cut else g for index, g in enumerate(gradient)]
 
 
+class SendMismatch(Attack):
+    """Commits to and serves its honest contribution, but sends the gradient sign-flipped into averaging: every
+    replay passes, so only the binding check catches it — an auditor compares the slice of the gradient it reduced
+    in the all-reduce with the same slice of the committed one (``sent_mismatch``). Live only: offline there is no
+    all-reduce, so :func:`cheating_contribution` makes an honest contribution for it."""
+
+    name = "send_mismatch"
+    expected = Verdict.PASS  # what a replay says; the live verdict is sent_mismatch
+
+    def sent(self, gradient, context):
+        return [-g for g in gradient]
+
+
 class SmallNoise(_GradientAttack):
     """Adds Gaussian noise of ``fraction`` (default 1%) of the gradient's norm: about the size of the bf16 vs fp32
     difference, the smallest perturbation of the suite. Caught as ``gradient_mismatch`` when declaring fp32; it
@@ -391,12 +411,18 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
+# attacks only a live swarm can show (they cheat in the all-reduce, which an offline replay does not see)
+LIVE_ATTACKS: dict[str, type[Attack]] = {SendMismatch.name: SendMismatch}
+
+
 def make_attack(name: str) -> Attack:
-    """A fresh attack by registry name (its default options). :raises ValueError: naming the known attacks"""
+    """A fresh attack by registry name (:data:`ATTACKS` or :data:`LIVE_ATTACKS`; default options).
+    :raises ValueError: naming the known attacks"""
+    known = {**ATTACKS, **LIVE_ATTACKS}
     try:
-        cls = ATTACKS[name]
+        cls = known[name]
     except KeyError:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}") from None
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(sorted(known))}") from None
     return cls()
 
 
@@ -428,7 +454,7 @@ def cheating_contribution(
     state_hash = param_checksum(model)
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     recorder = GradientRecorder(named, optimizer)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, keeps_forward(model):
         trainer = make_recording_trainer(
             model, tokenizer, recipe, rows, settings, recorder, scratch, reward_funcs=reward_funcs
         )

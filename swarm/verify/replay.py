@@ -39,10 +39,11 @@ which is why the order is part of the contribution. Tampered gradients are >= 0.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,26 @@ def _permute(value: Any, order: list[int]) -> Any:
     return value
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def keeps_forward(model: torch.nn.Module) -> Iterator[None]:
+    """Build and run GRPO trainers on ``model`` inside this: every ``GRPOTrainer`` wraps the model's ``forward`` in
+    a fused LM head (TRL's ``add_fused_lm_head``, an instance attribute around the previous one) and never unwraps
+    it, so a peer that builds a trainer per epoch and per audit would nest one wrapper per trainer, slow down and
+    die of RecursionError after ~950 of them. On exit the forward is what it was on entry."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.__dict__.get("forward", _MISSING)
+    try:
+        yield
+    finally:
+        if saved is _MISSING:
+            target.__dict__.pop("forward", None)
+        else:
+            target.__dict__["forward"] = saved
+
+
 def grpo_config(settings: GRPOSettings, num_rows: int, output_dir: str | Path) -> GRPOConfig:
     """The GRPOConfig of one swarm epoch, for the peer that trains and the auditor that replays alike: one optimizer
     step (``max_steps=1``), constant learning rate, no clipping (the swarm clips the averaged gradient), no KL term
@@ -326,7 +347,7 @@ def capture_contribution(
     state_hash = param_checksum(model)
     named = _trainable(model)
     recorder = GradientRecorder(named, optimizer)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, keeps_forward(model):
         trainer = make_recording_trainer(
             model, tokenizer, recipe, rows, settings, recorder, output_dir or scratch
         )
@@ -422,7 +443,7 @@ def replay_gradient(
     if micro_batch_size is not None:
         settings = replace(settings, micro_batch_size=micro_batch_size)
     recorder = GradientRecorder(named, None)
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, keeps_forward(model):
         trainer = make_recording_trainer(
             model, tokenizer, recipe, rows, settings, recorder, scratch,
             replay_prompts=contribution.prompt_token_ids,
