@@ -91,6 +91,21 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         registry.close()
 
 
+@pytest.fixture(scope="module")
+def dhts() -> Iterator[list]:
+    """Three hivemind DHT nodes on 127.0.0.1 joined into one network, shut down after the module."""
+    import hivemind
+
+    first = hivemind.DHT(start=True)
+    others = [hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs()) for _ in range(2)]
+    everyone = [first, *others]
+    try:
+        yield everyone
+    finally:
+        for dht in everyone:
+            dht.shutdown()
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.3) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

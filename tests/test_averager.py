@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import uuid
 
-import hivemind
 import pytest
 import torch
 
@@ -20,18 +19,6 @@ def test_round_consensus_is_the_majority_and_order_independent() -> None:
     # ties: the later epoch wins, then the smaller hash, whatever the order
     assert round_consensus([(4, "x"), (5, "y")]) == (5, "y")
     assert round_consensus([(5, "b"), (5, "a")]) == round_consensus([(5, "a"), (5, "b")]) == (5, "a")
-
-
-@pytest.fixture(scope="module")
-def dhts():
-    first = hivemind.DHT(start=True)
-    others = [hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs()) for _ in range(2)]
-    everyone = [first, *others]
-    try:
-        yield everyone
-    finally:
-        for dht in everyone:
-            dht.shutdown()
 
 
 def _average(dhts, inputs, keys, weights, compression: str, inspect=None, declared=None):

@@ -23,18 +23,6 @@ from hivemind.utils.serializer import MSGPackSerializer
 from swarm.network.averager import SwarmAverager
 
 
-@pytest.fixture(scope="module")
-def dhts() -> Iterator[list[hivemind.DHT]]:
-    first = hivemind.DHT(start=True)
-    others = [hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs()) for _ in range(2)]
-    everyone = [first, *others]
-    try:
-        yield everyone
-    finally:
-        for dht in everyone:
-            dht.shutdown()
-
-
 @contextlib.contextmanager
 def started_averagers(
     dhts: Sequence[hivemind.DHT],

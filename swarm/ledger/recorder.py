@@ -31,6 +31,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,12 @@ class LedgerRecorder(VerificationObserver):
         finally:
             store.close()
 
-    def settle(self, timeout: float) -> bool:
+    def settle(self, timeout: float, live: Callable[[], Iterable[str]] | None = None) -> bool:
         """At the end of training: announce that this peer has written everything, and keep replicating until every
         author whose head is known has done the same and its entries are here, or ``timeout`` seconds pass.
+
+        :param live: the peers still online; an author that has not finished writing and is not among them (it
+          crashed or left) is not waited for — its published entries are still pulled
 
         :returns: whether the copy is complete (False on timeout)
         """
@@ -153,14 +157,19 @@ class LedgerRecorder(VerificationObserver):
             while True:
                 self.sync(store)
                 local = store.heads()
+                online = None if live is None else set(live())
                 pending = [author for author, head in self.heads.items()
                            if author != self.me and author not in self._stuck
-                           and not (head.final and local.get(author, -1) >= head.seq)]
+                           and not (head.final and local.get(author, -1) >= head.seq)
+                           and (head.final or online is None or author in online)]
                 if not pending:
                     return True
                 if time.monotonic() >= deadline:
+                    waiting = ", ".join(f"{author} (head {self.heads[author].seq}"
+                                        f"{' final' if self.heads[author].final else ''}, have {local.get(author, -1)})"
+                                        for author in pending)
                     logger.warning(f"ledger: {len(pending)} authors still writing or not replicated after "
-                                   f"{timeout:.0f}s")
+                                   f"{timeout:.0f}s: {waiting}")
                     return False
                 time.sleep(min(1.0, self.settings.sync_interval))
 

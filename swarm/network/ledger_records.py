@@ -24,7 +24,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarm.identity import Identity
-from swarm.network.records import MAX_RECORD_BYTES, _entries, _owner_marker, owner_peer_id
+from swarm.network.records import MAX_RECORD_BYTES, dict_entries, owner_marker, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class LedgerBoard:
     def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity, ttl: float):
         self.dht, self.run_id, self.ttl = dht, run_id, ttl
         self.peer_id = str(identity.peer_id)
-        self.marker = _owner_marker(identity)
+        self.marker = owner_marker(identity)
 
     def publish_head(self, head: LedgerHead) -> bool:
         """:raises ValueError: if the head is not this identity's"""
@@ -109,7 +109,7 @@ class LedgerBoard:
     def fetch_heads(self) -> dict[str, LedgerHead]:
         """Author -> its head, for heads signed by the author they name; others are dropped."""
         heads = {}
-        for subkey, value in _entries(self.dht, heads_key(self.run_id)):
+        for subkey, value in dict_entries(self.dht, heads_key(self.run_id)):
             try:
                 head = LedgerHead.model_validate(value)
             except ValidationError:
@@ -124,7 +124,7 @@ class LedgerBoard:
     def fetch_chunks(self, author: str) -> list[tuple[int, list[LedgerItem]]]:
         """``author``'s chunks as (first seq, items), by first seq: only those its key signed and that decode."""
         chunks = []
-        for subkey, value in _entries(self.dht, chunks_key(self.run_id, author)):
+        for subkey, value in dict_entries(self.dht, chunks_key(self.run_id, author)):
             if owner_peer_id(subkey) != author or not isinstance(value, dict):
                 continue
             first_seq, items = value.get("first_seq"), decode_chunk(value.get("data"))

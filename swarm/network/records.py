@@ -98,12 +98,8 @@ class StatusBoard:
 
     def fetch(self) -> dict[str, PeerStatus]:
         """Live peers by peer id (this one included once published). Forged or malformed entries are skipped."""
-        found = self.dht.get(self.key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
         statuses = {}
-        for subkey, item in found.value.items():
-            value = getattr(item, "value", None)
+        for subkey, value in dict_entries(self.dht, self.key):
             if not isinstance(value, dict):
                 continue
             try:
@@ -308,11 +304,13 @@ class VerificationRecordValidator(RecordValidatorBase):
         return True
 
 
-def _owner_marker(identity: Identity) -> bytes:
+def owner_marker(identity: Identity) -> bytes:
+    """The ``[owner:...]`` subkey part that makes a record writable only by ``identity``'s key."""
     return RSASignatureValidator(identity.private_key).local_public_key
 
 
-def _entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
+def dict_entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
+    """(subkey, value) of every entry stored under a dictionary ``key``, unvalidated (the caller validates)."""
     found = dht.get(key, latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
@@ -339,7 +337,7 @@ class CommitmentBoard:
     def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity, ttl: float):
         self.dht, self.key, self.ttl = dht, commitments_key(run_id), ttl
         self.peer_id = str(identity.peer_id)
-        self.marker = _owner_marker(identity)
+        self.marker = owner_marker(identity)
 
     def publish(self, commitment: Commitment) -> bool:
         """Store ``commitment`` under its epoch's subkey; the DHT's answer (hivemind reports the status of the
@@ -356,7 +354,7 @@ class CommitmentBoard:
         """Peer id → that peer's commitment for ``epoch`` (this peer's own included once published). Forged,
         replayed or malformed entries are dropped and logged, never raised."""
         commitments = {}
-        for subkey, value in _entries(self.dht, self.key):
+        for subkey, value in dict_entries(self.dht, self.key):
             if isinstance(subkey, bytes) and not subkey.startswith(f"{epoch}:".encode()):
                 continue  # another epoch (a replay into this epoch's subkey is caught by verify_entry)
             try:
@@ -381,7 +379,7 @@ class VerdictBoard:
     def __init__(self, dht: hivemind.DHT, run_id: str, identity: Identity, ttl: float):
         self.dht, self.key, self.ttl = dht, verdicts_key(run_id), ttl
         self.peer_id = str(identity.peer_id)
-        self.marker = _owner_marker(identity)
+        self.marker = owner_marker(identity)
 
     def publish(self, verdict: AuditVerdict) -> bool:
         """Store ``verdict`` under its (epoch, audited) subkey; the DHT's answer (as :meth:`CommitmentBoard.publish`).
@@ -399,7 +397,7 @@ class VerdictBoard:
         """Valid verdicts (of ``epoch`` only, unless None), sorted by (epoch, audited, auditor). Forged, replayed
         or malformed entries are dropped and logged, never raised."""
         verdicts = []
-        for subkey, value in _entries(self.dht, self.key):
+        for subkey, value in dict_entries(self.dht, self.key):
             if epoch is not None and isinstance(subkey, bytes) and not subkey.startswith(f"{epoch}:".encode()):
                 continue
             try:

@@ -239,7 +239,7 @@ class SwarmTrainer:
                     self.verifier.finish(self.peer.epoch, config.averaging.round_timeout)
                 if self.ledger is not None:
                     self._emit("on_phase", "finished: settling the ledger")
-                    self.ledger.settle(config.averaging.round_timeout)
+                    self.ledger.settle(config.averaging.round_timeout, live=lambda: self.peer.other_peers())
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:

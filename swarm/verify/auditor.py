@@ -208,10 +208,12 @@ class Verifier:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.process(current_epoch)
+            live = set(self.peer.other_peers())  # nobody waits for a peer that has crashed or left
             pending = [
                 assignment for assignments in self.assignments.values() for assignment in assignments
                 if (assignment.epoch, assignment.audited) not in self.finalized
                 and (assignment.audited == self.me or self.me in assignment.auditors)
+                and ({assignment.audited, *assignment.auditors} - {self.me}) & live
             ]
             if not pending:
                 return
