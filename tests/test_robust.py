@@ -11,7 +11,7 @@ import torch
 from hivemind.averaging.partition import TensorPartReducer
 
 from swarm.network.robust import SwarmPartReducer, centered_clip
-from tests.test_averager_bans import dhts, started_averagers, step_all, tensors_of  # noqa: F401 (dhts: fixture)
+from tests.test_averager_bans import started_averagers, step_all, tensors_of
 
 
 def _honest_and_outlier(seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
