@@ -43,7 +43,8 @@ class LocalPeer:
 
 
 def peer_command(
-    args: argparse.Namespace, workdir: Path, join: list[str], expected_peers: int, honest: bool = True
+    args: argparse.Namespace, workdir: Path, join: list[str], expected_peers: int, honest: bool = True,
+    audit_everything: bool = False,
 ) -> list[str]:
     """The ``swarm run`` command line of one simulated peer: the user's config and overrides, plus its own dir.
     A configured ``verify.attack`` is kept for the dishonest peer only (``honest=False``)."""
@@ -54,6 +55,8 @@ def peer_command(
         command += ["--set", override]
     if honest:
         command += ["--set", "verify.attack=null"]
+    if audit_everything:
+        command += ["--set", "verify.audit_probability=1.0"]
     if args.recipe:
         command += ["--recipe", args.recipe]
     if args.max_epochs is not None:
@@ -63,8 +66,11 @@ def peer_command(
     return command + ["--expected-peers", str(expected_peers), "--exit-with-parent"]
 
 
-def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]) -> LocalPeer:
-    """Start simulated peer ``index``; the last of ``args.peers`` peers is the one a ``verify.attack`` applies to."""
+def start_peer(
+    args: argparse.Namespace, root: Path, index: int, join: list[str], audit_everything: bool = False
+) -> LocalPeer:
+    """Start simulated peer ``index``; the last of ``args.peers`` peers is the one a ``verify.attack`` applies to.
+    ``audit_everything``: every peer audits every contribution (``verify.audit_probability=1``)."""
     workdir = root / f"peer_{index}"
     workdir.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, PEER_ADDR_FILE, PEER_SUMMARY_FILE):
@@ -75,7 +81,8 @@ def start_peer(args: argparse.Namespace, root: Path, index: int, join: list[str]
     threads = max(1, (os.cpu_count() or 1) // max(1, args.peers))
     environment.setdefault("OMP_NUM_THREADS", str(threads))
     process = subprocess.Popen(
-        peer_command(args, workdir, join, args.peers, honest=index != args.peers - 1),
+        peer_command(args, workdir, join, args.peers, honest=index != args.peers - 1,
+                     audit_everything=audit_everything),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -153,11 +160,16 @@ def run_local(args: argparse.Namespace, config: SwarmConfig) -> int:
     peers: list[LocalPeer] = []
     deadline = time.monotonic() + args.timeout if args.timeout else float("inf")
     interrupted = False
+    # a simulated cheater is a demo: audit every contribution so that the run shows it caught, unless the user chose
+    audit_everything = config.verify.attack is not None and "audit_probability" not in config.verify.model_fields_set
+    if audit_everything:
+        console.print(f"swarm local: verify.attack={config.verify.attack} (the last peer cheats): every contribution"
+                      " is audited (set verify.audit_probability to choose otherwise)")
     try:
-        peers.append(start_peer(args, root, 0, []))
+        peers.append(start_peer(args, root, 0, [], audit_everything))
         addresses = wait_for_address(peers[0], FIRST_PEER_START_TIMEOUT)
         for index in range(1, args.peers):
-            peers.append(start_peer(args, root, index, addresses[:1]))
+            peers.append(start_peer(args, root, index, addresses[:1], audit_everything))
         last_line = ""
         live = Live(progress_table(peers, config.training.max_epochs), console=console, auto_refresh=False,
                     transient=False) if console.is_terminal and not args.plain else None

@@ -329,7 +329,9 @@ def test_cli_balance_show_export_and_proof(tmp_path: Path, keys):
     alice = str(keys[0].peer_id)
     assert _ledger_cli("verify", "--db", str(path)) == (0, f"ok: 9 entries from 3 authors verified, 0 roots ({path})\n")
     code, text = _ledger_cli("balance", alice, "--db", str(path), "--json", "--epoch", "10")
-    assert code == 0 and json.loads(text) == {alice: {"final": 18 * MICRO, "provisional": 0, "banned": False}}
+    assert code == 0 and json.loads(text) == {
+        alice: {"final": 18 * MICRO, "provisional": 0, "banned": False, "work": 18 * MICRO, "audits": 0, "penalties": 0}
+    }
     assert credits(18 * MICRO) in _ledger_cli("balance", "--db", str(path), "--epoch", "10")[1]
     assert len(_ledger_cli("show", "--db", str(path))[1].splitlines()) == 9
     exported = json.loads(_ledger_cli("export", "--db", str(path), "--format", "json")[1])

@@ -34,7 +34,7 @@ The rules (all amounts in micro-credits, 1 credit = 1_000_000):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarm.ledger.entries import MICRO, LedgerEntry
 
@@ -85,6 +85,10 @@ class Balance:
     final: int = 0
     provisional: int = 0
     banned: bool = False
+    # where the total comes from (not part of equality: final and provisional are what is committed in roots)
+    work: int = field(default=0, compare=False)  # credit for verified samples that still counts
+    audits: int = field(default=0, compare=False)  # credit for audits performed
+    penalties: int = field(default=0, compare=False)  # slashes (a positive number, subtracted)
 
     @property
     def total(self) -> int:
@@ -133,22 +137,30 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -
 
     final: dict[str, int] = {}
     provisional: dict[str, int] = {}
+    sources: dict[str, dict[str, int]] = {}  # peer -> {"work"|"audits"|"penalties": micro-credits}
 
-    def credit(peer: str, epoch: int, amount: int) -> None:
+    def credit(peer: str, epoch: int, amount: int, source: str) -> None:
         closes = epoch + rules.provisional_epochs
         if peer in banned_at and closes > banned_at[peer]:
             return  # still open when the peer was banned: forfeited
         book = final if current_epoch >= closes else provisional
         book[peer] = book.get(peer, 0) + amount
+        sources.setdefault(peer, {}).setdefault(source, 0)
+        sources[peer][source] += amount
 
     for entry in unique:
         if entry.kind == "contribution":
             if (entry.subject, entry.refs[0]) not in slashed:
-                credit(entry.subject, entry.epoch, entry.samples * rules.credit_per_sample)
+                credit(entry.subject, entry.epoch, entry.samples * rules.credit_per_sample, "work")
         elif entry.kind == "audit":
-            credit(entry.author, entry.epoch, rules.audit_credit)
+            credit(entry.author, entry.epoch, rules.audit_credit, "audits")
         elif entry.kind == "slash" and (entry.subject, entry.refs[0]) in slashed:
             penalty = rules.slash_amount + entry.samples * rules.slash_per_sample
             final[entry.subject] = final.get(entry.subject, 0) - penalty
+            sources.setdefault(entry.subject, {}).setdefault("penalties", 0)
+            sources[entry.subject]["penalties"] += penalty
     peers = sorted({entry.author if entry.kind == "audit" else entry.subject for entry in unique})
-    return {peer: Balance(final.get(peer, 0), provisional.get(peer, 0), peer in banned_at) for peer in peers}
+    return {
+        peer: Balance(final.get(peer, 0), provisional.get(peer, 0), peer in banned_at, **sources.get(peer, {}))
+        for peer in peers
+    }

@@ -115,7 +115,8 @@ def _balance(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
         peer = _resolve(args.peer, list(table))
         table = {peer: table[peer]}
     if args.json:
-        rows = {p: {"final": b.final, "provisional": b.provisional, "banned": b.banned} for p, b in table.items()}
+        rows = {p: {"final": b.final, "provisional": b.provisional, "banned": b.banned, "work": b.work,
+                    "audits": b.audits, "penalties": b.penalties} for p, b in table.items()}
         print(json.dumps(rows, indent=2, sort_keys=True), file=out)
         return 0
     print(f"{'peer':<54} {'name':<26} {'final':>16} {'provisional':>16}", file=out)

@@ -179,7 +179,11 @@ class Verifier:
         )
         self.assignments[result.epoch] = assignments
         if self.observers:
-            found = self.commitments.fetch(result.epoch)
+            try:
+                found = self.commitments.fetch(result.epoch)
+            except Exception as error:
+                logger.warning(f"Could not read commitments: {error!r}")
+                found = {}
             members = {peer: found[peer] for peer, digest in result.commitments.items()
                        if peer in found and found[peer].digest() == digest}
             self._notify("on_round", result.epoch, members)
@@ -290,7 +294,11 @@ class Verifier:
             logger.info(f"epoch {epoch}: cannot audit {audited}, this peer no longer holds that state")
             return
         started = time.perf_counter()
-        kind, error = self._judge(assignment)
+        try:
+            kind, error = self._judge(assignment)
+        except Exception as failure:  # our own side failed (DHT, averager process): no verdict rather than a wrong one
+            logger.warning(f"epoch {epoch}: could not audit {audited}: {type(failure).__name__}: {failure}")
+            return
         verdict = AuditVerdict(
             auditor=self.me, audited=audited, epoch=epoch, commitment=assignment.commitment, verdict=kind,
             error=error if error is not None and math.isfinite(error) else None, role=role,
