@@ -10,7 +10,7 @@ Everything runs offline on the CPU in one process, on the arithmetic recipe and 
   it (:func:`~swarm.verify.attacks.cheating_contribution`: a real TRL GRPO step on the rows, reward functions and
   precision the attack chooses, then ``tamper``), cycling through epochs, peers, micro-batch splits (one
   micro-batch or micro-batches of 4) and sampling seeds. Each capture is audited twice, by two real replays
-  (:func:`~swarm.verify.replay.replay_gradient` against the assigned rows, with the tolerance of the declared
+  (a :class:`~swarm.verify.replay.Replayer`, as a live auditor replays, against the assigned rows, with the tolerance of the declared
   precision class), one with 1 torch thread and one with 2: audits = 2 x captures, and the table says both.
 * **honest peers** — ``--honest`` honest captures that vary the peer's thread count (1/2), its micro-batch split
   (one micro-batch, 8, 4 or 2), the sampling seed (so the completions and the recorded shuffle order), the epoch
@@ -66,15 +66,15 @@ from typing import Any
 
 import torch
 
-from swarm.config import ModelConfig, SwarmConfig
+from swarm.config import ModelConfig, SwarmConfig, VerifyConfig
 from swarm.verify.attacks import ATTACKS, AttackContext, cheating_contribution, make_attack
 from swarm.verify.replay import (
     GRADIENT_TOLERANCE,
     Contribution,
     GRPOSettings,
+    Replayer,
     ReplayResult,
     capture_contribution,
-    replay_gradient,
 )
 
 RUN_ID = "bench-verification"
@@ -136,6 +136,7 @@ class World:
     sizes: Sizes
     states: list[dict[str, torch.Tensor]] = field(default_factory=list)
     chain: dict[tuple[int, int], Contribution] = field(default_factory=dict)  # (epoch, peer) -> honest
+    replayer: Replayer | None = None
 
     def peer(self, index: int) -> str:
         return f"peer-{index}"
@@ -152,7 +153,10 @@ class World:
         return self.model
 
     def replay(self, contribution: Contribution, rows: list[dict[str, Any]], tolerance: float) -> ReplayResult:
-        return replay_gradient(self.model, self.tokenizer, self.recipe, contribution, rows=rows, tolerance=tolerance)
+        """An audit as a peer runs it: a :class:`~swarm.verify.replay.Replayer` on the model (one per world)."""
+        if self.replayer is None:
+            self.replayer = Replayer(self.model, self.tokenizer, self.recipe)
+        return self.replayer.replay(contribution, rows=rows, tolerance=tolerance)
 
 
 def build_world(root: Path, sizes: Sizes) -> World:
@@ -526,7 +530,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--quick", action="store_true", help="smoke run: a few audits of each kind")
-    parser.add_argument("--p", type=float, default=0.1, help="audit probability (default 0.1)")
+    default_p = VerifyConfig().audit_probability
+    parser.add_argument("--p", type=float, default=default_p,
+                        help=f"audit probability (default: the config's verify.audit_probability, {default_p:g})")
     parser.add_argument("--captures", type=int, help=f"cheating captures per attack (default {FULL.captures})")
     parser.add_argument("--honest", type=int, help=f"honest captures (default {FULL.honest})")
     parser.add_argument("--attacks", help="comma-separated attack names (default: all)")

@@ -169,4 +169,4 @@ def test_bench_quick_json() -> None:
     assert set(data["honest"]) == {"audits", "false_positives"} and data["honest"]["audits"] > 0
     assert data["honest"]["false_positives"] == 0
     assert isinstance(data["overhead_fraction"], float) and 0 < data["overhead_fraction"] < 1
-    assert data["contributions_to_catch_p99"] == 44.0  # p = 0.1, detection 100%: ceil(log 0.01 / log 0.9)
+    assert data["contributions_to_catch_p99"] == 49.0  # p = 0.09, detection 100%: ceil(log 0.01 / log 0.91)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from swarm.ledger.entries import MICRO
-from tests.conftest import PROJECT_ROOT, clean_env, read_json, read_metrics
+from swarm.ledger.store import LedgerStore
+from tests.conftest import PROJECT_ROOT, Processes, clean_env, finish, read_json, read_metrics, wait_until
+from tests.test_swarm import start_first, start_joiner
 
 PEERS = 4
 EPOCHS = 6
@@ -60,3 +62,31 @@ def test_every_copy_credits_honest_work_and_slashes_the_cheater(tmp_path: Path) 
         assert balance["final"] + balance["provisional"] == balance["work"] + balance["audits"] > balance["work"]
         assert balance["penalties"] == 0
     assert balances[cheater]["final"] + balances[cheater]["provisional"] <= 0 and balances[cheater]["banned"]
+
+
+def own_entries(db: Path, author: str) -> set[str]:
+    """Hashes of the entries ``author`` wrote that ``db`` holds (opened read-write: WAL readers need the -shm file)."""
+    with LedgerStore(db) as store:
+        return {entry.hash for entry in store.entries() if entry.author == author}
+
+
+@pytest.mark.timeout(420)
+def test_a_peer_killed_mid_run_keeps_every_entry_it_had_committed(tmp_path: Path, processes: Processes) -> None:
+    small = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    first, address, dir0 = start_first(processes, tmp_path, "--max-epochs", "9", "--expected-peers", "2", *small)
+    second, dir1 = start_joiner(processes, tmp_path, 1, address, "--max-epochs", "9", "--expected-peers", "2", *small)
+    peer_id = (dir1 / "peer_addr.txt")
+    wait_until(lambda: peer_id.is_file() and peer_id.read_text().strip(), 120, "the second peer's address")
+    me = peer_id.read_text().split()[0].rsplit("/p2p/", 1)[1]
+    wait_until(lambda: len(own_entries(dir1 / "ledger.db", me)) >= 3, 240, "three entries in the second peer's ledger")
+    processes.kill(second)  # kill -9 of the peer and its p2p daemon, while it trains and writes its ledger
+    second.wait(timeout=30)
+    committed = own_entries(dir1 / "ledger.db", me)
+    restarted, _ = start_joiner(processes, tmp_path, 1, address, "--max-epochs", "9", *small)
+    finish(restarted, 300, dir1 / "out.log")
+    finish(first, 300, dir0 / "out.log")
+    after = own_entries(dir1 / "ledger.db", me)
+    assert committed <= after, f"{len(committed - after)} committed entries lost"
+    assert len(after) > len(committed)  # and it went on writing after the restart
+    checked = ledger("verify", "--db", str(dir1 / "ledger.db"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -21,6 +21,7 @@ from swarm.verify.replay import (
     OTHER_SPLIT_TOLERANCE,
     Contribution,
     GRPOSettings,
+    Replayer,
     Verdict,
     capture_contribution,
     relative_error,
@@ -168,3 +169,21 @@ def test_capture_and_replay_leave_the_model_forward_unwrapped(setup: Setup) -> N
     capture_contribution(setup.model, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(num_generations=4))
     setup.replay()
     assert setup.model.__dict__.get("forward") is before
+
+
+def test_a_replayer_reusing_its_trainer_gives_the_same_verdicts(setup: Setup) -> None:
+    """The auditor's Replayer keeps one TRL trainer for many replays: every replay must still be exact."""
+    replayer = Replayer(setup.model, setup.tokenizer, setup.recipe)
+    other_rows = setup.recipe.assigned_rows("run", "peer", 1, 4)
+    other = capture_contribution(setup.model, setup.tokenizer, setup.recipe, other_rows, GRPOSettings(num_generations=4))
+    flipped = setup.contribution.with_changes(gradient=[-g for g in setup.contribution.gradient])
+    for _ in range(2):
+        for contribution, rows in ((setup.contribution, setup.rows), (other, other_rows), (flipped, setup.rows)):
+            cached = replayer.replay(contribution, rows=rows)
+            fresh = setup.replay(contribution, rows=rows)
+            assert (cached.verdict, cached.error) == (fresh.verdict, fresh.error)
+            assert all(torch.equal(a, b) for a, b in
+                       zip(cached.details["replayed_gradient"], fresh.details["replayed_gradient"]))
+        assert replayer.replay(other, rows=setup.rows).verdict is Verdict.WRONG_DATA
+    assert len(replayer._cache) == 1  # one trainer served all of them
+    assert param_checksum(setup.model) == setup.contribution.state_hash

@@ -45,7 +45,7 @@ from swarm.verify.commitment import (
     make_commitment,
     save_contribution,
 )
-from swarm.verify.replay import GRADIENT_TOLERANCE, Contribution, GRPOSettings, Verdict, replay_gradient
+from swarm.verify.replay import GRADIENT_TOLERANCE, Contribution, GRPOSettings, Replayer, Verdict
 from swarm.verify.selection import AuditAssignment, assign_audits
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class Verifier:
         self.finalized: set[tuple[int, str]] = set()
         self.bans: dict[str, int] = {}  # peer id -> first epoch it may average again
         self._audit_model: torch.nn.Module | None = None
+        self._replayer: Replayer | None = None  # replays on the audit model, reusing its TRL trainer
         self.commitments = self.verdicts = None
         self.observers = list(observers or [])
 
@@ -343,8 +344,10 @@ class Verifier:
         model = self._model_at(epoch)
         rows = self.recipe.assigned_rows(self.config.run_id, audited, epoch, len(contribution.rows))
         tolerance = self.verify.tolerance or GRADIENT_TOLERANCE[commitment.precision]
+        if self._replayer is None:
+            self._replayer = Replayer(model, self.tokenizer, self.recipe)
         try:
-            result = replay_gradient(model, self.tokenizer, self.recipe, contribution, rows=rows, tolerance=tolerance)
+            result = self._replayer.replay(contribution, rows=rows, tolerance=tolerance)
         except Exception as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
             logger.info(f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}")
             return MALFORMED, None
