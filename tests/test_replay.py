@@ -18,6 +18,7 @@ from swarm.recipe import Recipe, load_recipe
 from swarm.training.model import load_model_and_tokenizer
 from swarm.training.state import param_checksum
 from swarm.verify.replay import (
+    GRADIENT_TOLERANCE,
     OTHER_SPLIT_TOLERANCE,
     Contribution,
     GRPOSettings,
@@ -187,3 +188,14 @@ def test_a_replayer_reusing_its_trainer_gives_the_same_verdicts(setup: Setup) ->
         assert replayer.replay(other, rows=setup.rows).verdict is Verdict.WRONG_DATA
     assert len(replayer._cache) == 1  # one trainer served all of them
     assert param_checksum(setup.model) == setup.contribution.state_hash
+
+
+def test_a_peer_declaring_bf16_is_replayed_in_bf16_and_passes(setup: Setup) -> None:
+    """The declared precision class decides TRL's mixed precision on both sides, so a bf16 peer replays exactly."""
+    settings = GRPOSettings(num_generations=4, seed=3, precision="bf16")
+    contribution = capture_contribution(setup.model, setup.tokenizer, setup.recipe, setup.rows, settings)
+    result = setup.replay(contribution, tolerance=GRADIENT_TOLERANCE["bf16"])
+    print(f"\nbf16 peer, bf16 replay: relative error {result.error:.3e}")
+    assert result.verdict is Verdict.PASS and result.error < 1e-5
+    as_fp32 = contribution.with_changes(settings=GRPOSettings(num_generations=4, seed=3))  # replayed in fp32
+    assert 0 < setup.replay(as_fp32, tolerance=GRADIENT_TOLERANCE["bf16"]).error < GRADIENT_TOLERANCE["bf16"]
