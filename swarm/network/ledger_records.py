@@ -21,10 +21,10 @@ from typing import Any
 
 import hivemind
 from hivemind.utils import MSGPackSerializer, get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from swarm.identity import Identity
-from swarm.network.records import MAX_RECORD_BYTES, dict_entries, owner_marker, owner_peer_id
+from swarm.network.records import MAX_RECORD_BYTES, dict_entries, owned_records, owner_marker, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +108,7 @@ class LedgerBoard:
 
     def fetch_heads(self) -> dict[str, LedgerHead]:
         """Author -> its head, for heads signed by the author they name; others are dropped."""
-        heads = {}
-        for subkey, value in dict_entries(self.dht, heads_key(self.run_id)):
-            try:
-                head = LedgerHead.model_validate(value)
-            except ValidationError:
-                logger.debug("Dropped a malformed ledger head")
-                continue
-            if owner_peer_id(subkey) != head.author:
-                logger.debug(f"Dropped a ledger head for {head.author!r} not signed by its key")
-                continue
-            heads[head.author] = head
-        return heads
+        return {head.author: head for head in owned_records(self.dht, heads_key(self.run_id), LedgerHead, "author")}
 
     def fetch_chunks(self, author: str) -> list[tuple[int, list[LedgerItem]]]:
         """``author``'s chunks as (first seq, items), by first seq: only those its key signed and that decode."""

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import hivemind
 import multihash
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from swarm.identity import Identity
 
 logger = logging.getLogger(__name__)
+_Model = TypeVar("_Model", bound=BaseModel)
 
 MAX_RECORD_BYTES = 4096
 
@@ -98,20 +99,7 @@ class StatusBoard:
 
     def fetch(self) -> dict[str, PeerStatus]:
         """Live peers by peer id (this one included once published). Forged or malformed entries are skipped."""
-        statuses = {}
-        for subkey, value in dict_entries(self.dht, self.key):
-            if not isinstance(value, dict):
-                continue
-            try:
-                status = PeerStatus.model_validate(value)
-            except ValidationError:
-                logger.debug("Dropped a malformed peer status")
-                continue
-            if owner_peer_id(subkey) != status.peer_id:
-                logger.debug(f"Dropped a status for {status.peer_id} not signed by its key")
-                continue
-            statuses[status.peer_id] = status
-        return statuses
+        return {status.peer_id: status for status in owned_records(self.dht, self.key, PeerStatus, "peer_id")}
 
 
 # ---- verification records (DESIGN §3 steps 4 and 7) ---------------------------------------------------------------
@@ -315,6 +303,23 @@ def dict_entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
     if found is None or not isinstance(found.value, dict):
         return []
     return [(subkey, getattr(item, "value", None)) for subkey, item in found.value.items()]
+
+
+def owned_records(dht: hivemind.DHT, key: str, model: type[_Model], owner_field: str) -> list[_Model]:
+    """The entries under ``key`` that parse as ``model`` and whose ``owner_field`` names the peer whose key signed
+    them (the ``[owner:...]`` subkey); malformed and forged entries are dropped with a debug line, never raised."""
+    records = []
+    for subkey, value in dict_entries(dht, key):
+        try:
+            record = model.model_validate(value)
+        except ValidationError:
+            logger.debug(f"Dropped a malformed {model.__name__}")
+            continue
+        if owner_peer_id(subkey) != getattr(record, owner_field):
+            logger.debug(f"Dropped a {model.__name__} for {getattr(record, owner_field)!r} not signed by its key")
+            continue
+        records.append(record)
+    return records
 
 
 def _log_dropped(model: type[BaseModel], error: RecordRejected) -> None:
