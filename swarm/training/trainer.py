@@ -1,9 +1,12 @@
 """SwarmTrainer: a recipe + a TRL trainer + the swarm's averaging strategy. One epoch, top to bottom:
 
     rows = recipe.assigned_rows(run, peer, epoch)     # data nobody chooses for themselves
+    verifier.remember_state(epoch)                    # θ_e, for replaying others' contributions
     trl_trainer(rows).train()                         # TRL generates, scores, backpropagates (one optimizer step)
-      └─ SwarmOptimizer.step() → SyncGradientAveraging.finish_round()   # barrier, all-reduce, identical step
-    checkpoint, history, status
+      └─ optimizer.step(): contribution recorded → verifier.commit() (signed commitment, file served to auditors)
+           → SyncGradientAveraging.finish_round()     # barrier, all-reduce, identical step
+    verifier.after_round(); verifier.process()        # audits chosen by the round's beacon, re-checks, bans
+    checkpoint, history, status                       # the ledger follows through the verifier's hooks
 """
 
 from __future__ import annotations
