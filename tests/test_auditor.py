@@ -83,8 +83,9 @@ def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str]) -> tuple[dic
 
 
 def run_round(verifiers: dict[str, Verifier]) -> None:
-    result = RoundResult(Outcome.AVERAGED, 0, len(PEERS), {peer: f"{i:064x}" for i, peer in enumerate(PEERS)},
-                         "averaged-gradient")
+    """One averaged round of the peers in ``verifiers`` (peer i committed the digest f"{i:064x}")."""
+    members = {peer: f"{i:064x}" for i, peer in enumerate(PEERS) if peer in verifiers}
+    result = RoundResult(Outcome.AVERAGED, 0, len(members), members, "averaged-gradient")
     for verifier in verifiers.values():
         verifier.after_round(result)
     for _ in range(2):  # primaries first (every peer), then re-checks and decisions
@@ -135,3 +136,42 @@ def test_a_verdict_from_an_auditor_the_beacon_did_not_assign_does_not_count(tmp_
         ))
     alice._finalize(current_epoch=1)
     assert alice.peer.banned == []
+
+
+class PublishedCommitments:
+    """The commitments key as an outsider reads it: one commitment per peer, identified by its digest."""
+
+    def __init__(self, digests: dict[str, str]) -> None:
+        self.digests = digests
+
+    def fetch(self, epoch: int) -> dict:
+        return {peer: type("Published", (), {"digest": lambda self, d=digest: d})() for peer, digest in
+                self.digests.items()}
+
+
+def test_a_peer_outside_the_round_bans_on_a_quorum_of_failing_auditors(tmp_path: Path) -> None:
+    """A peer whose all-reduce failed (or that joined later) does not know the round's beacon: it bans a peer that
+    two distinct auditors failed on its real commitment, never on one auditor's word or on a commitment it never
+    published."""
+    verifiers, _ = make_swarm(tmp_path, cheaters={"QmDave"}, liars=set())
+    outsider = verifiers.pop("QmAlice")
+    run_round(verifiers)  # Alice was not in this round: she has no assignments for it
+    assert not outsider.assignments
+    digests = {peer: f"{i:064x}" for i, peer in enumerate(PEERS)}
+    outsider.commitments = PublishedCommitments({"QmDave": "f" * 64})  # not the commitment the auditors failed
+    outsider._finalize(current_epoch=1)
+    assert outsider.peer.banned == []
+    outsider.commitments = PublishedCommitments(digests)
+    outsider._finalize(current_epoch=1)
+    assert outsider.peer.banned == ["QmDave"]
+    events = [json.loads(line) for line in outsider.events_path.read_text().splitlines()]
+    assert [event["audited"] for event in events] == ["QmDave"]
+
+
+def test_one_failing_auditor_is_not_enough_for_a_peer_outside_the_round(tmp_path: Path) -> None:
+    verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars={"QmBob"})
+    outsider = verifiers.pop("QmAlice")
+    run_round(verifiers)
+    outsider.commitments = PublishedCommitments({peer: f"{i:064x}" for i, peer in enumerate(PEERS)})
+    outsider._finalize(current_epoch=1)
+    assert outsider.peer.banned == []

@@ -264,9 +264,39 @@ class Verifier:
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
                     self._notify("on_final", assignment, True, list(verdicts.values()), current_epoch)
+        self._finalize_unseen_rounds(current_epoch)
         self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
         self.peer.set_banned(self.stats.banned)
         self._notify("on_epoch_end", current_epoch)
+
+    def _finalize_unseen_rounds(self, current_epoch: int) -> None:
+        """Failures in rounds this peer was not part of (it joined late, or its all-reduce failed one-sidedly), so it
+        does not know their beacon: a contribution counts as failed when ``majority`` distinct auditors other than
+        its peer failed the commitment that peer really published — the ledger's slash quorum. Two colluding
+        auditors could thus get a peer banned by outsiders (not by the members of that round)."""
+        quorum = (1 + self.verify.recheck_auditors) // 2 + 1
+        try:
+            verdicts = self.verdicts.fetch(None)
+        except Exception as error:
+            logger.warning(f"Could not read verdicts: {error!r}")
+            return
+        failing: dict[tuple[int, str, str], dict[str, AuditVerdict]] = {}
+        for verdict in verdicts:
+            if (verdict.passed or verdict.epoch in self.assignments or verdict.audited == verdict.auditor
+                    or verdict.epoch <= current_epoch - self.verify.audit_window
+                    or (verdict.epoch, verdict.audited) in self.finalized):
+                continue
+            failing.setdefault((verdict.epoch, verdict.audited, verdict.commitment), {})[verdict.auditor] = verdict
+        for (epoch, audited, digest), by_auditor in failing.items():
+            if len(by_auditor) < quorum or (epoch, audited) in self.finalized:
+                continue
+            published = self.commitments.fetch(epoch).get(audited)
+            if published is None or published.digest() != digest:
+                continue
+            assignment = AuditAssignment(epoch, audited, digest, tuple(sorted(by_auditor)))
+            self.finalized.add((epoch, audited))
+            self._final_failure(assignment, list(by_auditor.values()), current_epoch)
+            self._notify("on_final", assignment, False, list(by_auditor.values()), current_epoch)
 
     def _final_failure(self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int) -> None:
         kinds = sorted({verdict.verdict for verdict in failed})
