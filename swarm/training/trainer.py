@@ -297,13 +297,15 @@ class SwarmTrainer:
         autocast = self.attack.autocast_dtype() if self.attack is not None else None
         with keeps_forward(self.model):
             if self.trainer_kind == "grpo":
-                trl_trainer, swarm_optimizer, samples = self._grpo_epoch(epoch, rows, seed, finish_round)
+                trl_trainer, swarm_optimizer, claimed = self._grpo_epoch(epoch, rows, seed, finish_round)
             else:
                 samples = len(rows)
                 swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
                 trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed)
             with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
                 trl_trainer.train()
+            if self.trainer_kind == "grpo":
+                samples = claimed[0]  # what the peer committed to (set when TRL reached the optimizer step)
         elapsed = time.perf_counter() - started
         result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
         audit_seconds = 0.0
@@ -323,7 +325,7 @@ class SwarmTrainer:
             loss=None if loss is None else float(loss),
             outcome=result.outcome.value,
             group_size=result.group_size,
-            samples=samples[0] if isinstance(samples, list) else samples,
+            samples=samples,
             compute_s=round(elapsed - sync_seconds, 4),
             sync_s=round(sync_seconds, 4),
             audit_s=round(audit_seconds, 4),

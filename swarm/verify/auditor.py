@@ -233,12 +233,16 @@ class Verifier:
                 return any(not verdict.passed for verdict in primary)
             time.sleep(POLL_INTERVAL)
 
-    def _verdicts_for(self, assignment: AuditAssignment) -> list[AuditVerdict]:
+    def _read_verdicts(self, epoch: int | None) -> list[AuditVerdict]:
         try:
-            found = self.verdicts.fetch(assignment.epoch)
+            return self.verdicts.fetch(epoch)
         except Exception as error:
             logger.warning(f"Could not read verdicts: {error!r}")
             return []
+
+    def _verdicts_for(self, assignment: AuditAssignment, found: list[AuditVerdict] | None = None) -> list[AuditVerdict]:
+        """The verdicts that count for ``assignment`` among ``found`` (default: read from the DHT now)."""
+        found = self._read_verdicts(assignment.epoch) if found is None else found
         return [
             verdict for verdict in found
             if verdict.audited == assignment.audited and verdict.commitment == assignment.commitment
@@ -246,12 +250,14 @@ class Verifier:
         ]
 
     def _finalize(self, current_epoch: int) -> None:
+        everything = self._read_verdicts(None)  # one DHT read for every decision of this call
         for epoch, assignments in self.assignments.items():
             for assignment in assignments:
                 key = (epoch, assignment.audited)
                 if key in self.finalized:
                     continue
-                verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment)}
+                verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment, everything)
+                            if verdict.epoch == epoch}
                 failed = [verdict for verdict in verdicts.values() if not verdict.passed]
                 passed = len(verdicts) - len(failed)
                 primary = verdicts.get(assignment.auditors[0])
@@ -264,22 +270,17 @@ class Verifier:
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
                     self._notify("on_final", assignment, True, list(verdicts.values()), current_epoch)
-        self._finalize_unseen_rounds(current_epoch)
+        self._finalize_unseen_rounds(current_epoch, everything)
         self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
         self.peer.set_banned(self.stats.banned)
         self._notify("on_epoch_end", current_epoch)
 
-    def _finalize_unseen_rounds(self, current_epoch: int) -> None:
+    def _finalize_unseen_rounds(self, current_epoch: int, verdicts: list[AuditVerdict]) -> None:
         """Failures in rounds this peer was not part of (it joined late, or its all-reduce failed one-sidedly), so it
         does not know their beacon: a contribution counts as failed when ``majority`` distinct auditors other than
         its peer failed the commitment that peer really published — the ledger's slash quorum. Two colluding
         auditors could thus get a peer banned by outsiders (not by the members of that round)."""
         quorum = (1 + self.verify.recheck_auditors) // 2 + 1
-        try:
-            verdicts = self.verdicts.fetch(None)
-        except Exception as error:
-            logger.warning(f"Could not read verdicts: {error!r}")
-            return
         failing: dict[tuple[int, str, str], dict[str, AuditVerdict]] = {}
         for verdict in verdicts:
             if (verdict.passed or verdict.epoch in self.assignments or verdict.audited == verdict.auditor
