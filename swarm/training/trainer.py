@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -247,7 +248,8 @@ class SwarmTrainer:
                 self.peer.linger(config.averaging.round_timeout)
         finally:
             try:
-                self.save_checkpoint()
+                with _sigint_deferred():  # a second Ctrl+C must not cut the final checkpoint short
+                    self.save_checkpoint()
             finally:
                 self._emit("on_end")
                 if self.ledger is not None:
@@ -443,6 +445,20 @@ class SwarmTrainer:
             param_checksum=param_checksum(self.model),
             history=[self.history[epoch] for epoch in sorted(self.history)],
         )
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Ignore SIGINT (main thread only) while the body runs: it runs while the peer is already stopping, so a
+    Ctrl+C pressed meanwhile asks for what is happening anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
