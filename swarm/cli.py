@@ -93,8 +93,11 @@ def _raise_keyboard_interrupt(signum, frame):
 def _interrupt_on_sigint_and_sigterm() -> None:
     """Ctrl+C and SIGTERM both mean "stop cleanly" — even if this process was started with SIGINT ignored, as
     background jobs of a non-interactive shell are."""
+    from swarm.network.averager import quiet_interrupted_steps
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    quiet_interrupted_steps()
 
 
 def _stop_when_parent_dies() -> None:

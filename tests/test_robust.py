@@ -116,7 +116,8 @@ def test_a_member_with_a_huge_tensor_is_clipped_in_a_real_group(dhts, aggregatio
     inputs = [[torch.rand(size, generator=generator) * 2 - 1] for _ in range(3)]
     inputs[2][0] = inputs[2][0] * 100  # the outlier
     honest_mean = (inputs[0][0] + inputs[1][0]) / 2
-    options = dict(aggregation=aggregation, clip_tau=tau, clip_iterations=100, part_size_bytes=2**12)
+    # min_group_size=3: under CPU load two members could otherwise start a round of 2 before the outlier joins
+    options = dict(aggregation=aggregation, clip_tau=tau, clip_iterations=100, part_size_bytes=2**12, min_group_size=3)
     with started_averagers(dhts, inputs, **options) as averagers:
         results = step_all(averagers, [1.0, 1.0, 1.0], timeouts=[40.0] * 3)
         assert all(isinstance(result, dict) and len(result) == 3 for result in results), results

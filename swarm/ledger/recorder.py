@@ -54,6 +54,7 @@ from swarm.verify.selection import AuditAssignment
 logger = logging.getLogger(__name__)
 
 MAX_ATTESTED = 15  # refs hold at most 16 ids: the own commitment and 15 other members'
+CLOSE_TIMEOUT = 5.0  # seconds a stopping peer gives replication to finish; swarm local allows 20 in all
 
 
 @dataclass
@@ -173,20 +174,26 @@ class LedgerRecorder(VerificationObserver):
                     return False
                 time.sleep(min(1.0, self.settings.sync_interval))
 
-    def close(self) -> None:
-        """Stop replicating (after a last publish) and close the store. Safe to call twice."""
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop replicating (after a last publish) and close the store, within about ``timeout`` seconds: a peer
+        that is stopping must not be held up by a slow DHT. Every entry is already committed to SQLite; a publish
+        cut short only delays the other copies, which pull it from a later run. Safe to call twice."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                logger.warning(f"ledger: replication still busy after {timeout:.0f}s; closing without waiting")
             self._thread = None
         if self._store is not None:
-            if self._board is not None:
+            if self._board is not None and self._sync_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 try:
-                    with self._sync_lock:
-                        self._publish(self._store)
+                    self._publish(self._store)
                 except Exception as error:
                     logger.warning(f"ledger: last publish failed: {type(error).__name__}: {error}")
+                finally:
+                    self._sync_lock.release()
             self._store.close()
             self._store = None
         logger.info(f"ledger: {self.stats.written} entries written, {self.stats.pulled} pulled, "

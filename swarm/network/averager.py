@@ -19,6 +19,7 @@ import ctypes
 import logging
 import math
 import multiprocessing as mp
+import sys
 import time
 import typing
 from collections import Counter
@@ -354,6 +355,18 @@ class SwarmAverager(DecentralizedAverager):
             for old in [e for e in self._received if e <= epoch - self.keep_received_epochs]:
                 del self._received[old]
 
+    async def _shutdown(self, timeout: float | None) -> None:
+        """Cancel the rounds in flight and stop serving. hivemind 1.1.12's own version calls ``finalize`` on the
+        futures of those rounds instead of on their runners (and gathers its None result), so a shutdown mid-round
+        crashed the averager thread with an AttributeError and left the round to the hard-terminate path."""
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for future in self._running_groups.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
+
     def received_span(self, epoch: int, peer_id: str) -> tuple[int, list[torch.Tensor]] | None:
         """(offset, parts): what ``peer_id`` sent this peer in the all-reduce of ``epoch`` for the parts this peer
         reduced — consecutive slices of its flattened gradient from ``offset``, as decoded after compression. None
@@ -510,6 +523,24 @@ class SwarmAverager(DecentralizedAverager):
             except RuntimeError as error:  # as in hivemind's matchmaking: closing a finished stream may complain
                 logger.debug(repr(error))
         return b"".join(chunks) if size else None
+
+
+def quiet_interrupted_steps() -> None:
+    """Stop hivemind from printing a traceback when a peer is interrupted in the middle of ``averager.step``.
+
+    hivemind 1.1.12's ``step`` creates a ``StepControl`` and waits for the averager process to attach it; a Ctrl+C
+    during that wait leaves it unattached, and its ``__del__`` then fails an assertion that Python prints as
+    "Exception ignored in ...". Only that case is silenced; every other unraisable exception is reported as before.
+    """
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, AssertionError) and "attached trigger" in str(unraisable.exc_value):
+            logger.debug("an averaging step was interrupted before it started")
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _declared_weight(gathered: Any, max_weight: float) -> float:

@@ -247,14 +247,22 @@ class SwarmTrainer:
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
+            stopping = time.perf_counter()
             try:
                 with _sigint_deferred():  # a second Ctrl+C must not cut the final checkpoint short
                     self.save_checkpoint()
             finally:
+                saved = time.perf_counter()
                 self._emit("on_end")
                 if self.ledger is not None:
                     self.ledger.close()
+                closed = time.perf_counter()
                 self.peer.shutdown()
+                logger.info(
+                    f"{self.identity.name} left the swarm in {time.perf_counter() - stopping:.1f}s (checkpoint"
+                    f" {saved - stopping:.1f}s, monitors and ledger {closed - saved:.1f}s,"
+                    f" network {time.perf_counter() - closed:.1f}s)"
+                )
         return self.report()
 
     def _emit(self, hook: str, *args: Any) -> None:
