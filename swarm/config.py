@@ -125,6 +125,21 @@ class VerifyConfig(_Section):
     # it to the last peer only
 
 
+class SharingConfig(_Section):
+    """SAPO-style rollout sharing (GRPO recipes, swarm/sharing.py): each peer publishes the completions it sampled,
+    signed, and trains on a mix of its own prompt groups and groups other peers published, which it re-scores with
+    its own reward functions. Every peer of a swarm must use the same settings (auditors check them)."""
+
+    enabled: bool = False
+    # share of each round's prompt groups taken from other peers (SAPO's J / (I + J)); the rest are this peer's own
+    # assigned prompts, and so are any the swarm cannot fill
+    external_fraction: float = Field(0.5, ge=0, le=1)
+    publish: bool = True  # share this peer's own rollouts with the others
+    max_age_epochs: int = Field(1, gt=0)  # train on groups sampled at most this many epochs before the current one
+    skip_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage: no gradient)
+    max_record_kb: float = Field(512.0, gt=0)  # larger bundles (compressed) are neither published nor read
+
+
 class CheckpointConfig(_Section):
     every_epochs: int = Field(1, gt=0)
 
@@ -149,6 +164,7 @@ class SwarmConfig(_Section):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    sharing: SharingConfig = Field(default_factory=SharingConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 

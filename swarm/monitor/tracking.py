@@ -118,8 +118,10 @@ class WandbCallback(SwarmCallback):
             "ledger/my_credit_provisional": (mine.provisional if mine else 0) / MICRO,
             "ledger/swarm_credit": sum(balance.total for balance in balances.values()) / MICRO,
         }
+        sharing = trainer.sharing.figures() if trainer.sharing is not None else {}
         self.tracker.log(
-            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits, **ledger),
+            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits, **ledger,
+                 **sharing),
             record.epoch,
         )
 

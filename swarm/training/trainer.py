@@ -1,9 +1,11 @@
 """SwarmTrainer: a recipe + a TRL trainer + the swarm's averaging strategy. One epoch, top to bottom:
 
-    rows = recipe.assigned_rows(run, peer, epoch)     # data nobody chooses for themselves
+    shared = sharing.select(epoch, J)                 # rollout sharing on: other peers' signed groups, re-scored
+    rows = recipe.assigned_rows(run, peer, epoch)     # data nobody chooses for themselves (all but the J shared)
     verifier.remember_state(epoch)                    # θ_e, for replaying others' contributions
     trl_trainer(rows).train()                         # TRL generates, scores, backpropagates (one optimizer step)
       └─ optimizer.step(): contribution recorded → verifier.commit() (signed commitment, file served to auditors)
+           → sharing.publish()                        # this peer's own groups, signed, for the others' next epoch
            → SyncGradientAveraging.finish_round()     # barrier, all-reduce, identical step
     verifier.after_round(); verifier.process()        # audits chosen by the round's beacon, re-checks, bans
     checkpoint, history, status                       # the ledger follows through the verifier's hooks
@@ -36,7 +38,9 @@ from swarm.ledger.balances import Balance
 from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
+from swarm.network.rollout_records import RolloutBoard
 from swarm.recipe import Recipe, load_recipe
+from swarm.sharing import ExternalGroup, GroupLimits, RolloutSharing, contribution_sharing, external_count
 from swarm.training.callbacks import SwarmCallback
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.model import load_model_and_tokenizer
@@ -156,10 +160,13 @@ class SwarmTrainer:
         self._previous_contribution: Contribution | None = None
         self.verifier: Verifier | None = None
         self.ledger: LedgerRecorder | None = None
+        self.sharing: RolloutSharing | None = None
         if config.verify.enabled and self.trainer_kind == "grpo":
             self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0))
         elif config.verify.enabled:
             logger.warning(f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)")
+        if config.sharing.enabled and self.trainer_kind != "grpo":
+            logger.warning(f"recipe {self.recipe.name}: rollout sharing is for GRPO recipes; this SFT run shares none")
 
     def _make_attack(self) -> Attack | None:
         name = self.config.verify.attack
@@ -224,6 +231,8 @@ class SwarmTrainer:
                     self.ledger = LedgerRecorder(config, self.identity, self.peer.dht)
                     self.ledger.start()
                     self.verifier.observers.append(self.ledger)
+            if config.sharing.enabled and self.trainer_kind == "grpo":
+                self.sharing = self._make_sharing()
             self.peer.sync_with_swarm()
             max_epochs = config.training.max_epochs
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
@@ -265,6 +274,25 @@ class SwarmTrainer:
                 )
         return self.report()
 
+    def _make_sharing(self) -> RolloutSharing:
+        config = self.config
+        settings = self._grpo_settings(0)
+        ttl = (config.sharing.max_age_epochs + 1) * config.averaging.round_timeout * 2
+        board = RolloutBoard(self.peer.dht, config.run_id, self.identity, ttl,
+                             int(config.sharing.max_record_kb * 1024))
+        eos = self.tokenizer.eos_token_id
+        limits = GroupLimits(
+            num_generations=settings.num_generations,
+            max_completion_length=settings.max_completion_length,
+            vocab_size=self.model.get_input_embeddings().num_embeddings,
+            eos_token_ids=frozenset() if eos is None else frozenset([eos]),
+        )
+        return RolloutSharing(
+            config, self.identity, self.recipe, board, limits,
+            decode=lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True),
+            banned=lambda: self.verifier.stats.banned if self.verifier is not None else (),
+        )
+
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             try:
@@ -277,6 +305,8 @@ class SwarmTrainer:
                       samples=self.peer.samples, peer_id=self.peer.peer_id)
         if self.verifier is not None:
             status.update(self.verifier.figures(), banned=self.verifier.stats.banned)
+        if self.sharing is not None:
+            status.update(self.sharing.figures())
         write_json_atomic(self.workdir / STATUS_FILE, status)
         with open(self.workdir / METRICS_FILE, "a") as metrics:
             metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
@@ -284,8 +314,12 @@ class SwarmTrainer:
     def run_epoch(self) -> EpochRecord:
         """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round."""
         epoch = self.peer.epoch
+        shared: list[ExternalGroup] = []
+        if self.sharing is not None:
+            self._emit("on_phase", f"picking shared rollouts for epoch {epoch}")
+            shared = self.sharing.select(epoch, external_count(self.config))
         rows = self.recipe.assigned_rows(
-            self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round
+            self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round - len(shared)
         )
         seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
         sync_seconds = 0.0
@@ -307,7 +341,7 @@ class SwarmTrainer:
         autocast = self.attack.autocast_dtype() if self.attack is not None else None
         with keeps_forward(self.model):
             if self.trainer_kind == "grpo":
-                trl_trainer, swarm_optimizer, claimed = self._grpo_epoch(epoch, rows, seed, finish_round)
+                trl_trainer, swarm_optimizer, claimed = self._grpo_epoch(epoch, rows, seed, finish_round, shared)
             else:
                 samples = len(rows)
                 swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
@@ -342,10 +376,13 @@ class SwarmTrainer:
             bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
         )
 
-    def _grpo_epoch(self, epoch: int, rows: list[dict[str, Any]], seed: int, finish_round):
+    def _grpo_epoch(self, epoch: int, local_rows: list[dict[str, Any]], seed: int, finish_round,
+                    shared: Sequence[ExternalGroup] = ()):
         """A recording GRPO trainer for this epoch whose ``optimizer.step()`` turns what TRL computed into a
-        contribution, commits it (verification on) and then runs the swarm round with it."""
+        contribution, commits it (verification on), publishes this peer's own groups (rollout sharing on) and then
+        runs the swarm round with it. ``shared`` groups follow the local rows, their completions taken as given."""
         settings = self._grpo_settings(seed)
+        rows = [*local_rows, *(group.row for group in shared)]
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         state_hash = param_checksum(self.model)
         context = compute_rows = reward_funcs = None
@@ -361,11 +398,19 @@ class SwarmTrainer:
             )
             compute_rows = self.attack.compute_rows(context)
             reward_funcs = self.attack.reward_funcs(self.recipe.checked_reward_funcs())
+        forced = {len(local_rows) + index: group.completions for index, group in enumerate(shared)}
+        if compute_rows is not None:
+            forced = {}  # a cheater that trains on rows of its own choosing trains on no shared ones either
         compute_rows = compute_rows or rows
         claimed = [len(rows) * settings.num_generations]  # the sample count (weight) this peer claims
 
         def commit_and_average() -> RoundResult:
             contribution = contribution_from_record(trl_trainer, recorder, state_hash, compute_rows, settings)
+            if forced:
+                bundles, groups = contribution_sharing(shared)
+                contribution = contribution.with_changes(shared_bundles=bundles, shared_groups=groups)
+            if self.sharing is not None:
+                self.sharing.publish(epoch, contribution.completion_token_ids, len(local_rows))
             if self.attack is not None:
                 contribution = self.attack.tamper(contribution, context)
                 with torch.no_grad():
@@ -380,7 +425,7 @@ class SwarmTrainer:
         recorder = GradientRecorder(named, swarm_optimizer)
         trl_trainer = make_recording_trainer(
             self.model, self.tokenizer, self.recipe, compute_rows, settings, recorder, self.workdir / "trl",
-            reward_funcs=reward_funcs,
+            reward_funcs=reward_funcs, forced_rows=forced,
         )
         return trl_trainer, swarm_optimizer, claimed
 

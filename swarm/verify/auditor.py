@@ -36,6 +36,7 @@ from swarm.config import SwarmConfig
 from swarm.network.compression import as_received, make_compression
 from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, VerdictBoard
 from swarm.recipe import Recipe
+from swarm.sharing import SharingError, check_shared
 from swarm.training.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
 from swarm.training.strategies.sync import Outcome, RoundResult
 from swarm.verify.commitment import (
@@ -373,7 +374,15 @@ class Verifier:
         ) or theirs.precision != commitment.precision or commitment.precision not in GRADIENT_TOLERANCE:
             return WRONG_SETTINGS, None
         model = self._model_at(epoch)
-        rows = self.recipe.assigned_rows(self.config.run_id, audited, epoch, len(contribution.rows))
+        try:  # rollout sharing: the last rows may be other peers' signed groups
+            shared_rows = check_shared(self.config, self.recipe, audited, epoch, contribution.shared_bundles,
+                                       contribution.shared_groups, contribution.completion_token_ids,
+                                       len(contribution.rows))
+        except SharingError as error:
+            logger.info(f"epoch {epoch}: {audited}'s shared rollouts are not acceptable: {error}")
+            return Verdict.WRONG_DATA.value, None
+        rows = [*self.recipe.assigned_rows(self.config.run_id, audited, epoch,
+                                           len(contribution.rows) - len(shared_rows)), *shared_rows]
         tolerance = self.verify.tolerance or GRADIENT_TOLERANCE[commitment.precision]
         if self._replayer is None:
             self._replayer = Replayer(model, self.tokenizer, self.recipe)

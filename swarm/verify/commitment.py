@@ -9,6 +9,9 @@ and streamed to auditors over hivemind P2P. Guarantees:
 * :func:`load_contribution` reads untrusted bytes with ``torch.load(weights_only=True)`` (tensors, lists, dicts and
   scalars only — no code) and raises :class:`MalformedContribution` for anything that is not a contribution;
 * :func:`commitment_mismatch` names the first committed field a served contribution does not match.
+
+The rollouts hash also binds the signed bundles of other peers' rollouts a contribution trained on (rollout
+sharing, :mod:`swarm.sharing`), so a peer cannot swap them after committing.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def rollouts_hash(contribution: Contribution) -> str:
     """sha256 over the rollouts' token ids, the shuffle order and the claimed rewards and advantages."""
     hasher = hashlib.sha256()
     hasher.update(json.dumps([contribution.prompt_token_ids, contribution.completion_token_ids,
-                              contribution.order, contribution.reward_names]).encode())
+                              contribution.order, contribution.reward_names, contribution.shared_groups]).encode())
+    for canonical, signature in contribution.shared_bundles:
+        hasher.update(hashlib.sha256(canonical).digest() + hashlib.sha256(signature).digest())
     for name in _TENSOR_FIELDS:
         tensor = getattr(contribution, name).detach().cpu().contiguous()
         hasher.update(f"{name}{tensor.dtype}{tuple(tensor.shape)}".encode())
@@ -152,6 +157,14 @@ def load_contribution(data: bytes) -> Contribution:
             raise MalformedContribution("order is not a list of indices")
         if not (isinstance(payload["rows"], list) and all(isinstance(row, dict) for row in payload["rows"])):
             raise MalformedContribution("rows is not a list of rows")
+        if not (isinstance(payload["shared_bundles"], list)
+                and all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, bytes) for part in pair)
+                        for pair in payload["shared_bundles"])):
+            raise MalformedContribution("shared_bundles is not a list of [bundle, signature] byte pairs")
+        if not (isinstance(payload["shared_groups"], list)
+                and all(isinstance(pair, list) and len(pair) == 2 and all(type(i) is int for i in pair)
+                        for pair in payload["shared_groups"])):
+            raise MalformedContribution("shared_groups is not a list of [bundle, group] index pairs")
         if not (isinstance(payload["param_names"], list) and isinstance(payload["reward_names"], list)
                 and isinstance(payload["state_hash"], str)):
             raise MalformedContribution("param_names, reward_names or state_hash is malformed")

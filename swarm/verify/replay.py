@@ -110,6 +110,10 @@ class Contribution:
     order: list[int]  # the order TRL's shuffle put the completions in before cutting them into micro-batches
     param_names: list[str]  # trainable parameters, named_parameters order
     gradient: list[torch.Tensor]  # claimed gradient, one tensor per name in param_names
+    # rollout sharing (swarm/sharing.py): the signed bundles of other peers this contribution trained on, as
+    # [canonical bytes, signature], and for each of the last len(shared_groups) rows its [bundle, group] indices
+    shared_bundles: list[list[bytes]] = field(default_factory=list)
+    shared_groups: list[list[int]] = field(default_factory=list)
 
     @property
     def num_completions(self) -> int:
@@ -178,12 +182,17 @@ class RecordingGRPOTrainer(GRPOTrainer):
         replay_prompts: list[list[int]] | None = None,
         replay_completions: list[list[int]] | None = None,
         replay_order: list[int] | None = None,
+        forced_rows: dict[int, Sequence[Sequence[int]]] | None = None,
         **kwargs: Any,
     ):
+        """:param forced_rows: when capturing, the completions of some rows (row index -> one token id list per
+          generation) that are taken as given instead of sampled: the groups other peers shared (swarm/sharing.py)
+        """
         self.record = _Record()
         self.replay_prompts = replay_prompts
         self.replay_completions = replay_completions
         self.replay_order = replay_order
+        self.forced_rows = forced_rows or {}
         super().__init__(*args, **kwargs)
 
     def _prepare_inputs(self, generation_batch):
@@ -212,7 +221,11 @@ class RecordingGRPOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         prompts = [[int(token) for token in ids] for ids in prompt_ids]
         self.record.prompt_token_ids = prompts
-        if self.replay_completions is None:
+        if self.replay_completions is None and self.forced_rows:
+            completion_ids, logprobs = self._generate_around_forced(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        elif self.replay_completions is None:
             completion_ids, logprobs = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -224,6 +237,29 @@ class RecordingGRPOTrainer(GRPOTrainer):
             completion_ids, logprobs = [list(ids) for ids in self.replay_completions], None
         self.record.completion_token_ids = [[int(token) for token in ids] for ids in completion_ids]
         return completion_ids, logprobs
+
+    def _generate_around_forced(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
+        """Sample completions for the rows that are not forced and take the forced rows' completions as given.
+        TRL lays the generation batch out row by row, each row repeated ``num_generations`` times in a row."""
+        if self.use_vllm or images is not None:
+            raise NotImplementedError("rollout sharing supports text-only generation with transformers")
+        group = self.num_generations
+        if len(prompt_ids) % group or max(self.forced_rows) >= len(prompt_ids) // group:
+            raise ValueError(f"{len(prompt_ids)} prompts do not hold the forced rows {sorted(self.forced_rows)}")
+        free = [index for index in range(len(prompt_ids)) if index // group not in self.forced_rows]
+        sampled: list[Any] = []
+        if free:
+            sampled, _ = super()._generate_single_turn(
+                [prompt_ids[index] for index in free], None, multimodal_fields, num_generations, has_tool_images
+            )
+        by_index = dict(zip(free, sampled))
+        completion_ids = []
+        for index in range(len(prompt_ids)):
+            if index in by_index:
+                completion_ids.append(list(by_index[index]))
+            else:
+                completion_ids.append([int(token) for token in self.forced_rows[index // group][index % group]])
+        return completion_ids, None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
