@@ -4,15 +4,20 @@ local and shared groups with TRL, and what an auditor checks about the shared gr
 from __future__ import annotations
 
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hivemind.utils import get_dht_time
 
-from swarm.config import ModelConfig, SwarmConfig
+from swarm.config import ModelConfig, NetworkConfig, SwarmConfig
 from swarm.identity import Identity
+from swarm.network.dht import start_dht
+from swarm.network.records import owner_marker
+from swarm.network.rollout_records import RolloutBoard, compress_bundle, inflate_bundle, rollouts_key
 from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import (
     GroupLimits,
@@ -36,6 +41,7 @@ from swarm.verify.replay import (
     make_recording_trainer,
     replay_gradient,
 )
+from tests.conftest import wait_until
 
 GENERATIONS = 4
 RUN = "sharing-test"
@@ -269,8 +275,12 @@ def test_an_auditor_accepts_an_honest_mix_and_replays_it_exactly(offline: Offlin
 
 def test_the_commitment_binds_the_shared_bundles(mixed) -> None:
     contribution, _ = mixed
-    swapped = contribution.with_changes(shared_groups=[list(reversed(pair)) for pair in contribution.shared_groups])
+    swapped = contribution.with_changes(shared_groups=contribution.shared_groups[::-1])
+    assert swapped.shared_groups != contribution.shared_groups
     assert rollouts_hash(swapped) != rollouts_hash(contribution)
+    canonical, signature = contribution.shared_bundles[0]
+    resigned = contribution.with_changes(shared_bundles=[[canonical, signature + b"x"], *contribution.shared_bundles[1:]])
+    assert rollouts_hash(resigned) != rollouts_hash(contribution)
 
 
 def test_an_auditor_refuses_shared_groups_that_were_not_published_as_claimed(
@@ -302,3 +312,39 @@ def test_an_auditor_refuses_shared_groups_that_were_not_published_as_claimed(
         check(cfg=config(enabled=False))
     with pytest.raises(SharingError, match="repeats"):
         check(contribution.with_changes(shared_groups=[contribution.shared_groups[0]] * 2))
+
+
+# ---- the DHT records ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory, identities: list[Identity]):
+    root = tmp_path_factory.mktemp("dht")
+    nodes = []
+    try:
+        for index in range(2):
+            peers = [str(addr) for node in nodes for addr in node.get_visible_maddrs()][:1]
+            nodes.append(start_dht(NetworkConfig(client_mode=False, initial_peers=peers), identities[index],
+                                   root / str(index), run_id=RUN))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.shutdown()
+
+
+def test_bundles_travel_through_the_dht_and_junk_is_dropped(two_nodes, identities: list[Identity]) -> None:
+    alice_node, bob_node = two_nodes
+    alice = identities[0]
+    board = RolloutBoard(alice_node, RUN, alice, ttl=60, max_record_bytes=64 * 1024)
+    canonical, signature = bundle_of(alice, 11, [GROUP])
+    assert board.publish(11, canonical, signature)
+    assert not RolloutBoard(alice_node, RUN, alice, ttl=60, max_record_bytes=16).publish(12, canonical, signature)
+    expiration = get_dht_time() + 60
+    marker = owner_marker(alice)
+    junk = {b"13:": {"bundle": b"not zlib", "signature": b"s"},
+            b"14:": {"bundle": zlib.compress(b"0" * (20 << 20)), "signature": b"s"},  # inflates past 16 MiB
+            b"15:": "not a dict"}
+    for prefix, value in junk.items():
+        assert alice_node.store(rollouts_key(RUN), value, expiration, subkey=prefix + marker)
+    reader = RolloutBoard(bob_node, RUN, identities[1], ttl=60, max_record_bytes=64 * 1024)
+    found = wait_until(lambda: reader.fetch({11, 12, 13, 14, 15}), 20, "alice's bundle at bob's node")
+    assert found == [(str(alice.peer_id), 11, canonical, signature)]
+    assert inflate_bundle(compress_bundle(canonical)) == canonical and inflate_bundle(b"junk") is None
