@@ -137,7 +137,8 @@ class SharingConfig(_Section):
     publish: bool = True  # share this peer's own rollouts with the others
     max_age_epochs: int = Field(1, gt=0)  # train on groups sampled at most this many epochs before the current one
     skip_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage: no gradient)
-    max_record_kb: float = Field(512.0, gt=0)  # larger bundles (compressed) are neither published nor read
+    # larger bundles (compressed) are neither published nor read; DHT nodes store at most 4 MiB per entry
+    max_record_kb: float = Field(512.0, gt=0, le=4096)
 
 
 class CheckpointConfig(_Section):

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 
 from swarm.config import ModelConfig, NetworkConfig, SwarmConfig
 from swarm.identity import Identity
 from swarm.network.dht import start_dht
 from swarm.network.records import owner_marker
-from swarm.network.rollout_records import RolloutBoard, compress_bundle, inflate_bundle, rollouts_key
+from swarm.network.rollout_records import (
+    MAX_STORED_BYTES,
+    RolloutBoard,
+    RolloutRecordValidator,
+    compress_bundle,
+    inflate_bundle,
+    rollouts_key,
+)
 from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import (
     GroupLimits,
@@ -348,3 +358,17 @@ def test_bundles_travel_through_the_dht_and_junk_is_dropped(two_nodes, identitie
     found = wait_until(lambda: reader.fetch({11, 12, 13, 14, 15}), 20, "alice's bundle at bob's node")
     assert found == [(str(alice.peer_id), 11, canonical, signature)]
     assert inflate_bundle(compress_bundle(canonical)) == canonical and inflate_bundle(b"junk") is None
+
+
+def test_dht_nodes_refuse_rollout_values_that_cannot_be_bundles(two_nodes) -> None:
+    alice_node, bob_node = two_nodes
+    # a plain value would replace every peer's bundles at once: a guarded node does not store it
+    assert not bob_node.store(rollouts_key(RUN), b"everything", get_dht_time() + 60)
+    validator = RolloutRecordValidator(RUN)
+    key = DHTID.generate(source=rollouts_key(RUN)).to_bytes()
+    subkey = DHTProtocol.serializer.dumps(b"1:[owner:x]")
+    record = DHTRecord(key=key, subkey=subkey, value=b"v" * 100, expiration_time=get_dht_time() + 60)
+    assert validator.validate(record)
+    assert not validator.validate(replace(record, value=b"v" * (MAX_STORED_BYTES + 1)))
+    other = DHTID.generate(source=f"{RUN}.peers").to_bytes()
+    assert validator.validate(replace(record, key=other, value=b"v" * (MAX_STORED_BYTES + 1)))  # not its key

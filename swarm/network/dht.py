@@ -15,6 +15,7 @@ from swarm.config import NetworkConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.records import VerificationRecordValidator
+from swarm.network.rollout_records import RolloutRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ def start_dht(
     """Start this peer's DHT node, signed records enabled with the peer's own key.
 
     With ``run_id``, the node also refuses to store (or to accept from other nodes) verification records of that run
-    that are forged, replayed, malformed or oversized (:class:`~swarm.network.records.VerificationRecordValidator`);
-    every other key, the run's peer statuses included, is checked only for owner signatures.
+    that are forged, replayed, malformed or oversized (:class:`~swarm.network.records.VerificationRecordValidator`),
+    and shared-rollout entries without an owner subkey or over 4 MiB
+    (:class:`~swarm.network.rollout_records.RolloutRecordValidator`); every other key, the run's peer statuses
+    included, is checked only for owner signatures.
 
     With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
     waiting ``bootstrap_backoff`` seconds (doubling) in between. On success the multiaddrs others can join with are
@@ -53,7 +56,7 @@ def start_dht(
     attempts = network.bootstrap_attempts if network.initial_peers else 1
     validators: list[RecordValidatorBase] = [RSASignatureValidator(identity.private_key)]
     if run_id is not None:
-        validators.append(VerificationRecordValidator(run_id))
+        validators += [VerificationRecordValidator(run_id), RolloutRecordValidator(run_id)]
     delay = network.bootstrap_backoff
     last_error: BaseException | None = None
     for attempt in range(1, attempts + 1):

@@ -19,6 +19,10 @@ import zlib
 from typing import Any
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
 from swarm.identity import Identity
@@ -27,6 +31,7 @@ from swarm.network.records import dict_entries, owner_marker, owner_peer_id
 logger = logging.getLogger(__name__)
 
 MAX_INFLATED_BYTES = 16 << 20  # a bundle never inflates past this (zip-bomb guard)
+MAX_STORED_BYTES = 4 << 20  # what a DHT node stores per entry at most; sharing.max_record_kb stays below it
 _EPOCH_RE = re.compile(rb"^(\d{1,20}):")
 
 
@@ -93,3 +98,36 @@ class RolloutBoard:
                 continue
             found.append((owner, int(match.group(1)), canonical, value["signature"]))
         return found
+
+
+class RolloutRecordValidator(RecordValidatorBase):
+    """Makes DHT nodes refuse entries of ``<run_id>.rollouts`` that could not be a bundle: a value without an owner
+    subkey (it would replace the whole dictionary) or larger than :data:`MAX_STORED_BYTES`. Registered next to the
+    verification records' validator by :func:`swarm.network.dht.start_dht`; every other key passes untouched.
+    The bundle itself (signature, contents) is checked by the peers that read it."""
+
+    def __init__(self, run_id: str):
+        self._keys = {DHTID.generate(source=rollouts_key(run_id)).to_bytes(): run_id}
+
+    @property
+    def priority(self) -> int:
+        return 5  # after RSASignatureValidator (10) has checked and stripped the owner's signature
+
+    def validate(self, record: DHTRecord) -> bool:
+        run_id = self._keys.get(record.key)
+        if run_id is None:
+            return True
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            problem = "a value without a subkey"
+        elif len(RSASignatureValidator._SIGNATURE_RE.sub(b"", record.value)) > MAX_STORED_BYTES:
+            problem = f"oversized: {len(record.value)} bytes > {MAX_STORED_BYTES}"
+        else:
+            return True
+        logger.warning(f"Rejected a rollout bundle record of run {run_id!r}: {problem}")
+        return False
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, RolloutRecordValidator):
+            return False
+        self._keys.update(other._keys)
+        return True
