@@ -3,6 +3,7 @@ local and shared groups with TRL, and what an auditor checks about the shared gr
 
 from __future__ import annotations
 
+import io
 import tempfile
 import zlib
 from dataclasses import dataclass, replace
@@ -372,3 +373,20 @@ def test_dht_nodes_refuse_rollout_values_that_cannot_be_bundles(two_nodes) -> No
     assert not validator.validate(replace(record, value=b"v" * (MAX_STORED_BYTES + 1)))
     other = DHTID.generate(source=f"{RUN}.peers").to_bytes()
     assert validator.validate(replace(record, key=other, value=b"v" * (MAX_STORED_BYTES + 1)))  # not its key
+
+
+def test_the_dashboard_shows_shared_rollouts_only_when_sharing_is_on() -> None:
+    from rich.console import Console
+
+    from swarm.monitor.dashboard import DashboardState, render
+
+    def text(state: DashboardState) -> str:
+        console = Console(record=True, width=120, file=io.StringIO())
+        console.print(render(state))
+        return console.export_text()
+
+    state = DashboardState(name="peer", run_id=RUN)
+    assert "shared rollouts" not in text(state)
+    state.sharing = {"sharing/published_groups": 12, "sharing/used_groups": 5, "sharing/received_groups": 9,
+                     "sharing/dropped": 0}
+    assert "12 / 5 groups" in text(state)

@@ -38,6 +38,7 @@ class DashboardState:
     last_compute_s: float | None = None  # how long computing the previous epoch took: the ETA of the next averaging
     audits: dict[str, int] | None = None  # verification figures (Verifier.figures()); None: verification off
     credit: str | None = None  # this peer's ledger balance, as text; None: ledger off
+    sharing: dict[str, int] | None = None  # rollout sharing figures (RolloutSharing.figures()); None: sharing off
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -66,6 +67,7 @@ def render(state: DashboardState) -> Table:
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
         *_audit_rows(state.audits),
         ("my credit", state.credit or "ledger off"),
+        *_sharing_rows(state.sharing),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -80,6 +82,13 @@ def format_credit(balance: Balance | None) -> str:
     if balance.provisional:
         text += f" ({credits(balance.provisional)} provisional)"
     return text + (" · banned" if balance.banned else "")
+
+
+def _sharing_rows(sharing: dict[str, int] | None) -> list[tuple[str, str]]:
+    if sharing is None:
+        return []
+    return [("shared rollouts (published / used)",
+             f"{sharing['sharing/published_groups']} / {sharing['sharing/used_groups']} groups")]
 
 
 def _audit_rows(audits: dict[str, int] | None) -> list[tuple[str, str]]:
@@ -141,3 +150,4 @@ class DashboardCallback(SwarmCallback):
         state.audits = trainer.verifier.figures() if trainer.verifier is not None else None
         mine = trainer.credits().get(trainer.peer.peer_id) if trainer.ledger is not None else None
         state.credit = None if trainer.ledger is None else format_credit(mine)
+        state.sharing = trainer.sharing.figures() if trainer.sharing is not None else None
