@@ -60,19 +60,23 @@ class Recipe:
 
         :raises UserError: naming the recipe and the row when ``make_example`` raises or returns a bad row
         """
-        rows = []
-        for index in range(count):
-            seed = hashlib.sha256(f"{run_id}|{peer_id}|{epoch}|{index}".encode()).digest()
-            try:
-                row = self.make_example(random.Random(int.from_bytes(seed[:8], "big")))
-            except Exception as error:
-                raise UserError(
-                    f"recipe {self.name}: make_example raised {type(error).__name__} on row {index} of epoch {epoch}:"
-                    f" {_one_line(error)}"
-                ) from None
-            self._check_row(row, index)
-            rows.append(row)
-        return rows
+        return [self.assigned_row(run_id, peer_id, epoch, index) for index in range(count)]
+
+    def assigned_row(self, run_id: str, peer_id: str, epoch: int, index: int) -> dict[str, Any]:
+        """Row ``index`` of :meth:`assigned_rows` alone (rows do not depend on each other).
+
+        :raises UserError: naming the recipe and the row when ``make_example`` raises or returns a bad row
+        """
+        seed = hashlib.sha256(f"{run_id}|{peer_id}|{epoch}|{index}".encode()).digest()
+        try:
+            row = self.make_example(random.Random(int.from_bytes(seed[:8], "big")))
+        except Exception as error:
+            raise UserError(
+                f"recipe {self.name}: make_example raised {type(error).__name__} on row {index} of epoch {epoch}:"
+                f" {_one_line(error)}"
+            ) from None
+        self._check_row(row, index)
+        return row
 
     def _check_row(self, row: Any, index: int) -> None:
         where = f"recipe {self.name}: row {index}"

@@ -172,8 +172,11 @@ class GroupLimits:
     max_completion_length: int
     vocab_size: int
     eos_token_ids: frozenset[int]
+    rows_per_round: int  # a sender's own rows are the first of its assigned rows: row indices stay below this
 
     def problem(self, group: SharedGroup) -> str | None:
+        if group.row_index >= self.rows_per_round:
+            return f"row index {group.row_index}, not below {self.rows_per_round}"
         if len(group.completions) != self.num_generations:
             return f"{len(group.completions)} completions, not {self.num_generations}"
         for ids in group.completions:
@@ -201,10 +204,7 @@ def allowed_epochs(config: SwarmConfig, epoch: int) -> set[int]:
 
 def group_rows(recipe: Recipe, run_id: str, groups: Iterable[tuple[str, int, int]]) -> list[dict[str, Any]]:
     """The rows of shared groups, (sender, epoch, row index) each, regenerated from the senders' assigned data."""
-    rows = []
-    for sender, epoch, row_index in groups:
-        rows.append(recipe.assigned_rows(run_id, sender, epoch, row_index + 1)[row_index])
-    return rows
+    return [recipe.assigned_row(run_id, sender, epoch, row_index) for sender, epoch, row_index in groups]
 
 
 def check_shared(
@@ -253,6 +253,8 @@ def check_shared(
         key = (bundle.sender, bundle.epoch, group.row_index)
         if key in seen:
             raise SharingError(f"shared row {position} repeats a group")
+        if group.row_index >= config.training.prompts_per_round:
+            raise SharingError(f"shared row {position} names row {group.row_index}, beyond any peer's own rows")
         seen.add(key)
         start = (first_row + position) * generations
         if [list(ids) for ids in completion_token_ids[start:start + generations]] != [list(ids) for ids in

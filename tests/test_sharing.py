@@ -121,8 +121,10 @@ def test_malformed_groups_are_refused(identities: list[Identity]) -> None:
 
 
 def test_group_limits_name_what_is_wrong() -> None:
-    limits = GroupLimits(num_generations=4, max_completion_length=3, vocab_size=10, eos_token_ids=frozenset({1}))
+    limits = GroupLimits(num_generations=4, max_completion_length=3, vocab_size=10, eos_token_ids=frozenset({1}),
+                         rows_per_round=4)
     assert limits.problem(GROUP) is None
+    assert "row index 4" in limits.problem(SharedGroup(4, GROUP.completions))  # would make receivers build rows
     assert "3 completions" in limits.problem(SharedGroup(0, GROUP.completions[:3]))
     assert "tokens (1..3" in limits.problem(SharedGroup(0, ((5, 6, 7, 8),) + GROUP.completions[1:]))
     assert "vocabulary" in limits.problem(SharedGroup(0, ((5, 10),) + GROUP.completions[1:]))
@@ -168,7 +170,7 @@ class Offline:
 
     def limits(self, max_completion_length: int = 4) -> GroupLimits:
         return GroupLimits(GENERATIONS, max_completion_length, self.model.get_input_embeddings().num_embeddings,
-                           frozenset([self.tokenizer.eos_token_id]))
+                           frozenset([self.tokenizer.eos_token_id]), rows_per_round=4)
 
     def sharing(self, identity: Identity, board: MemoryBoard, banned: tuple[str, ...] = (), **options: Any):
         return RolloutSharing(config(**options), identity, self.recipe, board, self.limits(),
@@ -390,3 +392,12 @@ def test_the_dashboard_shows_shared_rollouts_only_when_sharing_is_on() -> None:
     state.sharing = {"sharing/published_groups": 12, "sharing/used_groups": 5, "sharing/received_groups": 9,
                      "sharing/dropped": 0}
     assert "12 / 5 groups" in text(state)
+
+
+def test_an_auditor_refuses_a_shared_row_beyond_any_peers_own_rows(offline: Offline, identities: list[Identity]) -> None:
+    me, alice = str(identities[0].peer_id), identities[1]
+    far = SharedGroup(10**6, ((5,),) * GENERATIONS)  # a receiver would have to build a million rows to check it
+    canonical, signature = bundle_of(alice, 6, [far])
+    completions = [list(ids) for ids in far.completions]
+    with pytest.raises(SharingError, match="beyond"):
+        check_shared(config(), offline.recipe, me, 7, [[canonical, signature]], [[0, 0]], completions, 1)

@@ -286,6 +286,7 @@ class SwarmTrainer:
             max_completion_length=settings.max_completion_length,
             vocab_size=self.model.get_input_embeddings().num_embeddings,
             eos_token_ids=frozenset() if eos is None else frozenset([eos]),
+            rows_per_round=config.training.prompts_per_round,
         )
         return RolloutSharing(
             config, self.identity, self.recipe, board, limits,
