@@ -76,3 +76,21 @@ def test_cheater_is_caught_and_excluded(tmp_path: Path, attack: str) -> None:
         assert not {event["audited"] for event in audit_events(tmp_path / name)} & honest_ids, logs[name][-3000:]
 
 
+
+
+@pytest.mark.timeout(600)
+def test_a_peer_announcing_a_far_ahead_epoch_is_not_followed(tmp_path: Path) -> None:
+    """The last peer announces an epoch a million ahead of its own and serves scrambled parameters whose hash
+    matches. Peers that followed the highest announced epoch would load them and stop at once; the honest peers
+    must train every epoch and end identical, never loading its state."""
+    summaries, result = run_swarm(tmp_path, "epoch_inflation")
+    honest = [f"peer_{index}" for index in range(PEERS - 1)]
+    liar = summaries[f"peer_{PEERS - 1}"]["peer_id"]
+    logs = {name: (tmp_path / name / "stdout.log").read_text(errors="replace") for name in honest}
+    assert all(summaries[name]["epochs"] == EPOCHS for name in honest), result.stderr[-2000:]
+    assert len({summaries[name]["param_checksum"] for name in honest}) == 1, "honest peers diverged"
+    for name in honest:
+        assert f"from {liar}" not in logs[name], logs[name][-3000:]  # never loaded its state
+        rounds = read_metrics(tmp_path / name)
+        assert {record["epoch"] for record in rounds} == set(range(EPOCHS)), rounds  # one epoch at a time
+        assert sum(record["outcome"] == "averaged" for record in rounds) >= EPOCHS - 2, rounds  # together

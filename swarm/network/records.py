@@ -60,6 +60,7 @@ class PeerStatus(BaseModel):
     samples: int = Field(ge=0)  # samples this peer contributed since it started
     reward: float | None = None  # mean reward of its last round
     client_mode: bool = False
+    left: bool = False  # its last word: it has left the swarm, so nobody waits for it, averages with it or loads from it
 
 
 def peer_id_from_public_key(public_key: RSAPublicKey) -> PeerID:
@@ -98,7 +99,8 @@ class StatusBoard:
         )
 
     def fetch(self) -> dict[str, PeerStatus]:
-        """Live peers by peer id (this one included once published). Forged or malformed entries are skipped."""
+        """Peers by peer id (this one included once published), including those whose last status says they
+        ``left``. Forged or malformed entries are skipped."""
         return {status.peer_id: status for status in owned_records(self.dht, self.key, PeerStatus, "peer_id")}
 
 

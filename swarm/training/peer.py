@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from hivemind.p2p import PeerID
 from swarm.config import SwarmConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
-from swarm.network.averager import RoundKey, SwarmAverager, round_consensus
+from swarm.network.averager import RoundKey, SwarmAverager
 from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
@@ -33,6 +34,7 @@ CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
+NEWER_STATE_WAIT = 3.0  # how long a peer waits for the swarm to announce a state a holder served
 MAX_PUBLISH_FAILURES = 6  # consecutive failed status updates (two peer timeouts of heartbeats) = lost the swarm
 
 
@@ -120,8 +122,13 @@ class SwarmPeer:
         self._heartbeat.start()
 
     def shutdown(self) -> None:
-        """Stop announcing, shut the averager and the DHT (and their p2p daemon) down. Safe to call twice."""
+        """Announce that this peer leaves (so the others stop counting it at once instead of after ``peer_timeout``),
+        stop announcing, shut the averager and the DHT (and their p2p daemon) down. Safe to call twice."""
         self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=2.0)  # its last status must not land after the farewell
+            self._heartbeat = None
+            self._announce_leaving()
         # on Ctrl+C the terminal also stops p2pd, and hivemind then logs tracebacks about the missing daemon
         logging.getLogger("hivemind").setLevel(logging.CRITICAL)
         if self.averager is not None:
@@ -143,6 +150,12 @@ class SwarmPeer:
             reward=self.last_reward,
             client_mode=self.config.network.client_mode,
         )
+
+    def _announce_leaving(self) -> None:
+        try:
+            self.board.publish(self.status().model_copy(update={"left": True, "ready_epoch": -1}))
+        except Exception as error:  # best effort: without it the others notice after peer_timeout
+            logger.debug(f"Could not announce leaving: {error!r}")
 
     def publish(self) -> None:
         try:
@@ -166,7 +179,8 @@ class SwarmPeer:
 
     def other_peers(self) -> dict[str, PeerStatus]:
         """Live peers other than this one. A peer seen within ``peer_timeout`` stays listed (with its last status)
-        even if one read of the DHT misses it, so a slow or failed lookup never makes the swarm look empty."""
+        even if one read of the DHT misses it, so a slow or failed lookup never makes the swarm look empty; a peer
+        whose status says it ``left`` is dropped at once."""
         try:
             fresh = self.board.fetch()
         except Exception as error:
@@ -178,7 +192,10 @@ class SwarmPeer:
             self._seen.pop(peer_id, None)
         now = time.monotonic()
         for peer_id, status in fresh.items():
-            self._seen[peer_id] = (now, status)
+            if status.left:
+                self._seen.pop(peer_id, None)
+            else:
+                self._seen[peer_id] = (now, status)
         horizon = now - self.config.averaging.peer_timeout
         self._seen = {peer_id: seen for peer_id, seen in self._seen.items() if seen[0] >= horizon}
         return {peer_id: status for peer_id, (_, status) in self._seen.items()}
@@ -228,35 +245,73 @@ class SwarmPeer:
             self.state_hash = self.state.state_hash(epoch)
         self.publish()
 
+    def _announced_by(self, key: RoundKey, support: int) -> bool:
+        """Whether at least ``support`` live peers announce ``key``, waiting up to ``NEWER_STATE_WAIT`` s for it."""
+        deadline = time.monotonic() + NEWER_STATE_WAIT
+        while True:
+            count = sum((status.epoch, status.state_hash) == key for status in self.other_peers().values())
+            if count >= support:
+                return True
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return False
+            time.sleep(POLL_INTERVAL)
+
     def swarm_target(self, others: dict[str, PeerStatus]) -> RoundKey | None:
-        """The state the swarm agrees on: the consensus among live peers at the highest epoch (None if none)."""
-        if not others:
+        """The state this peer should adopt, or None to keep its own.
+
+        Candidates are the (epoch, state hash) pairs live peers announce at this peer's epoch or later; the best is
+        the one the most peers announce, ties going to the *earlier* epoch (an honest swarm moves one epoch per
+        round; a far-ahead claim is the suspicious one), then to the smaller hash. It is adopted when at least as
+        many live peers announce it as announce this peer's own state (this peer counted), or — at this peer's own
+        epoch — when strictly more do or, as many, with a smaller hash (so two disagreeing peers do not swap).
+
+        So a state fewer peers announce than this peer's own is never the target, and a peer alone in claiming a
+        far-ahead epoch is not followed while others agree, nor preferred to a nearer state as many peers
+        announce. A peer behind a swarm that agrees (a late joiner, or the member whose last all-reduce failed)
+        adopts the swarm's state. Where nobody agrees with anybody (a two-peer swarm), a liar can still be followed.
+        """
+        counts = Counter((status.epoch, status.state_hash) for status in others.values() if status.epoch >= self.epoch)
+        mine = self.round_key
+        support = counts.pop(mine, 0) + 1
+        if not counts:
             return None
-        top = max(self.epoch, *(status.epoch for status in others.values()))
-        keys = [(status.epoch, status.state_hash) for status in others.values() if status.epoch == top]
-        if self.epoch == top:
-            keys.append(self.round_key)
-        return round_consensus(keys)
+        best = max(counts, key=lambda key: (counts[key], -key[0], tuple(-ord(char) for char in key[1])))
+        if counts[best] > support:
+            return best
+        if counts[best] == support and (best[0] > self.epoch or best[1] < mine[1]):
+            return best
+        return None
 
     def sync_with_swarm(self, others: dict[str, PeerStatus] | None = None) -> bool:
         """Adopt the swarm's state if it differs from this peer's. Returns True if the state was replaced."""
         others = self.other_peers() if others is None else others
         target = self.swarm_target(others)
-        if target is None or target == self.round_key:
+        if target is None:
             return False
         holders = [peer_id for peer_id, status in others.items() if (status.epoch, status.state_hash) == target]
         logger.info(f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading")
-        return self.download_state(holders, min_epoch=target[0])
+        return self.download_state(holders, target)
 
-    def download_state(self, holders: list[str], min_epoch: int) -> bool:
-        """Load the state of the first of ``holders`` that serves a valid one at ``min_epoch`` or later."""
+    def download_state(self, holders: list[str], target: RoundKey) -> bool:
+        """Load the state ``target`` (epoch, state hash) that ``holders`` announced, from the first that serves it.
+
+        A holder may serve a later state only if it moved on while asked: that state is taken once at least as
+        many live peers announce it as announced ``target`` (waiting up to ``NEWER_STATE_WAIT`` seconds for
+        their statuses). Any other state — one a holder alone vouches for — is refused, so a holder cannot make
+        this peer load something the swarm did not announce."""
         holders = [peer_id for peer_id in holders if peer_id not in self.banned]
+        support = max(1, len(holders))
         for peer_id in random.sample(holders, len(holders)):
             result = self.averager.download_state(PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout)
             if result is None:
                 continue
             metadata, tensors = result
-            if not isinstance(metadata.get("epoch"), int) or metadata["epoch"] < min_epoch:
+            served = (metadata.get("epoch"), metadata.get("state_hash"))
+            if not (isinstance(served[0], int) and isinstance(served[1], str)):
+                continue
+            if served != tuple(target) and not (served[0] > target[0] and self._announced_by(served, support)):
+                logger.warning(f"Refused the state served by {peer_id}: epoch {served[0]} hash {served[1][:12]} is"
+                               f" not the announced epoch {target[0]} hash {target[1][:12]}")
                 continue
             try:
                 with self.lock:

@@ -157,6 +157,8 @@ class SwarmTrainer:
         self.peer.samples = samples
         self.strategy = SyncGradientAveraging(self.peer, self.optimizer, config.training.max_grad_norm)
         self.attack = self._make_attack()
+        if self.attack is not None:
+            self.attack.deceive(self.peer)
         self._previous_contribution: Contribution | None = None
         self.verifier: Verifier | None = None
         self.ledger: LedgerRecorder | None = None

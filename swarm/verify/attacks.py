@@ -10,6 +10,9 @@ An :class:`Attack` changes a peer's GRPO step at four seams, used the same way o
    assigned rows (``context.rows``). A cheater that commits one thing and sends another is caught by the separate
    binding check of the commitment, not by the replay, so every attack here is self-consistent on that point.
 
+Two more seams exist only live (:data:`LIVE_ATTACKS`): :meth:`Attack.sent`, what goes into the all-reduce, and
+:meth:`Attack.deceive`, what the peer announces in its status and serves to peers that download its state.
+
 Every attack in :data:`ATTACKS` is caught by a replay of the contribution against the assigned rows
 (:func:`swarm.verify.replay.replay_gradient` with the tolerance of the declared precision class) with the verdict
 in its ``expected`` attribute, under these conditions, which the suite relies on and states per attack:
@@ -39,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from swarm.recipe import Recipe
-from swarm.training.state import param_checksum
+from swarm.training.state import param_checksum, tensors_hash
 from swarm.verify.replay import (
     Contribution,
     GradientRecorder,
@@ -98,6 +101,10 @@ class Attack:
     def tamper(self, contribution: Contribution, context: AttackContext) -> Contribution:
         """What the cheater commits, serves and sends into averaging, given what it computed."""
         return contribution
+
+    def deceive(self, peer: Any) -> None:
+        """Change what the peer (a :class:`~swarm.training.peer.SwarmPeer`, before it starts) announces in its
+        status and serves to peers that download its state. Default: nothing."""
 
     def sent(self, gradient: list[torch.Tensor], context: AttackContext) -> list[torch.Tensor]:
         """What it really sends into averaging, given the gradient it committed to (default: that gradient)."""
@@ -386,6 +393,38 @@ class SendMismatch(Attack):
         return [-g for g in gradient]
 
 
+class EpochInflation(Attack):
+    """Not a contribution attack (what it commits, serves to auditors and sends is honest): it announces an epoch
+    ``lead`` epochs ahead of its own and serves a state of its own making to anyone who downloads it — its
+    parameters scrambled, with a hash that matches, so a hash check alone accepts it. Peers that followed the
+    highest announced epoch would load it. Defeated by catching up only to the state most live peers announce
+    (:meth:`SwarmPeer.swarm_target`) and loading only an announced state (:meth:`SwarmPeer.download_state`); with
+    one other peer only, nothing tells the liar apart. Live only."""
+
+    name = "epoch_inflation"
+    expected = Verdict.PASS  # its contributions replay fine
+
+    def __init__(self, lead: int = 1_000_000):
+        self.lead = lead
+
+    def deceive(self, peer: Any) -> None:
+        honest_status = peer.status
+
+        def forged_snapshot() -> tuple[dict[str, Any], list[torch.Tensor]]:
+            with peer.lock:
+                tensors = [tensor.detach().clone() for tensor in peer.state.tensors()]
+                layout = peer.state.layout()
+                epoch = peer.epoch + self.lead
+            scrambled = [torch.full_like(tensor, 1e3) if tensor.is_floating_point() else tensor for tensor in tensors]
+            return dict(epoch=epoch, state_hash=tensors_hash(epoch, scrambled), layout=layout), scrambled
+
+        def forged_status():
+            metadata, _ = forged_snapshot()
+            return honest_status().model_copy(update=dict(epoch=metadata["epoch"], state_hash=metadata["state_hash"]))
+
+        peer.status, peer.snapshot = forged_status, forged_snapshot
+
+
 class SmallNoise(_GradientAttack):
     """Adds Gaussian noise of ``fraction`` (default 1%) of the gradient's norm: about the size of the bf16 vs fp32
     difference, the smallest perturbation of the suite. Caught as ``gradient_mismatch`` when declaring fp32; it
@@ -411,8 +450,8 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
-# attacks only a live swarm can show (they cheat in the all-reduce, which an offline replay does not see)
-LIVE_ATTACKS: dict[str, type[Attack]] = {SendMismatch.name: SendMismatch}
+# attacks only a live swarm can show (they cheat in the all-reduce or in catch-up, which an offline replay does not see)
+LIVE_ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (SendMismatch, EpochInflation)}
 
 
 def make_attack(name: str) -> Attack:

@@ -8,7 +8,8 @@ One round, as :meth:`SyncGradientAveraging.finish_round` runs it once the local 
 3. every member whose (epoch, state hash) is the group's consensus applies the same step: θ_e → θ_{e+1}.
 
 A peer that finds the swarm ahead of it, or outside the group's consensus, discards its gradient and downloads
-the swarm's state instead. A peer with nobody else at its epoch steps on its own gradient. If averaging keeps
+the swarm's state instead; "the swarm" is what most live peers announce, so one peer claiming a later epoch is
+not followed while others agree (:meth:`SwarmPeer.swarm_target`). A peer with nobody else at its epoch steps on its own gradient. If averaging keeps
 failing until ``round_timeout`` the state is left untouched and the epoch is recomputed.
 """
 
@@ -93,7 +94,7 @@ class SyncGradientAveraging:
                     consensus = round_consensus([key for key in keys if key is not None])
                     if consensus != (epoch, peer.state_hash):
                         holders = [str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus]
-                        peer.download_state(holders, min_epoch=consensus[0]) or peer.sync_with_swarm()
+                        peer.download_state(holders, consensus) or peer.sync_with_swarm()
                         return RoundResult(Outcome.RESYNCED, epoch, len(gathered))
                     with peer.averager.get_tensors() as averaged:
                         result = [tensor.clone() for tensor in averaged]
@@ -118,7 +119,8 @@ class SyncGradientAveraging:
             peer.ready_epoch = -1
 
     def _barrier(self, epoch: int, deadline: float) -> str:
-        """'go', 'alone' (no other live peer can join this epoch) or 'behind' (a live peer is at a later epoch).
+        """'go', 'alone' (no other live peer can join this epoch) or 'behind' (the swarm's state is at a later epoch:
+        :meth:`SwarmPeer.swarm_target`).
 
         Peers one or more epochs behind are catching up (they download this epoch's state), so they are waited
         for too, but only for ``catch_up_grace`` seconds: a peer that cannot catch up must not stall the swarm.
@@ -129,8 +131,11 @@ class SyncGradientAveraging:
         catch_up_deadline = time.monotonic() + self.catch_up_grace
         while True:
             others = peer.other_peers()
-            if any(status.epoch > epoch for status in others.values()):
+            target = peer.swarm_target(others)
+            if target is not None and target[0] > epoch:
                 return "behind"
+            # peers ahead that the swarm does not follow (see SwarmPeer.swarm_target) are neither waited for nor
+            # averaged with: they are not at this epoch
             now = time.monotonic()
             same = [status for status in others.values() if status.epoch == epoch]
             lagging = [status for status in others.values() if status.epoch < epoch] if now < catch_up_deadline else []
