@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from swarm.doctor import add_doctor_parser, run_doctor
@@ -80,13 +81,22 @@ def config_from_args(args: argparse.Namespace):
 
 
 _MAIN_PID = os.getpid()
+# set by the first SIGINT/SIGTERM; callbacks run with it (e.g. the trainer's stop()), so that a stop request survives
+# a KeyboardInterrupt that Python swallows — raised inside a finalizer (``__del__``) it is only printed as ignored
+_INTERRUPTED = threading.Event()
+_ON_INTERRUPT: list[Callable[[], None]] = []
 
 
 def _raise_keyboard_interrupt(signum, frame):
-    if os.getpid() != _MAIN_PID:  # a forked hivemind process inherited this handler: just terminate quietly
-        signal.signal(signum, signal.SIG_DFL)
+    if os.getpid() != _MAIN_PID:  # a forked hivemind process inherited this handler
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt  # what default_int_handler, which it inherited before, did
+        signal.signal(signum, signal.SIG_DFL)  # SIGTERM: just terminate quietly
         os.kill(os.getpid(), signum)
         return
+    _INTERRUPTED.set()
+    for callback in _ON_INTERRUPT:
+        callback()
     raise KeyboardInterrupt
 
 
@@ -96,7 +106,7 @@ def _interrupt_on_sigint_and_sigterm() -> None:
     from swarm.network.averager import quiet_interrupted_steps
 
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     quiet_interrupted_steps()
 
 
@@ -149,6 +159,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         _stop_when_parent_dies()
     trainer = SwarmTrainer(config, expected_peers=args.expected_peers, callbacks=[WandbCallback()])
+    _ON_INTERRUPT.append(trainer.stop)
+    if _INTERRUPTED.is_set():  # interrupted while the trainer was being built
+        trainer.stop()
     dashboard = None
     if live:
         state = DashboardState(name=trainer.identity.name, run_id=config.run_id, epoch=trainer.peer.epoch)
@@ -168,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.summary:
         write_summary(args.summary, config.run_id, [summary])
     print(f"{report.name}: stopped at epoch {report.epochs}, {report.samples} samples, checkpoint saved")
-    return 130 if interrupted else 0
+    return 130 if interrupted or _INTERRUPTED.is_set() else 0
 
 
 def cmd_local(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,20 @@ gc.collect()
     assert result.returncode == 0, result.stderr
     assert "attached trigger" not in result.stderr
     assert "an unrelated failure" in result.stderr
+
+
+def test_a_stop_request_survives_a_keyboard_interrupt_that_python_swallows(monkeypatch) -> None:
+    """A Ctrl+C that lands while a finalizer runs raises KeyboardInterrupt inside ``__del__``, where Python only
+    prints "Exception ignored": the peer must still stop (seen once: a peer trained on until it was killed)."""
+    from swarm import cli
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(cli, "_ON_INTERRUPT", [lambda: stopped.append(True)])
+    monkeypatch.setattr(cli, "_INTERRUPTED", threading.Event())
+
+    class Finalized:
+        def __del__(self) -> None:
+            cli._raise_keyboard_interrupt(signal.SIGINT, None)  # what the handler does when the signal lands here
+
+    Finalized()  # dropped at once: the KeyboardInterrupt from its __del__ is swallowed, nothing reaches this test
+    assert stopped == [True] and cli._INTERRUPTED.is_set()
