@@ -175,3 +175,36 @@ def test_one_failing_auditor_is_not_enough_for_a_peer_outside_the_round(tmp_path
     outsider.commitments = PublishedCommitments({peer: f"{i:064x}" for i, peer in enumerate(PEERS)})
     outsider._finalize(current_epoch=1)
     assert outsider.peer.banned == []
+
+
+class FlakyVerdicts(SharedVerdicts):
+    """A verdict board whose first ``failures`` stores are refused (no DHT node stored them)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def publish(self, verdict: AuditVerdict) -> bool:
+        if self.failures > 0:
+            self.failures -= 1
+            return False
+        return super().publish(verdict)
+
+
+def test_a_verdict_the_dht_did_not_store_is_published_again(tmp_path: Path) -> None:
+    """The audited peer waits for its verdict before leaving: a store that failed must not lose it."""
+    verifiers, recorders = make_swarm(tmp_path, cheaters=set(), liars=set())
+    board = FlakyVerdicts(failures=1)
+    for verifier in verifiers.values():
+        verifier.verdicts = board
+    members = {peer: f"{i:064x}" for i, peer in enumerate(PEERS)}
+    for verifier in verifiers.values():
+        verifier.after_round(RoundResult(Outcome.AVERAGED, 0, len(members), members, "averaged-gradient"))
+    for verifier in verifiers.values():
+        verifier.process(current_epoch=1)  # every primary audits; the first verdict published is refused
+    assert board.failures == 0 and len(board.verdicts) == len(PEERS) - 1
+    for _ in range(2):
+        for verifier in verifiers.values():
+            verifier.process(current_epoch=1)  # the next pass publishes it again, then everyone decides
+    assert len(board.verdicts) == len(PEERS) and {verdict.audited for verdict in board.verdicts} == set(PEERS)
+    assert all((peer_id, True) in recorders[peer_id].finals for peer_id in PEERS)  # each knows its audit passed

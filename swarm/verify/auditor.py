@@ -114,6 +114,7 @@ class Verifier:
         self.assignments: dict[int, list[AuditAssignment]] = {}
         self.declared: dict[int, dict[str, float]] = {}  # epoch -> the weight each member declared to the group
         self.performed: set[tuple[int, str]] = set()  # (epoch, audited) this peer has judged
+        self._unpublished: list[AuditVerdict] = []  # verdicts no DHT node stored yet
         self.finalized: set[tuple[int, str]] = set()
         self.bans: dict[str, int] = {}  # peer id -> first epoch it may average again
         self._audit_model: torch.nn.Module | None = None
@@ -197,6 +198,7 @@ class Verifier:
 
     def process(self, current_epoch: int) -> None:
         """Run this peer's pending audits and re-checks, then decide final failures and bans."""
+        self._unpublished = [verdict for verdict in self._unpublished if not self._publish_verdict(verdict)]
         for epoch, assignments in sorted(self.assignments.items()):
             for assignment in assignments:
                 if self.me not in assignment.auditors or (epoch, assignment.audited) in self.performed:
@@ -212,7 +214,7 @@ class Verifier:
         takes part in (as auditor or audited) is decided, or ``timeout`` seconds pass. Leaving earlier would make
         this peer's last contributions unavailable to its auditors, which counts as a failed audit."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             self.process(current_epoch)
             live = set(self.peer.other_peers())  # nobody waits for a peer that has crashed or left
             pending = [
@@ -222,6 +224,10 @@ class Verifier:
                 and ({assignment.audited, *assignment.auditors} - {self.me}) & live
             ]
             if not pending:
+                return
+            if time.monotonic() >= deadline:
+                waiting = ", ".join(f"epoch {a.epoch} of {a.audited} by {a.auditors[0]}" for a in pending)
+                logger.warning(f"audits still undecided after {timeout:.0f}s, leaving anyway: {waiting}")
                 return
             time.sleep(POLL_INTERVAL)
 
@@ -341,11 +347,21 @@ class Verifier:
         log = logger.info if verdict.passed else logger.warning
         log(f"epoch {epoch}: {role} audit of {audited}: {kind} (error {error if error is not None else 'n/a'}, "
             f"{time.perf_counter() - started:.2f}s)")
+        self._publish_verdict(verdict)
+        self._notify("on_verdict", verdict)
+
+    def _publish_verdict(self, verdict: AuditVerdict) -> bool:
+        """Store ``verdict`` in the DHT; one that no node stored is kept and published again by :meth:`process`,
+        since the audited peer and the other auditors wait for it."""
         try:
-            self.verdicts.publish(verdict)
-            self._notify("on_verdict", verdict)
-        except Exception as error_:
-            logger.warning(f"Could not publish a verdict: {error_!r}")
+            stored = self.verdicts.publish(verdict)
+        except Exception as error:
+            logger.warning(f"Could not publish a verdict: {error!r}")
+            stored = False
+        if not stored and verdict not in self._unpublished:
+            logger.warning(f"epoch {verdict.epoch}: the verdict on {verdict.audited} was not stored; retrying")
+            self._unpublished.append(verdict)
+        return stored
 
     def _judge(self, assignment: AuditAssignment) -> tuple[str, float | None]:
         epoch, audited = assignment.epoch, assignment.audited
