@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,40 @@ from swarm.network.rollout_records import RolloutRecordValidator
 logger = logging.getLogger(__name__)
 
 PEER_ADDR_FILE = "peer_addr.txt"
+
+
+class _WholeMessageReads:
+    """The DHT process's end of its command pipe, read in blocking mode.
+
+    hivemind 1.1.12's ``DHT.run`` registers the pipe with the event loop, which makes it non-blocking, and then
+    calls ``recv()`` as soon as the first bytes are there. A command larger than one socket read (a value of some
+    hundred KiB, e.g. a shared-rollout bundle) then raises ``BlockingIOError`` halfway through the message, which
+    hivemind logs and skips — leaving the rest of the message in the pipe, so the next ``recv`` fails with
+    ``EOFError`` and the DHT process dies (seen in RL-Swarm as "Resource temporarily unavailable" followed by "Ran
+    out of input"). A caller then waits forever on its store. Reading each message whole, once the loop has seen it
+    start, avoids that; everything else is the pipe's own."""
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+
+    def recv(self):
+        fd = self._connection.fileno()
+        os.set_blocking(fd, True)
+        try:
+            return self._connection.recv()
+        finally:
+            os.set_blocking(fd, False)
+
+    def __getattr__(self, name: str):
+        return getattr(self._connection, name)
+
+
+class SwarmDHT(hivemind.DHT):
+    """``hivemind.DHT`` whose process reads every command from its pipe whole (see :class:`_WholeMessageReads`)."""
+
+    def run(self) -> None:
+        self._inner_pipe = _WholeMessageReads(self._inner_pipe)
+        super().run()
 
 
 def check_multiaddrs(addresses: list[str], what: str) -> None:
@@ -61,7 +96,7 @@ def start_dht(
     last_error: BaseException | None = None
     for attempt in range(1, attempts + 1):
         try:
-            dht = hivemind.DHT(
+            dht = SwarmDHT(
                 initial_peers=network.initial_peers,
                 host_maddrs=network.host_maddrs,
                 announce_maddrs=network.announce_maddrs or None,
