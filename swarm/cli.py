@@ -4,6 +4,7 @@ effective configuration. User errors print one line on stderr and exit non-zero,
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -108,6 +109,22 @@ def _interrupt_on_sigint_and_sigterm() -> None:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     quiet_interrupted_steps()
+    _quiet_swallowed_interrupts()
+
+
+def _quiet_swallowed_interrupts() -> None:
+    """A stop request whose KeyboardInterrupt was raised inside a finalizer is not lost (``_INTERRUPTED`` and the
+    callbacks have it), so Python's "Exception ignored ... KeyboardInterrupt" traceback is replaced by a debug line;
+    every other unraisable exception is reported as before."""
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _INTERRUPTED.is_set():
+            logging.getLogger(__name__).debug("stop requested while an object was being finalized")
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _stop_when_parent_dies() -> None:

@@ -72,5 +72,12 @@ def test_a_stop_request_survives_a_keyboard_interrupt_that_python_swallows(monke
         def __del__(self) -> None:
             cli._raise_keyboard_interrupt(signal.SIGINT, None)  # what the handler does when the signal lands here
 
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(unraisable.exc_value))
+    printed: list[BaseException] = []
+    cli._quiet_swallowed_interrupts()  # as `swarm run` installs it
     Finalized()  # dropped at once: the KeyboardInterrupt from its __del__ is swallowed, nothing reaches this test
     assert stopped == [True] and cli._INTERRUPTED.is_set()
+    assert printed == []  # no "Exception ignored ... Traceback" in the peer's log
+    Finalized.__del__ = lambda self: 1 / 0  # any other exception in a finalizer is still reported
+    Finalized()
+    assert len(printed) == 1 and isinstance(printed[0], ZeroDivisionError)
