@@ -51,6 +51,8 @@ from swarm.verify.selection import AuditAssignment, assign_audits
 
 logger = logging.getLogger(__name__)
 
+FETCH_RETRY_PAUSE = 0.5  # seconds between two requests for a contribution that was not served
+
 EVENTS_FILE = "audit_events.jsonl"
 UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
 MISSING_COMMITMENT = "missing_commitment"
@@ -437,10 +439,18 @@ class Verifier:
         return math.sqrt(diff / norm)
 
     def _download_bytes(self, peer_id: str, epoch: int) -> bytes | None:
-        return self.peer.averager.download_contribution(
-            peer_id, epoch, timeout=self.verify.fetch_timeout,
-            max_bytes=int(self.verify.max_contribution_mb * 2**20),
-        )
+        """The served contribution, asked again until ``verify.fetch_timeout`` passes: a peer is unavailable only if
+        it does not serve it within that time, not because one request failed (seen: a stream that broke at once,
+        while a re-checker fetched the same file a second later)."""
+        deadline = time.monotonic() + self.verify.fetch_timeout
+        while True:
+            data = self.peer.averager.download_contribution(
+                peer_id, epoch, timeout=max(1.0, deadline - time.monotonic()),
+                max_bytes=int(self.verify.max_contribution_mb * 2**20),
+            )
+            if data is not None or time.monotonic() + FETCH_RETRY_PAUSE >= deadline:
+                return data
+            time.sleep(FETCH_RETRY_PAUSE)
 
     def _download(self, peer_id: str, epoch: int) -> Contribution | None:
         data = self._download_bytes(peer_id, epoch)
