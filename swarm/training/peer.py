@@ -22,7 +22,7 @@ from hivemind.p2p import PeerID
 from swarm.config import SwarmConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
-from swarm.network.averager import RoundKey, SwarmAverager
+from swarm.network.averager import RoundKey, SwarmAverager, _invert
 from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
@@ -275,7 +275,7 @@ class SwarmPeer:
         support = counts.pop(mine, 0) + 1
         if not counts:
             return None
-        best = max(counts, key=lambda key: (counts[key], -key[0], tuple(-ord(char) for char in key[1])))
+        best = max(counts, key=lambda key: (counts[key], -key[0], _invert(key[1])))
         if counts[best] > support:
             return best
         if counts[best] == support and (best[0] > self.epoch or best[1] < mine[1]):
