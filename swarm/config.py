@@ -81,6 +81,8 @@ class NetworkConfig(_Section):
     use_auto_relay: bool = False
     bootstrap_attempts: int = Field(4, gt=0)
     bootstrap_backoff: float = Field(1.0, ge=0)  # seconds before the 2nd attempt; doubles after each failure
+    # a DHT node not ready after this long is killed and started again (hivemind itself would wait forever)
+    startup_timeout: float = Field(60.0, gt=0)
 
 
 class AveragingConfig(_Section):

@@ -91,13 +91,30 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         registry.close()
 
 
+def bare_dht(**kwargs):
+    """A plain ``hivemind.DHT`` node (none of a peer's record validators), started with a peer's bound on the wait:
+    a start that stalls or dies is killed and made once more (hivemind alone would wait forever)."""
+    import hivemind
+
+    from swarm.network.startup import StartStalled, await_ready
+
+    for attempt in (1, 2):
+        dht = hivemind.DHT(start=False, **kwargs)
+        dht.run_in_background(await_ready=False)
+        try:
+            await_ready(dht, 60, what="DHT")
+            return dht
+        except StartStalled:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def dhts() -> Iterator[list]:
     """Three hivemind DHT nodes on 127.0.0.1 joined into one network, shut down after the module."""
-    import hivemind
-
-    first = hivemind.DHT(start=True)
-    others = [hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs()) for _ in range(2)]
+    first = bare_dht()
+    others = [bare_dht(initial_peers=first.get_visible_maddrs()) for _ in range(2)]
     everyone = [first, *others]
     try:
         yield everyone

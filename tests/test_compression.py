@@ -13,6 +13,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.compression.quantization import Quantization
 
 from swarm.network.compression import COMPRESSION_NAMES, make_compression, patch_hivemind_quantization
+from tests.conftest import bare_dht
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 
@@ -106,12 +107,12 @@ PART_SIZE_BYTES = 2**16  # small parts so that every tensor size/compression com
 def dhts():
     started: list[hivemind.DHT] = []
     try:
-        first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        first = bare_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         started.append(first)
         initial_peers = [str(maddr) for maddr in first.get_visible_maddrs()]
         for _ in range(NUM_PEERS - 1):
             started.append(
-                hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+                bare_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
             )
         yield started
     finally:

@@ -1,18 +1,29 @@
-"""The DHT node a peer starts survives large values: hivemind 1.1.12's DHT process reads its command pipe
-non-blocking and dies on the first command that does not arrive in one read ("Resource temporarily unavailable",
-then "EOFError: Ran out of input" — the crash RL-Swarm users report), after which every call on it hangs."""
+"""The background processes a peer starts. Its DHT node survives large values: hivemind 1.1.12's DHT process reads
+its command pipe non-blocking and dies on the first command that does not arrive in one read ("Resource temporarily
+unavailable", then "EOFError: Ran out of input" — the crash RL-Swarm users report), after which every call on it
+hangs. And a DHT node or averager whose start stalls or dies is killed and started again, where hivemind would wait
+for it forever."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from swarm.config import NetworkConfig
+from swarm.config import NetworkConfig, SwarmConfig
+from swarm.errors import UserError
 from swarm.identity import Identity
+from swarm.network.averager import SwarmAverager
 from swarm.network.dht import start_dht
+from swarm.training.peer import SwarmPeer
+from swarm.training.state import TrainingState
 
 
 @pytest.mark.timeout(120)  # with the upstream DHT the parent's send blocks forever on the dead process
@@ -28,3 +39,97 @@ def test_a_peer_dht_node_stores_megabyte_values_and_stays_alive(tmp_path: Path) 
         assert dht.get("big-4", latest=True).value == value
     finally:
         dht.shutdown()
+
+
+def p2p_daemons_of(identity: Identity) -> list[psutil.Process]:
+    """Live p2pd processes serving this identity (its key file's path is on their command line)."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "p2pd" and any(str(identity.path) in arg for arg in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failure", ["stalls", "dies"])
+def test_a_dht_process_that_never_becomes_ready_is_killed_and_started_again(
+    failure: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, caplog
+) -> None:
+    """hivemind waits forever on a DHT process that hangs or dies while starting (seen once in CI: a peer's node
+    start never returned). The first start here hangs after its p2p daemon is up (or exits at once); start_dht
+    gives up on it after startup_timeout, kills it with its daemon, prints its stacks, and the second start
+    serves."""
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+    first_attempt = tmp_path / "first-attempt-made"
+    real_create = DHTNode.create
+
+    async def create_failing_once(**kwargs):
+        if first_attempt.exists():
+            return await real_create(**kwargs)
+        first_attempt.touch()
+        if failure == "dies":
+            os._exit(3)
+        await real_create(**kwargs)  # its p2p daemon is running from here on
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(DHTNode, "create", staticmethod(create_failing_once))  # inherited by the forked process
+    network = NetworkConfig(client_mode=False, startup_timeout=5, bootstrap_backoff=0)
+    started = time.monotonic()
+    dht = start_dht(network, identity, tmp_path)
+    try:
+        assert first_attempt.exists()
+        assert time.monotonic() - started < 30
+        assert dht.store("key", "value", get_dht_time() + 60)
+        assert dht.get("key", latest=True).value == "value"
+        assert len(p2p_daemons_of(identity)) == 1, "the stalled node's p2p daemon is still running"
+        if failure == "stalls":
+            assert "create_failing_once" in capfd.readouterr().err, "the stalled process's stacks were not printed"
+            assert "was not ready after 5s" in caplog.text
+        else:
+            assert "exited with code 3 before it was ready" in caplog.text
+    finally:
+        dht.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_node_that_cannot_start_fails_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def exit_at_once(**kwargs):
+        os._exit(3)
+
+    monkeypatch.setattr(DHTNode, "create", staticmethod(exit_at_once))
+    network = NetworkConfig(client_mode=False, bootstrap_attempts=2, bootstrap_backoff=0)
+    with pytest.raises(UserError) as raised:
+        start_dht(network, Identity.load_or_create(tmp_path / "identity.key"), tmp_path)
+    assert str(raised.value) == (
+        "could not start the DHT node after 2 attempt(s): the DHT process exited with code 3 before it was ready"
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_whose_averager_stalls_while_starting_starts_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    first_attempt = tmp_path / "first-attempt-made"
+    real_run = SwarmAverager.run
+
+    def run_stalling_once(self) -> None:
+        if not first_attempt.exists():
+            first_attempt.touch()
+            time.sleep(3600)
+        real_run(self)
+
+    monkeypatch.setattr(SwarmAverager, "run", run_stalling_once)  # inherited by the forked averager process
+    model = torch.nn.Linear(4, 2)
+    state = TrainingState(model, torch.optim.AdamW(model.parameters()))
+    config = SwarmConfig(workdir=tmp_path, network=dict(client_mode=False, startup_timeout=5))
+    peer = SwarmPeer(config, Identity.load_or_create(tmp_path / "identity.key"), state)
+    try:
+        peer.start()
+        assert first_attempt.exists()
+        assert peer.averager.is_alive()
+        assert "the averager process was not ready after 5s" in caplog.text
+        assert set(peer.board.fetch()) == {peer.peer_id}, "the started peer does not announce itself"
+    finally:
+        peer.shutdown()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from swarm.identity import Identity
 from swarm.network.records import PeerStatus, StatusBoard
+from tests.conftest import bare_dht
 
 
 def _status(identity: Identity, **changes) -> PeerStatus:
@@ -23,9 +23,9 @@ def _status(identity: Identity, **changes) -> PeerStatus:
 @pytest.fixture
 def two_peers(tmp_path: Path):
     alice, mallory = (Identity.load_or_create(tmp_path / name) for name in ("alice.key", "mallory.key"))
-    first = hivemind.DHT(start=True, record_validators=[RSASignatureValidator(alice.private_key)])
-    second = hivemind.DHT(
-        start=True, initial_peers=first.get_visible_maddrs(),
+    first = bare_dht(record_validators=[RSASignatureValidator(alice.private_key)])
+    second = bare_dht(
+        initial_peers=first.get_visible_maddrs(),
         record_validators=[RSASignatureValidator(mallory.private_key)],
     )
     try:

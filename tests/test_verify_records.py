@@ -34,6 +34,7 @@ from swarm.network.records import (
     commitments_key,
     verdicts_key,
 )
+from tests.conftest import bare_dht
 
 RUN = "run"
 LOGGER = "swarm.network.records"
@@ -188,7 +189,7 @@ def swarm(tmp_path: Path, identities):
         nodes.append(first)
         joining = NetworkConfig(client_mode=False, initial_peers=[str(a) for a in first.get_visible_maddrs()])
         nodes.append(start_dht(joining, identities["bob"], tmp_path / "bob", run_id=RUN))
-        nodes.append(hivemind.DHT(start=True, initial_peers=first.get_visible_maddrs(),
+        nodes.append(bare_dht(initial_peers=first.get_visible_maddrs(),
                                   record_validators=[RSASignatureValidator(identities["mallory"].private_key)]))
         yield {
             name: Peer(identities[name], dht, CommitmentBoard(dht, RUN, identities[name], ttl=60),

@@ -41,6 +41,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor
 from hivemind.utils.streaming import combine_from_streaming
 
 from swarm.network.robust import SwarmPartReducer, check_aggregation
+from swarm.network.startup import install_stack_dumps
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +256,10 @@ class SwarmAverager(DecentralizedAverager):
         self._round_epoch: int | None = None
         self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
         super().__init__(gradient_buffers, dht, **kwargs)
+
+    def run(self) -> None:
+        install_stack_dumps()  # printed if this start stalls (swarm.network.startup.await_ready)
+        super().run()
 
     # ---- bans -------------------------------------------------------------------------------------------------
     @property

@@ -17,6 +17,7 @@ from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.records import VerificationRecordValidator
 from swarm.network.rollout_records import RolloutRecordValidator
+from swarm.network.startup import StartStalled, await_ready, install_stack_dumps
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,35 @@ class _WholeMessageReads:
 
 
 class SwarmDHT(hivemind.DHT):
-    """``hivemind.DHT`` whose process reads every command from its pipe whole (see :class:`_WholeMessageReads`)."""
+    """``hivemind.DHT`` whose process reads every command from its pipe whole (see :class:`_WholeMessageReads`)
+    and prints its stacks when a start that stalled is given up on (:func:`~swarm.network.startup.await_ready`)."""
 
     def run(self) -> None:
+        install_stack_dumps()
         self._inner_pipe = _WholeMessageReads(self._inner_pipe)
         super().run()
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _start_node(network: NetworkConfig, identity: Identity, validators: list[RecordValidatorBase]) -> SwarmDHT:
+    dht = SwarmDHT(
+        initial_peers=network.initial_peers,
+        host_maddrs=network.host_maddrs,
+        announce_maddrs=network.announce_maddrs or None,
+        client_mode=network.client_mode,
+        use_relay=network.use_relay,
+        use_auto_relay=network.use_auto_relay,
+        identity_path=str(identity.path),
+        record_validators=validators,
+        start=False,
+    )
+    dht.run_in_background(await_ready=False)
+    await_ready(dht, network.startup_timeout, what="DHT")
+    return dht
 
 
 def check_multiaddrs(addresses: list[str], what: str) -> None:
@@ -80,46 +105,42 @@ def start_dht(
     included, is checked only for owner signatures.
 
     With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
-    waiting ``bootstrap_backoff`` seconds (doubling) in between. On success the multiaddrs others can join with are
-    written to ``WORKDIR/peer_addr.txt``.
+    waiting ``bootstrap_backoff`` seconds (doubling) in between. A node process that dies or is not ready within
+    ``network.startup_timeout`` seconds is killed and counts as a failed attempt, with or without initial peers
+    (:func:`~swarm.network.startup.await_ready`). On success the multiaddrs others can join with are written to
+    ``WORKDIR/peer_addr.txt``.
 
-    :raises UserError: one line naming the addresses tried, when none of the initial peers answered
+    :raises UserError: one line naming the addresses tried, when none of the initial peers answered (or the reason
+        the node could not start, without initial peers)
     """
     check_multiaddrs(network.initial_peers, "initial peer")
     check_multiaddrs(network.host_maddrs, "network.host_maddrs")
     check_multiaddrs(network.announce_maddrs, "network.announce_maddrs")
-    attempts = network.bootstrap_attempts if network.initial_peers else 1
+    attempts = network.bootstrap_attempts
     validators: list[RecordValidatorBase] = [RSASignatureValidator(identity.private_key)]
     if run_id is not None:
         validators += [VerificationRecordValidator(run_id), RolloutRecordValidator(run_id)]
     delay = network.bootstrap_backoff
-    last_error: BaseException | None = None
     for attempt in range(1, attempts + 1):
         try:
-            dht = SwarmDHT(
-                initial_peers=network.initial_peers,
-                host_maddrs=network.host_maddrs,
-                announce_maddrs=network.announce_maddrs or None,
-                client_mode=network.client_mode,
-                use_relay=network.use_relay,
-                use_auto_relay=network.use_auto_relay,
-                identity_path=str(identity.path),
-                record_validators=validators,
-                start=True,
-            )
+            dht = _start_node(network, identity, validators)
             break
         except Exception as error:  # p2pd reports an unreachable bootstrap peer as a generic daemon error
-            last_error = error
-            if attempt < attempts:
-                logger.warning(f"Could not join the swarm (attempt {attempt}/{attempts}), retrying in {delay:.1f}s")
+            # a lone node that failed for a reason of its own (a port in use) would fail the same way again
+            retry = bool(network.initial_peers) or isinstance(error, StartStalled)
+            reason = _last_line(error)[:200]
+            if retry and attempt < attempts:
+                what = "join the swarm" if network.initial_peers else "start the DHT node"
+                logger.warning(f"Could not {what} (attempt {attempt}/{attempts}: {reason}), retrying in {delay:.1f}s")
                 time.sleep(delay)
                 delay *= 2
-    else:
-        reason = str(last_error).strip().splitlines()[-1] if str(last_error).strip() else type(last_error).__name__
-        raise UserError(
-            f"none of the initial peers answered after {attempts} attempts: {', '.join(network.initial_peers)}"
-            f" ({reason[:200]})"
-        )
+                continue
+            if network.initial_peers:
+                raise UserError(
+                    f"none of the initial peers answered after {attempts} attempts:"
+                    f" {', '.join(network.initial_peers)} ({reason})"
+                ) from None
+            raise UserError(f"could not start the DHT node after {attempt} attempt(s): {reason}") from None
     addresses = [str(addr) for addr in dht.get_visible_maddrs()]
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / PEER_ADDR_FILE).write_text("\n".join(addresses) + "\n")

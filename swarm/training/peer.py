@@ -27,6 +27,7 @@ from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
+from swarm.network.startup import StartStalled, await_ready
 from swarm.training.state import TrainingState
 
 CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
@@ -93,33 +94,53 @@ class SwarmPeer:
         # hivemind ignores SIGINT in this process before forking the averager and never restores it: keep Ctrl+C
         sigint_handler = signal.getsignal(signal.SIGINT)
         threading.excepthook = _quiet_lost_daemon  # inherited by the averager process forked below
-        self.averager = SwarmAverager(
-            buffers,
-            self.dht,
-            state_provider=self.snapshot,
-            prefix=f"{self.config.run_id}_grads",
-            start=True,
-            min_group_size=2,
-            min_matchmaking_time=averaging.matchmaking_time,
-            request_timeout=3.0,
-            allreduce_timeout=averaging.allreduce_timeout,
-            next_chunk_timeout=averaging.allreduce_timeout / 3,
-            compression=make_compression(averaging.compression),
-            aggregation=averaging.aggregation,
-            clip_tau=averaging.clip_tau,
-            clip_iterations=averaging.clip_iterations,
-            contributions_dir=Path(self.config.workdir) / CONTRIBUTION_DIR,
-            max_weight=averaging.max_weight,
-            keep_received_epochs=self.config.verify.audit_window if self.config.verify.enabled else 0,
-            client_mode=self.config.network.client_mode,
-            declare_state_period=averaging.peer_timeout,
-            shutdown_timeout=3,
-        )
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint_handler)
+        try:
+            self.averager = self._start_averager(buffers)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint_handler)
         self.publish()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="swarm-heartbeat", daemon=True)
         self._heartbeat.start()
+
+    def _start_averager(self, buffers: list[torch.Tensor]) -> SwarmAverager:
+        """Start the averager process; one that stalls or dies while starting is killed and started once more.
+
+        :raises UserError: when the second start fails the same way
+        """
+        averaging = self.config.averaging
+        for attempt in (1, 2):
+            averager = SwarmAverager(
+                buffers,
+                self.dht,
+                state_provider=self.snapshot,
+                prefix=f"{self.config.run_id}_grads",
+                start=False,
+                min_group_size=2,
+                min_matchmaking_time=averaging.matchmaking_time,
+                request_timeout=3.0,
+                allreduce_timeout=averaging.allreduce_timeout,
+                next_chunk_timeout=averaging.allreduce_timeout / 3,
+                compression=make_compression(averaging.compression),
+                aggregation=averaging.aggregation,
+                clip_tau=averaging.clip_tau,
+                clip_iterations=averaging.clip_iterations,
+                contributions_dir=Path(self.config.workdir) / CONTRIBUTION_DIR,
+                max_weight=averaging.max_weight,
+                keep_received_epochs=self.config.verify.audit_window if self.config.verify.enabled else 0,
+                client_mode=self.config.network.client_mode,
+                declare_state_period=averaging.peer_timeout,
+                shutdown_timeout=3,
+            )
+            averager.run_in_background(await_ready=False)
+            try:
+                await_ready(averager, self.config.network.startup_timeout, what="averager")
+                return averager
+            except StartStalled as error:
+                if attempt == 2:
+                    raise UserError(f"could not start the averager: {error}") from None
+                logger.warning(f"{error}; starting it again")
+        raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
         """Announce that this peer leaves (so the others stop counting it at once instead of after ``peer_timeout``),
