@@ -6,6 +6,8 @@ ones)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from swarm.network.records import AuditVerdict
 from swarm.training.strategies.sync import Outcome, RoundResult
 from swarm.verify.auditor import VerificationObserver, Verifier
 from swarm.verify.replay import GRPOSettings
+from swarm.verify.selection import AuditAssignment
 
 
 @dataclass
@@ -208,3 +211,83 @@ def test_a_verdict_the_dht_did_not_store_is_published_again(tmp_path: Path) -> N
             verifier.process(current_epoch=1)  # the next pass publishes it again, then everyone decides
     assert len(board.verdicts) == len(PEERS) and {verdict.audited for verdict in board.verdicts} == set(PEERS)
     assert all((peer_id, True) in recorders[peer_id].finals for peer_id in PEERS)  # each knows its audit passed
+
+
+def assignments_of(verifiers: dict[str, Verifier], members: list[str]) -> dict[str, AuditAssignment]:
+    """Derive one round of ``members`` on every verifier; the assignments by audited peer."""
+    digests = {peer: f"{PEERS.index(peer):064x}" for peer in members}
+    result = RoundResult(Outcome.AVERAGED, 0, len(digests), digests, "averaged-gradient")
+    found = {}
+    for verifier in verifiers.values():
+        found = {assignment.audited: assignment for assignment in verifier.after_round(result)}
+    return found
+
+
+def test_a_silent_primary_is_replaced_by_the_first_rechecker_a_round_later(tmp_path: Path) -> None:
+    """The primary's all-reduce failed one-sidedly: it never learnt the round's beacon, so it never audits. The
+    first re-checker takes over once a whole round passed without its verdict, and every member decides."""
+    verifiers, recorders = make_swarm(tmp_path, cheaters=set(), liars=set())
+    assignments = assignments_of(verifiers, PEERS)
+    silent = assignments["QmAlice"].auditors[0]
+    present = {peer: verifier for peer, verifier in verifiers.items() if peer != silent}
+    orphaned = [assignment for assignment in assignments.values() if assignment.auditors[0] == silent]
+    for _ in range(2):
+        for verifier in present.values():
+            verifier.process(current_epoch=1)
+    for assignment in orphaned:  # the round just ended: nobody takes over yet
+        assert all((assignment.audited, True) not in recorders[peer].finals for peer in present)
+    for _ in range(2):
+        for verifier in present.values():
+            verifier.process(current_epoch=2)
+    verdicts = present[next(iter(present))].verdicts.fetch(0)
+    for assignment in orphaned:
+        takeover = [verdict for verdict in verdicts if verdict.audited == assignment.audited]
+        assert [(verdict.auditor, verdict.role) for verdict in takeover] == [(assignment.auditors[1], "takeover")]
+        assert all((assignment.audited, True) in recorders[peer].finals for peer in present)
+    assert all(verifier.peer.banned == [] for verifier in present.values())
+
+
+@pytest.mark.parametrize("primary", ["left", "silent"])
+def test_at_the_end_of_the_run_a_silent_primary_is_replaced_without_waiting_a_round(
+    tmp_path: Path, primary: str
+) -> None:
+    """The last round's primary is out of the round (it left, or it is still there but never audits): the peers
+    that finish do not wait out their timeout for its verdict."""
+    verifiers, recorders = make_swarm(tmp_path, cheaters=set(), liars=set())
+    assignments = assignments_of(verifiers, PEERS)
+    silent = assignments["QmAlice"].auditors[0]
+    present = {peer: verifier for peer, verifier in verifiers.items() if peer != silent}
+    for peer, verifier in present.items():
+        live = set(PEERS) - {peer} - ({silent} if primary == "left" else set())
+        verifier.peer.other_peers = lambda live=live: dict.fromkeys(live)
+    threads = [threading.Thread(target=verifier.finish, args=(1, 30.0)) for verifier in present.values()]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - started < 10
+    for assignment in assignments.values():
+        if assignment.audited != silent:
+            assert all((assignment.audited, True) in recorders[peer].finals for peer in present)
+
+
+def test_a_rechecker_taking_over_early_does_not_pass_a_cheater(tmp_path: Path) -> None:
+    """A re-checker colluding with a cheater publishes a "takeover" pass right after the round, before the primary's
+    verdict is out: it does not stand for the primary's, which fails the cheater; the other re-checker confirms."""
+    verifiers, recorders = make_swarm(tmp_path, cheaters={"QmDave"}, liars=set())
+    target = assignments_of(verifiers, PEERS)["QmDave"]
+    colluder = verifiers[target.auditors[1]]
+    colluder.verdicts.publish(AuditVerdict(
+        auditor=colluder.me, audited="QmDave", epoch=0, commitment=target.commitment, verdict="pass", error=0.0,
+        role="takeover",
+    ))
+    colluder.performed.add((0, "QmDave"))
+    for verifier in verifiers.values():  # everyone reads the board before the primary's verdict is out
+        verifier._finalize(current_epoch=1)
+    assert all(("QmDave", True) not in recorder.finals for recorder in recorders.values())
+    for _ in range(2):
+        for verifier in verifiers.values():
+            verifier.process(current_epoch=1)
+    for peer_id, verifier in verifiers.items():
+        assert verifier.peer.banned == ([] if peer_id == "QmDave" else ["QmDave"])

@@ -146,7 +146,7 @@ class AuditVerdict(BaseModel):
     commitment: str = Field(max_length=128)  # digest of the commitment audited
     verdict: str = Field(max_length=32, pattern=r"^[a-z_]+$")  # "pass" or a failure kind
     error: float | None = Field(default=None, allow_inf_nan=False)  # relative L2 error; finite or None
-    role: Literal["primary", "recheck"]
+    role: Literal["primary", "recheck", "takeover"]
 
     @property
     def passed(self) -> bool:

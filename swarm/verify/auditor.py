@@ -9,8 +9,12 @@ Per epoch, around :class:`~swarm.training.strategies.sync.SyncGradientAveraging`
 3. after an averaged round, :meth:`Verifier.after_round` derives the audits from the round's beacon
    (:mod:`swarm.verify.selection`): the same on every member;
 4. :meth:`Verifier.process` runs this peer's audits: the primary ones at once; a re-check when the primary auditor
-   of a contribution this peer is assigned to re-check has failed it. A contribution fails finally when a majority
-   of its assigned auditors failed it; its peer is then banned from this peer's averaging for
+   of a contribution this peer is assigned to re-check has failed it; a *takeover* by the first re-checker when
+   the primary stays silent (its own all-reduce may have failed one-sidedly, so it never learnt the round's
+   beacon): no verdict from it a whole round later, or, at the end of the run, once it left or after
+   ``verify.fetch_timeout`` seconds. The takeover's verdict then stands for the primary's. A contribution passes
+   when its (acting) primary or a majority of its auditors passed it, and fails finally when a majority of its
+   assigned auditors failed it; its peer is then banned from this peer's averaging for
    ``verify.ban_epochs`` epochs (matchmaking refuses it, its parts are dropped, the barrier ignores it) and the
    failure is appended to ``WORKDIR/audit_events.jsonl`` for the ledger.
 
@@ -52,6 +56,9 @@ from swarm.verify.selection import AuditAssignment, assign_audits
 logger = logging.getLogger(__name__)
 
 FETCH_RETRY_PAUSE = 0.5  # seconds between two requests for a contribution that was not served
+# a primary auditor audits right after its round: with no verdict from it by the end of the round after, it is
+# taken to be out of that round (one-sided all-reduce failure) and the first re-checker takes over
+TAKEOVER_AFTER_EPOCHS = 2
 
 EVENTS_FILE = "audit_events.jsonl"
 UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
@@ -123,6 +130,8 @@ class Verifier:
         self._replayer: Replayer | None = None  # replays on the audit model, reusing its TRL trainer
         self.commitments = self.verdicts = None
         self.observers = list(observers or [])
+        self._finishing_since: float | None = None  # when finish() started (takeovers then go by time)
+        self._live: set[str] = set()  # the other live peers, as finish() last read them
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
@@ -207,7 +216,9 @@ class Verifier:
                     continue
                 if assignment.auditors[0] == self.me:
                     self._audit(assignment, "primary")
-                elif self._primary_failed(assignment, wait=epoch == current_epoch - 1):
+                elif assignment.auditors[1] == self.me and self._primary_silent(assignment, None, current_epoch):
+                    self._audit(assignment, "takeover")
+                elif self._primary_failed(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch):
                     self._audit(assignment, "recheck")
         self._finalize(current_epoch)
 
@@ -216,14 +227,15 @@ class Verifier:
         takes part in (as auditor or audited) is decided, or ``timeout`` seconds pass. Leaving earlier would make
         this peer's last contributions unavailable to its auditors, which counts as a failed audit."""
         deadline = time.monotonic() + timeout
+        self._finishing_since = time.monotonic()
         while True:
+            self._live = set(self.peer.other_peers())  # nobody waits for a peer that has crashed or left
             self.process(current_epoch)
-            live = set(self.peer.other_peers())  # nobody waits for a peer that has crashed or left
             pending = [
                 assignment for assignments in self.assignments.values() for assignment in assignments
                 if (assignment.epoch, assignment.audited) not in self.finalized
                 and (assignment.audited == self.me or self.me in assignment.auditors)
-                and ({assignment.audited, *assignment.auditors} - {self.me}) & live
+                and ({assignment.audited, *assignment.auditors} - {self.me}) & self._live
             ]
             if not pending:
                 return
@@ -233,13 +245,41 @@ class Verifier:
                 return
             time.sleep(POLL_INTERVAL)
 
-    def _primary_failed(self, assignment: AuditAssignment, wait: bool) -> bool:
-        """Whether the primary auditor has published a failure; waits briefly for its verdict on the last round."""
+    def _primary_silent(self, assignment: AuditAssignment, heard: set[str] | None, current_epoch: int) -> bool:
+        """Whether the primary auditor is taken to be out of this audit: it published no verdict (among ``heard``,
+        the auditors with a verdict; default: read now) and either ``TAKEOVER_AFTER_EPOCHS`` rounds have passed
+        since, or this peer is finishing and the primary has left or stayed silent for ``verify.fetch_timeout``.
+
+        An honest primary that took part in the round audits right after it, so its verdict is out long before the
+        deadline: a re-checker that colludes with a cheater cannot pass it by "taking over" early."""
+        if len(assignment.auditors) < 2:
+            return False
+        overdue = current_epoch >= assignment.epoch + TAKEOVER_AFTER_EPOCHS or (
+            self._finishing_since is not None
+            and (assignment.auditors[0] not in self._live
+                 or time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
+        )
+        if not overdue:
+            return False
+        if heard is None:
+            heard = {verdict.auditor for verdict in self._verdicts_for(assignment)}
+        return assignment.auditors[0] not in heard
+
+    def _acting_primary(self, assignment: AuditAssignment, heard: set[str], current_epoch: int) -> str:
+        """The auditor whose pass decides and whose failure calls for re-checks: the primary, or the first
+        re-checker once the primary is silent (:meth:`_primary_silent`)."""
+        return assignment.auditors[1] if self._primary_silent(assignment, heard, current_epoch) else \
+            assignment.auditors[0]
+
+    def _primary_failed(self, assignment: AuditAssignment, wait: bool, current_epoch: int) -> bool:
+        """Whether the (acting) primary auditor has published a failure; waits briefly for its verdict on the last
+        round."""
         deadline = time.monotonic() + (self.verify.fetch_timeout if wait else 0.0)
         while True:
-            primary = [v for v in self._verdicts_for(assignment) if v.auditor == assignment.auditors[0]]
-            if primary or time.monotonic() >= deadline:
-                return any(not verdict.passed for verdict in primary)
+            verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment)}
+            acting = verdicts.get(self._acting_primary(assignment, set(verdicts), current_epoch))
+            if acting is not None or time.monotonic() >= deadline:
+                return acting is not None and not acting.passed
             time.sleep(POLL_INTERVAL)
 
     def _read_verdicts(self, epoch: int | None) -> list[AuditVerdict]:
@@ -269,7 +309,7 @@ class Verifier:
                             if verdict.epoch == epoch}
                 failed = [verdict for verdict in verdicts.values() if not verdict.passed]
                 passed = len(verdicts) - len(failed)
-                primary = verdicts.get(assignment.auditors[0])
+                primary = verdicts.get(self._acting_primary(assignment, set(verdicts), current_epoch))
                 if len(failed) >= assignment.majority:
                     self.finalized.add(key)
                     self._final_failure(assignment, failed, current_epoch)
