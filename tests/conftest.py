@@ -96,18 +96,9 @@ def bare_dht(**kwargs):
     a start that stalls or dies is killed and made once more (hivemind alone would wait forever)."""
     import hivemind
 
-    from swarm.network.startup import StartStalled, await_ready
+    from swarm.network.startup import start_retrying
 
-    for attempt in (1, 2):
-        dht = hivemind.DHT(start=False, **kwargs)
-        dht.run_in_background(await_ready=False)
-        try:
-            await_ready(dht, 60, what="DHT")
-            return dht
-        except StartStalled:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    return start_retrying(lambda: hivemind.DHT(start=False, **kwargs), 60, what="DHT")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.records import VerificationRecordValidator
 from swarm.network.rollout_records import RolloutRecordValidator
-from swarm.network.startup import StartStalled, await_ready, install_stack_dumps
+from swarm.network.startup import StartStalled, install_stack_dumps, start_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def _start_node(network: NetworkConfig, identity: Identity, validators: list[Rec
         record_validators=validators,
         start=False,
     )
-    dht.run_in_background(await_ready=False)
-    await_ready(dht, network.startup_timeout, what="DHT")
-    return dht
+    return start_in_background(dht, network.startup_timeout, what="DHT")
 
 
 def check_multiaddrs(addresses: list[str], what: str) -> None:

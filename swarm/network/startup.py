@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import faulthandler
+import logging
 import os
 import signal
 import sys
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import psutil
+
+logger = logging.getLogger(__name__)
 
 STACK_DUMP_SIGNAL = signal.SIGUSR1
 
@@ -37,6 +41,11 @@ class BackgroundProcess(Protocol):
     def is_alive(self) -> bool: ...
 
     def join(self, timeout: float | None = None) -> None: ...
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None: ...
+
+
+Process = TypeVar("Process", bound=BackgroundProcess)
 
 
 def _print_task_stacks(signum: int, frame) -> None:
@@ -88,7 +97,8 @@ def await_ready(process: BackgroundProcess, timeout: float, what: str) -> None:
     ``SIGUSR1`` (which prints its stacks if it ran :func:`install_stack_dumps`, and ends it otherwise), then killed
     together with everything it started (its p2p daemons), and raises.
 
-    :raises StartStalled: the process exited or stalled; nothing it started is left running
+    :raises StartStalled: the process exited or stalled; a stalled one is killed with everything it started (a
+        process that exited by itself may have left its daemons behind)
     :raises Exception: what the process itself reported while starting (e.g. no initial peer answered)
     """
     deadline = time.monotonic() + timeout
@@ -110,3 +120,23 @@ def await_ready(process: BackgroundProcess, timeout: float, what: str) -> None:
             kill_process_tree(tree)
             process.join(timeout=5)
             raise StartStalled(f"the {what} process was not ready after {timeout:.0f}s (its stacks are above)")
+
+
+def start_in_background(process: Process, timeout: float, what: str) -> Process:
+    """Start ``process`` (built with ``start=False``) and wait until it is ready (:func:`await_ready`)."""
+    process.run_in_background(await_ready=False)
+    await_ready(process, timeout, what)
+    return process
+
+
+def start_retrying(make: Callable[[], Process], timeout: float, what: str, attempts: int = 2) -> Process:
+    """Build and start a process with ``make``; one that stalls or exits while starting is built and started again,
+    up to ``attempts`` times. :raises StartStalled: from the last attempt"""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start_in_background(make(), timeout, what)
+        except StartStalled as error:
+            if attempt == attempts:
+                raise
+            logger.warning(f"{error}; starting it again")
+    raise AssertionError("unreachable")

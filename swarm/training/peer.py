@@ -27,7 +27,7 @@ from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
-from swarm.network.startup import StartStalled, await_ready
+from swarm.network.startup import StartStalled, start_retrying
 from swarm.training.state import TrainingState
 
 CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
@@ -109,8 +109,9 @@ class SwarmPeer:
         :raises UserError: when the second start fails the same way
         """
         averaging = self.config.averaging
-        for attempt in (1, 2):
-            averager = SwarmAverager(
+
+        def make() -> SwarmAverager:
+            return SwarmAverager(
                 buffers,
                 self.dht,
                 state_provider=self.snapshot,
@@ -132,15 +133,11 @@ class SwarmPeer:
                 declare_state_period=averaging.peer_timeout,
                 shutdown_timeout=3,
             )
-            averager.run_in_background(await_ready=False)
-            try:
-                await_ready(averager, self.config.network.startup_timeout, what="averager")
-                return averager
-            except StartStalled as error:
-                if attempt == 2:
-                    raise UserError(f"could not start the averager: {error}") from None
-                logger.warning(f"{error}; starting it again")
-        raise AssertionError("unreachable")
+
+        try:
+            return start_retrying(make, self.config.network.startup_timeout, what="averager")
+        except StartStalled as error:
+            raise UserError(f"could not start the averager: {error}") from None
 
     def shutdown(self) -> None:
         """Announce that this peer leaves (so the others stop counting it at once instead of after ``peer_timeout``),

@@ -216,10 +216,8 @@ class Verifier:
                     continue
                 if assignment.auditors[0] == self.me:
                     self._audit(assignment, "primary")
-                elif assignment.auditors[1] == self.me and self._primary_silent(assignment, None, current_epoch):
-                    self._audit(assignment, "takeover")
-                elif self._primary_failed(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch):
-                    self._audit(assignment, "recheck")
+                elif role := self._recheck_role(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch):
+                    self._audit(assignment, role)
         self._finalize(current_epoch)
 
     def finish(self, current_epoch: int, timeout: float) -> None:
@@ -245,9 +243,9 @@ class Verifier:
                 return
             time.sleep(POLL_INTERVAL)
 
-    def _primary_silent(self, assignment: AuditAssignment, heard: set[str] | None, current_epoch: int) -> bool:
-        """Whether the primary auditor is taken to be out of this audit: it published no verdict (among ``heard``,
-        the auditors with a verdict; default: read now) and either ``TAKEOVER_AFTER_EPOCHS`` rounds have passed
+    def _primary_silent(self, assignment: AuditAssignment, heard: set[str], current_epoch: int) -> bool:
+        """Whether the primary auditor is taken to be out of this audit: it published no verdict (``heard``: the
+        auditors with a verdict) and either ``TAKEOVER_AFTER_EPOCHS`` rounds have passed
         since, or this peer is finishing and the primary has left or stayed silent for ``verify.fetch_timeout``.
 
         An honest primary that took part in the round audits right after it, so its verdict is out long before the
@@ -259,11 +257,7 @@ class Verifier:
             and (assignment.auditors[0] not in self._live
                  or time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
         )
-        if not overdue:
-            return False
-        if heard is None:
-            heard = {verdict.auditor for verdict in self._verdicts_for(assignment)}
-        return assignment.auditors[0] not in heard
+        return overdue and assignment.auditors[0] not in heard
 
     def _acting_primary(self, assignment: AuditAssignment, heard: set[str], current_epoch: int) -> str:
         """The auditor whose pass decides and whose failure calls for re-checks: the primary, or the first
@@ -271,15 +265,17 @@ class Verifier:
         return assignment.auditors[1] if self._primary_silent(assignment, heard, current_epoch) else \
             assignment.auditors[0]
 
-    def _primary_failed(self, assignment: AuditAssignment, wait: bool, current_epoch: int) -> bool:
-        """Whether the (acting) primary auditor has published a failure; waits briefly for its verdict on the last
-        round."""
+    def _recheck_role(self, assignment: AuditAssignment, wait: bool, current_epoch: int) -> str | None:
+        """For a re-checker of ``assignment``: ``"takeover"`` when it is the acting primary, ``"recheck"`` when the
+        acting primary has published a failure, else None. Waits briefly for the verdict on the last round."""
         deadline = time.monotonic() + (self.verify.fetch_timeout if wait else 0.0)
         while True:
             verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment)}
-            acting = verdicts.get(self._acting_primary(assignment, set(verdicts), current_epoch))
-            if acting is not None or time.monotonic() >= deadline:
-                return acting is not None and not acting.passed
+            acting = self._acting_primary(assignment, set(verdicts), current_epoch)
+            if acting == self.me:
+                return "takeover"
+            if acting in verdicts or time.monotonic() >= deadline:
+                return "recheck" if acting in verdicts and not verdicts[acting].passed else None
             time.sleep(POLL_INTERVAL)
 
     def _read_verdicts(self, epoch: int | None) -> list[AuditVerdict]:
