@@ -127,6 +127,21 @@ class VerifyConfig(_Section):
     # it to the last peer only
 
 
+class TrustConfig(_Section):
+    """Who counts (swarm/training/trust.py): identities cost nothing, so state adoption, the barrier and audit
+    re-checks go by *weight*, not by the number of identities. A peer's weight is its final ledger credit for
+    contributions attested by peers already trusted (their audit window closed, never slashed), starting from this
+    peer itself, its initial peers and ``peers``; members of this peer's recent averaged rounds count 1 meanwhile."""
+
+    peers: list[str] = Field(default_factory=list)  # peer ids trusted from the start, besides the initial peers
+    min_credit: float = Field(1.0, ge=0)  # credits of attested, final work before a peer has weight of its own
+    # the barrier waits at most this long per epoch for peers without weight, and at most this long in all for each
+    # such identity, so announcements from free identities cannot stall the swarm
+    newcomer_wait: float = Field(3.0, ge=0)
+    member_epochs: int = Field(4, gt=0)  # a member of an averaged round counts as known for this many epochs
+    refresh_seconds: float = Field(5.0, ge=0)  # ledger weights are recomputed at most this often
+
+
 class SharingConfig(_Section):
     """SAPO-style rollout sharing (GRPO recipes, swarm/sharing.py): each peer publishes the completions it sampled,
     signed, and trains on a mix of its own prompt groups and groups other peers published, which it re-scores with
@@ -168,6 +183,7 @@ class SwarmConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     sharing: SharingConfig = Field(default_factory=SharingConfig)
+    trust: TrustConfig = Field(default_factory=TrustConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 

@@ -1,8 +1,9 @@
 """One peer's presence in the swarm: its DHT node, its announced status, its averager and its training state.
 
-The peer keeps the invariant the round relies on: whenever live peers agree on a state (later epoch, or the same
-epoch with a different hash), a peer that holds another one replaces its own with theirs — downloaded from one of
-them and checked against the announced hash before it is used.
+The peer keeps the invariant the round relies on: whenever live peers that outweigh it agree on a state (later epoch,
+or the same epoch with a different hash), a peer that holds another one replaces its own with theirs — downloaded
+from one of them, and validated (names, shapes, finite values, the announced hash) before it is used. Weights come
+from :class:`~swarm.training.trust.Trust`: announcements of identities without weight change nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
 from swarm.network.startup import StartStalled, start_retrying
 from swarm.training.state import TrainingState
+from swarm.training.trust import Trust
 
 CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
 
@@ -60,8 +61,11 @@ class SwarmPeer:
     :param epoch: the epoch ``state`` is at (0, or the epoch of a resumed checkpoint)
     """
 
-    def __init__(self, config: SwarmConfig, identity: Identity, state: TrainingState, epoch: int = 0):
+    def __init__(self, config: SwarmConfig, identity: Identity, state: TrainingState, epoch: int = 0,
+                 trust: Trust | None = None):
         self.config, self.identity, self.state = config, identity, state
+        # without a ledger given, peers count as identities (tests of the decisions; the trainer passes its own)
+        self.trust = trust if trust is not None else Trust(str(identity.peer_id), config, None, None)
         self.lock = threading.RLock()  # held while the state changes, so snapshots served to peers are consistent
         self.epoch = epoch
         self.state_hash = state.state_hash(epoch)
@@ -263,12 +267,17 @@ class SwarmPeer:
             self.state_hash = self.state.state_hash(epoch)
         self.publish()
 
-    def _announced_by(self, key: RoundKey, support: int) -> bool:
-        """Whether at least ``support`` live peers announce ``key``, waiting up to ``NEWER_STATE_WAIT`` s for it."""
+    def _support(self, key: RoundKey, others: dict[str, PeerStatus]) -> float:
+        """The total weight of the live peers in ``others`` that announce ``key``."""
+        return sum(self.trust.weight(peer_id) for peer_id, status in others.items()
+                   if (status.epoch, status.state_hash) == key)
+
+    def _announced_by(self, key: RoundKey, support: float) -> bool:
+        """Whether live peers of total weight at least ``support`` announce ``key``, waiting up to
+        ``NEWER_STATE_WAIT`` s for it."""
         deadline = time.monotonic() + NEWER_STATE_WAIT
         while True:
-            count = sum((status.epoch, status.state_hash) == key for status in self.other_peers().values())
-            if count >= support:
+            if self._support(key, self.other_peers()) >= support:
                 return True
             if time.monotonic() >= deadline or self._stop.is_set():
                 return False
@@ -277,26 +286,30 @@ class SwarmPeer:
     def swarm_target(self, others: dict[str, PeerStatus]) -> RoundKey | None:
         """The state this peer should adopt, or None to keep its own.
 
-        Candidates are the (epoch, state hash) pairs live peers announce at this peer's epoch or later; the best is
-        the one the most peers announce, ties going to the *earlier* epoch (an honest swarm moves one epoch per
-        round; a far-ahead claim is the suspicious one), then to the smaller hash. It is adopted when at least as
-        many live peers announce it as announce this peer's own state (this peer counted), or — at this peer's own
-        epoch — when strictly more do or, as many, with a smaller hash (so two disagreeing peers do not swap).
+        Candidates are the (epoch, state hash) pairs live peers announce at this peer's epoch or later, each
+        supported by the total *weight* of the peers announcing it (:meth:`Trust.weight`: identities without weight
+        add nothing). The best is the best supported, ties going to the *earlier* epoch (an honest swarm moves one
+        epoch per round; a far-ahead claim is the suspicious one), then to the smaller hash. It is adopted when it
+        weighs at least as much as this peer's own state (this peer's own weight, at least 1, included) — or, at
+        this peer's own epoch, strictly more or as much with a smaller hash (so two disagreeing peers do not swap).
 
-        So a state fewer peers announce than this peer's own is never the target, and a peer alone in claiming a
-        far-ahead epoch is not followed while others agree, nor preferred to a nearer state as many peers
-        announce. A peer behind a swarm that agrees (a late joiner, or the member whose last all-reduce failed)
-        adopts the swarm's state. Where nobody agrees with anybody (a two-peer swarm), a liar can still be followed.
+        So any number of fresh identities announcing a far epoch is never followed, and a peer behind a swarm that
+        outweighs it (a late joiner, or the member whose last all-reduce failed) adopts the swarm's state. Where
+        the weighted peers disagree evenly (two peers of equal weight), a liar among them can still be followed.
         """
-        counts = Counter((status.epoch, status.state_hash) for status in others.values() if status.epoch >= self.epoch)
+        weights: dict[RoundKey, float] = {}
+        for peer_id, status in others.items():
+            if status.epoch >= self.epoch and (weight := self.trust.weight(peer_id)) > 0:
+                key = (status.epoch, status.state_hash)
+                weights[key] = weights.get(key, 0.0) + weight
         mine = self.round_key
-        support = counts.pop(mine, 0) + 1
-        if not counts:
+        support = weights.pop(mine, 0.0) + max(1.0, self.trust.weight(self.peer_id))
+        if not weights:
             return None
-        best = max(counts, key=lambda key: (counts[key], -key[0], _invert(key[1])))
-        if counts[best] > support:
+        best = max(weights, key=lambda key: (weights[key], -key[0], _invert(key[1])))
+        if weights[best] > support:
             return best
-        if counts[best] == support and (best[0] > self.epoch or best[1] < mine[1]):
+        if weights[best] == support and (best[0] > self.epoch or best[1] < mine[1]):
             return best
         return None
 
@@ -306,19 +319,25 @@ class SwarmPeer:
         target = self.swarm_target(others)
         if target is None:
             return False
-        holders = [peer_id for peer_id, status in others.items() if (status.epoch, status.state_hash) == target]
+        holders = [peer_id for peer_id, status in others.items()
+                   if (status.epoch, status.state_hash) == target and self.trust.known(peer_id)]
         logger.info(f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading")
-        return self.download_state(holders, target)
+        if self.download_state(holders, target):
+            return True
+        logger.warning(f"{self.identity.name}: no holder served an acceptable state of epoch {target[0]}; keeping"
+                       f" this peer's own (epoch {self.epoch})")
+        return False
 
     def download_state(self, holders: list[str], target: RoundKey) -> bool:
         """Load the state ``target`` (epoch, state hash) that ``holders`` announced, from the first that serves it.
 
-        A holder may serve a later state only if it moved on while asked: that state is taken once at least as
-        many live peers announce it as announced ``target`` (waiting up to ``NEWER_STATE_WAIT`` seconds for
+        A holder may serve a later state only if it moved on while asked: that state is taken once live peers of at
+        least the weight that announced ``target`` announce it (waiting up to ``NEWER_STATE_WAIT`` seconds for
         their statuses). Any other state — one a holder alone vouches for — is refused, so a holder cannot make
-        this peer load something the swarm did not announce."""
-        holders = [peer_id for peer_id in holders if peer_id not in self.banned]
-        support = max(1, len(holders))
+        this peer load something the swarm did not announce. A served state that fails validation (names,
+        shapes, non-finite values, its hash) is refused and its holder loses all weight (:meth:`Trust.refuse`)."""
+        holders = [peer_id for peer_id in holders if peer_id not in self.banned and peer_id not in self.trust.refused]
+        support = max(1.0, sum(self.trust.weight(peer_id) for peer_id in holders))
         for peer_id in random.sample(holders, len(holders)):
             result = self.averager.download_state(PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout)
             if result is None:
@@ -335,7 +354,8 @@ class SwarmPeer:
                 with self.lock:
                     epoch = self.state.load(metadata, tensors)
             except ValueError as error:
-                logger.warning(f"Rejected the state served by {peer_id}: {error}")
+                logger.warning(f"Rejected the state served by {peer_id}: {error}; it no longer counts")
+                self.trust.refuse(peer_id)
                 continue
             self.set_state_changed(epoch)
             logger.info(f"{self.identity.name}: loaded epoch {epoch} from {peer_id}")

@@ -81,7 +81,8 @@ class TrainingState:
     def load(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> int:
         """Overwrite parameters and optimizer statistics from a snapshot; returns its epoch.
 
-        :raises ValueError: if the snapshot does not match this model's shapes or its own announced hash
+        :raises ValueError: if the snapshot does not match this model's shapes or its own announced hash, or holds a
+          value that is not a finite floating-point tensor (checked before anything is overwritten)
         """
         epoch, layout = metadata.get("epoch"), metadata.get("layout")
         if not isinstance(epoch, int) or not isinstance(layout, list):
@@ -89,11 +90,18 @@ class TrainingState:
         params = self.params
         if len(tensors) != len(params) + len(layout):
             raise ValueError(f"state has {len(tensors)} tensors, expected {len(params) + len(layout)}")
+        for index, value in enumerate(tensors):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state entry {index} is a {type(value).__name__}, not a tensor")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"state entry {index} holds non-finite values")
         if tensors_hash(epoch, tensors) != metadata.get("state_hash"):
             raise ValueError("state tensors do not match their announced hash")
         for param, value in zip(params, tensors):
             if param.shape != value.shape:
                 raise ValueError(f"parameter shape {tuple(value.shape)} does not match {tuple(param.shape)}")
+            if not value.is_floating_point():
+                raise ValueError(f"parameter of dtype {value.dtype}, expected a floating point tensor")
         for entry, value in zip(layout, tensors[len(params) :]):
             if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], int)
                     and 0 <= entry[0] < len(params) and entry[1] in OPTIMIZER_TENSOR_KEYS):

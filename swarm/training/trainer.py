@@ -35,6 +35,7 @@ from swarm.errors import UserError
 from swarm.hardware import check_fits, detect_hardware
 from swarm.identity import Identity
 from swarm.ledger.balances import Balance
+from swarm.ledger.config import LEDGER_FILE
 from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
@@ -48,6 +49,7 @@ from swarm.training.optimizer import SwarmOptimizer
 from swarm.training.peer import SwarmPeer
 from swarm.training.state import TrainingState, param_checksum
 from swarm.training.strategies.sync import Outcome, RoundResult, SyncGradientAveraging
+from swarm.training.trust import Trust
 from swarm.verify.attacks import Attack, AttackContext, make_attack
 from swarm.verify.auditor import Verifier
 from swarm.verify.replay import (
@@ -153,7 +155,8 @@ class SwarmTrainer:
         gc.collect()
         gc.freeze()
         epoch, samples = self._resume()
-        self.peer = SwarmPeer(config, self.identity, self.state, epoch)
+        self.trust = self._make_trust()
+        self.peer = SwarmPeer(config, self.identity, self.state, epoch, trust=self.trust)
         self.peer.samples = samples
         self.strategy = SyncGradientAveraging(self.peer, self.optimizer, config.training.max_grad_norm)
         self.attack = self._make_attack()
@@ -169,6 +172,14 @@ class SwarmTrainer:
             logger.warning(f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)")
         if config.sharing.enabled and self.trainer_kind != "grpo":
             logger.warning(f"recipe {self.recipe.name}: rollout sharing is for GRPO recipes; this SFT run shares none")
+
+    def _make_trust(self) -> Trust:
+        """Weights from this peer's ledger copy when there is one (verification and ledger on, GRPO), else identity
+        counting (see :mod:`swarm.training.trust`)."""
+        config = self.config
+        if config.verify.enabled and config.ledger.enabled and self.trainer_kind == "grpo":
+            return Trust(str(self.identity.peer_id), config, self.workdir / LEDGER_FILE, config.ledger.rules(config))
+        return Trust(str(self.identity.peer_id), config, None, None)
 
     def _make_attack(self) -> Attack | None:
         name = self.config.verify.attack
@@ -235,6 +246,7 @@ class SwarmTrainer:
                     self.verifier.observers.append(self.ledger)
             if config.sharing.enabled and self.trainer_kind == "grpo":
                 self.sharing = self._make_sharing()
+            self.trust.refresh(self.peer.epoch, force=True)  # the ledger copy has just caught up
             self.peer.sync_with_swarm()
             max_epochs = config.training.max_epochs
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
@@ -310,6 +322,7 @@ class SwarmTrainer:
             status.update(self.verifier.figures(), banned=self.verifier.stats.banned)
         if self.sharing is not None:
             status.update(self.sharing.figures())
+        status.update(self.trust.figures())
         write_json_atomic(self.workdir / STATUS_FILE, status)
         with open(self.workdir / METRICS_FILE, "a") as metrics:
             metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
@@ -317,6 +330,7 @@ class SwarmTrainer:
     def run_epoch(self) -> EpochRecord:
         """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round."""
         epoch = self.peer.epoch
+        self.trust.refresh(epoch)
         shared: list[ExternalGroup] = []
         if self.sharing is not None:
             self._emit("on_phase", f"picking shared rollouts for epoch {epoch}")

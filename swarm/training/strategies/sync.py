@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.network.averager import round_consensus, round_key_of
+from swarm.network.averager import RoundKey, _invert, round_key_of
 from swarm.training.peer import POLL_INTERVAL, SwarmPeer
 from swarm.training.state import tensors_hash
 
@@ -63,6 +63,7 @@ class SyncGradientAveraging:
         self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
         self.expected_group = 2
         self.catch_up_grace = 3 * peer.config.averaging.matchmaking_time
+        self._newcomer_wait: dict[str, float] = {}  # peer id without weight -> seconds the barrier waited for it
 
     def finish_round(self, samples: int, commitment: str | None = None) -> RoundResult:
         """Average the gradient in the parameters' ``.grad`` with the swarm and step (see the module docstring).
@@ -90,8 +91,7 @@ class SyncGradientAveraging:
                     return RoundResult(Outcome.SOLO, epoch)
                 gathered = self._average(local, epoch, weight, commitment)
                 if gathered is not None:
-                    keys = [round_key_of(item) for item in gathered.values()]
-                    consensus = round_consensus([key for key in keys if key is not None])
+                    consensus = self._consensus(gathered)
                     if consensus != (epoch, peer.state_hash):
                         holders = [str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus]
                         peer.download_state(holders, consensus) or peer.sync_with_swarm()
@@ -100,6 +100,8 @@ class SyncGradientAveraging:
                         result = [tensor.clone() for tensor in averaged]
                     if all(torch.isfinite(tensor).all() for tensor in result):
                         self._apply(result, epoch, samples)
+                        peer.trust.note_round(epoch, [str(pid) for pid, item in gathered.items()
+                                                      if round_key_of(item) == consensus])
                         commitments = {
                             str(pid): item["commitment"] for pid, item in gathered.items()
                             if round_key_of(item) == consensus and isinstance(item.get("commitment"), str)
@@ -122,13 +124,19 @@ class SyncGradientAveraging:
         """'go', 'alone' (no other live peer can join this epoch) or 'behind' (the swarm's state is at a later epoch:
         :meth:`SwarmPeer.swarm_target`).
 
-        Peers one or more epochs behind are catching up (they download this epoch's state), so they are waited
-        for too, but only for ``catch_up_grace`` seconds: a peer that cannot catch up must not stall the swarm.
-        On 'go', ``self.expected_group`` is the number of live peers at this epoch, this one included."""
-        peer = self.peer
+        Only peers with weight (:meth:`Trust.known`) are waited for until ``deadline``; those one or more epochs
+        behind are catching up (they download this epoch's state), and are waited for ``catch_up_grace`` seconds
+        at most. Peers without weight — any fresh identity — are waited for ``trust.newcomer_wait`` seconds at most
+        per epoch, and that long at most in all per identity, so that announcing 'busy', 'lagging' or 'ready' from
+        free identities cannot stall the swarm, while an honest newcomer still gets a first round in which to
+        become a member. On 'go', ``self.expected_group`` is the number of peers expected in the group, this one
+        included."""
+        peer, trust = self.peer, self.peer.trust
         peer.ready_epoch = epoch
         peer.publish()
-        catch_up_deadline = time.monotonic() + self.catch_up_grace
+        started = last = time.monotonic()
+        catch_up_deadline = started + self.catch_up_grace
+        newcomer_deadline = started + peer.config.trust.newcomer_wait
         while True:
             others = peer.other_peers()
             target = peer.swarm_target(others)
@@ -137,16 +145,42 @@ class SyncGradientAveraging:
             # peers ahead that the swarm does not follow (see SwarmPeer.swarm_target) are neither waited for nor
             # averaged with: they are not at this epoch
             now = time.monotonic()
-            same = [status for status in others.values() if status.epoch == epoch]
-            lagging = [status for status in others.values() if status.epoch < epoch] if now < catch_up_deadline else []
+            patient = now < newcomer_deadline
+            waited = [status for status in others.values() if trust.known(status.peer_id)
+                      or (patient and self._newcomer_budget(status.peer_id) > POLL_INTERVAL)]
+            same = [status for status in waited if status.epoch == epoch]
+            lagging = [status for status in waited if status.epoch < epoch] if now < catch_up_deadline else []
             can_reduce = any(not status.client_mode for status in same) or not peer.config.network.client_mode
             if not lagging and (not same or not can_reduce):
                 return "alone"
-            everyone_ready = not lagging and all(status.ready_epoch == epoch for status in same)
-            if same and (everyone_ready or now >= deadline):
+            unready = lagging + [status for status in same if status.ready_epoch != epoch]
+            if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
                 return "go"
+            for status in unready:
+                if not trust.known(status.peer_id):
+                    self._newcomer_wait[status.peer_id] = self._newcomer_wait.get(status.peer_id, 0.0) + now - last
+            last = now
             time.sleep(POLL_INTERVAL)
+
+    def _newcomer_budget(self, peer_id: str) -> float:
+        """Seconds the barrier may still wait for ``peer_id`` while it has no weight (see :meth:`_barrier`)."""
+        return self.peer.config.trust.newcomer_wait - self._newcomer_wait.get(peer_id, 0.0)
+
+    def _consensus(self, gathered: dict) -> RoundKey:
+        """The (epoch, state hash) of the group: the members' announced keys counted by weight, this peer's own
+        included with at least 1, so members without weight cannot outvote it (as :func:`~swarm.network.averager.round_consensus`, whose
+        tie-breaking this keeps: the later epoch, then the smaller hash). Every member with the same weights picks the same key."""
+        trust, me = self.peer.trust, self.peer.peer_id
+        weights: dict[RoundKey, float] = {}
+        for peer_id, item in gathered.items():
+            key = round_key_of(item)
+            weight = max(1.0, trust.weight(me)) if str(peer_id) == me else trust.weight(str(peer_id))
+            if key is not None and weight > 0:
+                weights[key] = weights.get(key, 0.0) + weight
+        if not weights:
+            return self.peer.round_key
+        return max(weights, key=lambda key: (weights[key], key[0], _invert(key[1])))
 
     def _average(self, local: list[torch.Tensor], epoch: int, weight: float, commitment: str | None) -> dict | None:
         peer, averaging = self.peer, self.peer.config.averaging

@@ -1,0 +1,190 @@
+"""Weight instead of identities: who gains weight from the ledger (a pure function of the entries), and how the
+catch-up and barrier decisions treat identities without weight — announcing a far epoch, 'busy' or 'lagging' from
+any number of them changes nothing, while peers with weight and round members are followed and waited for."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm.config import SwarmConfig
+from swarm.identity import Identity
+from swarm.ledger.balances import Rules
+from swarm.ledger.entries import GENESIS_HASH, MICRO, LedgerEntry
+from swarm.ledger.weights import trusted_weights
+from swarm.training.peer import SwarmPeer
+from swarm.training.state import TrainingState
+from swarm.training.strategies.sync import SyncGradientAveraging
+from swarm.training.trust import Trust, initial_peer_ids
+from tests.test_catch_up import LIAR_EPOCH, MemoryBoard
+
+RULES = Rules(provisional_epochs=2)
+SAMPLES = 16
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory) -> dict[str, Identity]:
+    root = tmp_path_factory.mktemp("keys")
+    return {name: Identity.load_or_create(root / f"{name}.key")
+            for name in ("me", "alice", "bob", "sybil1", "sybil2", "sybil3")}
+
+
+def digest(peer: Identity, epoch: int) -> str:
+    return hashlib.sha256(f"{peer.peer_id}|{epoch}".encode()).hexdigest()
+
+
+_seq = itertools.count()
+
+
+def contribution(author: Identity, epoch: int, attests: list[Identity]) -> LedgerEntry:
+    """``author``'s contribution entry of ``epoch``, listing the commitments of ``attests`` (as a round member)."""
+    seq = next(_seq) + 1
+    return LedgerEntry.create(author, kind="contribution", seq=seq, prev_hash="ab" * 32, subject=str(author.peer_id),
+                              epoch=epoch, samples=SAMPLES, refs=[digest(author, epoch), *(digest(other, epoch)
+                                                                                         for other in attests)])
+
+
+def slash(author: Identity, subject: Identity, epoch: int) -> LedgerEntry:
+    return LedgerEntry.create(author, kind="slash", seq=0, prev_hash=GENESIS_HASH, subject=str(subject.peer_id),
+                              epoch=epoch, samples=SAMPLES, refs=[digest(subject, epoch)])
+
+
+def weights(entries, people, current_epoch: int, roots=("me",)) -> dict[str, float]:
+    found = trusted_weights(entries, RULES, current_epoch, {str(people[name].peer_id) for name in roots}, MICRO)
+    names = {str(identity.peer_id): name for name, identity in people.items()}
+    return {names[peer]: credit / MICRO for peer, credit in found.items()}
+
+
+def rounds(people, members: list[str], epochs: range) -> list[LedgerEntry]:
+    """Every member writes its contribution entry for every epoch, attesting the other members."""
+    return [contribution(people[name], epoch, [people[other] for other in members if other != name])
+            for epoch in epochs for name in members]
+
+
+def test_work_attested_by_a_trusted_peer_gains_weight_once_its_audit_window_closed(people) -> None:
+    entries = rounds(people, ["me", "alice"], range(3))
+    assert "alice" not in weights(entries, people, current_epoch=1)  # nothing final yet
+    found = weights(entries, people, current_epoch=3)  # epoch 0 closed at 2, epoch 1 at 3
+    assert found["alice"] == 2 * SAMPLES and found["me"] == 2 * SAMPLES
+
+
+def test_fresh_identities_attesting_each_other_never_gain_weight(people) -> None:
+    entries = rounds(people, ["me", "alice"], range(5)) + rounds(people, ["sybil1", "sybil2", "sybil3"], range(50))
+    found = weights(entries, people, current_epoch=60)
+    assert set(found) == {"me", "alice"}
+
+
+def test_trust_is_transitive_from_the_roots_and_independent_of_entry_order(people) -> None:
+    # bob never averaged with me, only with alice, whom I trust through my own rounds with her
+    entries = rounds(people, ["me", "alice"], range(3)) + rounds(people, ["alice", "bob"], range(3, 6))
+    found = weights(entries, people, current_epoch=10)
+    assert found["bob"] == 3 * SAMPLES
+    shuffled = list(entries)
+    random.Random(0).shuffle(shuffled)
+    assert weights(shuffled, people, current_epoch=10) == found
+
+
+def test_a_slashed_peer_has_no_weight(people) -> None:
+    entries = rounds(people, ["me", "alice", "bob"], range(4))
+    entries += [slash(people["me"], people["bob"], 2), slash(people["alice"], people["bob"], 2)]
+    found = weights(entries, people, current_epoch=10)
+    assert "bob" not in found and found["alice"] > 0
+
+
+def test_initial_peer_ids_are_read_from_multiaddrs() -> None:
+    peer = "QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
+    assert initial_peer_ids([f"/ip4/127.0.0.1/tcp/1/p2p/{peer}", "not an address"]) == {peer}
+
+
+# ---- decisions by weight -------------------------------------------------------------------------------------
+@pytest.fixture()
+def make_peer(tmp_path: Path):
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+
+    def make(epoch: int, newcomer_wait: float = 1.0) -> tuple[SwarmPeer, MemoryBoard]:
+        model = torch.nn.Linear(4, 2)
+        state = TrainingState(model, torch.optim.AdamW(model.parameters()))
+        config = SwarmConfig(workdir=tmp_path, network=dict(client_mode=False),
+                             trust=dict(newcomer_wait=newcomer_wait))
+        # a ledger that is not there yet: weights come from the roots and round members only (as in the first
+        # epochs of a swarm)
+        trust = Trust(str(identity.peer_id), config, tmp_path / "no-ledger-yet.db", RULES)
+        peer = SwarmPeer(config, identity, state, epoch=epoch, trust=trust)
+        peer.board = MemoryBoard()
+        return peer, peer.board
+
+    return make
+
+
+def barrier(strategy: SyncGradientAveraging) -> tuple[str, int, float]:
+    started = time.monotonic()
+    verdict = strategy._barrier(strategy.peer.epoch, deadline=time.monotonic() + 20.0)
+    return verdict, strategy.expected_group, time.monotonic() - started
+
+
+def test_ten_sybils_announcing_a_far_epoch_are_not_followed(make_peer) -> None:
+    peer, board = make_peer(epoch=5)
+    peer.trust.note_round(4, ["member"])
+    board.add("member", 5, peer.state_hash)
+    for index in range(10):
+        board.add(f"sybil{index}", LIAR_EPOCH, "poisoned")
+    assert peer.swarm_target(peer.other_peers()) is None
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    assert barrier(strategy)[:2] == ("go", 2)
+
+
+def test_a_late_joiner_follows_its_initial_peer_not_more_sybils(make_peer) -> None:
+    late, board = make_peer(epoch=0)
+    late.trust.roots.add("bootstrap")
+    board.add("bootstrap", 7, "swarm-hash")
+    for index in range(10):
+        board.add(f"sybil{index}", 7, "poisoned")  # even at a nearer-looking, equally plausible state
+    assert late.swarm_target(late.other_peers()) == (7, "swarm-hash")
+    late.averager = None
+    assert late._support((7, "poisoned"), late.other_peers()) == 0
+
+
+def test_busy_and_lagging_sybils_cost_the_barrier_at_most_newcomer_wait_once(make_peer) -> None:
+    peer, board = make_peer(epoch=5, newcomer_wait=1.0)
+    peer.trust.note_round(4, ["member"])
+    board.add("member", 5, peer.state_hash)
+    for index in range(10):
+        board.add(f"busy{index}", 5, peer.state_hash, ready=False)
+        board.add(f"lagging{index}", 2, "old")
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    verdict, group, first = barrier(strategy)
+    assert (verdict, group) == ("go", 2) and 0.9 <= first < 3.0
+    verdict, group, second = barrier(strategy)  # the next epoch: their budget is spent
+    assert (verdict, group) == ("go", 2) and second < 0.5
+
+
+def test_a_round_member_is_waited_for_but_a_stranger_is_not(make_peer) -> None:
+    peer, board = make_peer(epoch=5, newcomer_wait=0.5)
+    board.add("stranger", 5, peer.state_hash, ready=False)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    verdict, _, waited = barrier(strategy)
+    assert verdict == "alone" and waited < 2.0  # a stranger that never gets ready does not hold this peer
+    peer.trust.note_round(4, ["stranger"])  # it averaged with this peer: now a member, waited for
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    deadline = time.monotonic() + 1.5
+    assert strategy._barrier(5, deadline=deadline) == "go" and time.monotonic() >= deadline - 0.3
+
+
+def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> None:
+    from tests.test_catch_up import ServingAverager, snapshot_at
+
+    late, board = make_peer(epoch=0)
+    meta, tensors = snapshot_at(7, float("nan"))
+    late.trust.roots.add("QmBootstrap")
+    board.add("QmBootstrap", 7, meta["state_hash"])
+    late.averager = ServingAverager({"QmBootstrap": (meta, tensors)})
+    before = [param.detach().clone() for param in late.state.params]
+    assert not late.sync_with_swarm()
+    assert all(torch.equal(a, b) for a, b in zip(before, late.state.params))  # kept its own state
+    assert late.trust.weight("QmBootstrap") == 0 and late.swarm_target(late.other_peers()) is None
