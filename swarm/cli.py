@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     local = commands.add_parser("local", help="simulate a swarm: N peers as separate processes on this machine")
     _add_config_options(local)
     local.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
+    local.add_argument("--cheaters", type=int, default=1,
+                       help="with verify.attack: how many peers (the last ones) cheat (default 1)")
     local.add_argument("--timeout", type=float, help="kill the simulation after this many seconds")
     local.add_argument("--plain", action="store_true", help="print progress lines instead of a live table")
 
@@ -208,6 +210,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     config = config_from_args(args)  # validated once here, so a bad config fails before any process starts
     if args.peers < 1:
         raise UserError(f"--peers must be at least 1, got {args.peers}", exit_code=2)
+    if args.cheaters < 0 or args.cheaters > max(1, args.peers - 1):
+        raise UserError(f"--cheaters must be between 0 and {max(1, args.peers - 1)} (fewer than --peers), got "
+                        f"{args.cheaters}", exit_code=2)
     return run_local(args, config)
 
 

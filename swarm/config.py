@@ -115,7 +115,9 @@ class VerifyConfig(_Section):
     # 0.09: a persistent cheater is caught within 50 contributions with 99% probability (needs >= 0.088) while
     # replays cost <= 5% of training (bench/verification.py measures replay / train ~0.53 on the offline default)
     audit_probability: float = Field(0.09, ge=0, le=1)
-    recheck_auditors: int = Field(2, ge=0)  # a failed audit is replayed by this many more auditors; majority rules
+    # a failed audit is replayed by up to this many more members of the round (every other member in rounds of up
+    # to 9 peers); the panel decides by weight, and an accusation it refutes bans and slashes the accuser
+    recheck_auditors: int = Field(8, ge=0)
     audit_window: int = Field(3, gt=0)  # epochs a contribution is kept and served to auditors
     ban_epochs: int = Field(50, gt=0)  # how long a peer whose audit finally failed is kept out of averaging
     # the precision class this peer computes and declares its gradients in; None: follows model.dtype
@@ -135,9 +137,10 @@ class TrustConfig(_Section):
 
     peers: list[str] = Field(default_factory=list)  # peer ids trusted from the start, besides the initial peers
     min_credit: float = Field(1.0, ge=0)  # credits of attested, final work before a peer has weight of its own
-    # the barrier waits at most this long per epoch for peers without weight, and at most this long in all for each
-    # such identity, so announcements from free identities cannot stall the swarm
-    newcomer_wait: float = Field(3.0, ge=0)
+    # the barrier waits at most newcomer_wait per epoch for peers without weight, and at most newcomer_budget in all
+    # for each such identity, so announcements from free identities cannot stall the swarm for long
+    newcomer_wait: float = Field(5.0, ge=0)
+    newcomer_budget: float = Field(20.0, ge=0)
     member_epochs: int = Field(4, gt=0)  # a member of an averaged round counts as known for this many epochs
     refresh_seconds: float = Field(5.0, ge=0)  # ledger weights are recomputed at most this often
 

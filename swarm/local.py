@@ -69,7 +69,8 @@ def peer_command(
 def start_peer(
     args: argparse.Namespace, root: Path, index: int, join: list[str], audit_everything: bool = False
 ) -> LocalPeer:
-    """Start simulated peer ``index``; the last of ``args.peers`` peers is the one a ``verify.attack`` applies to.
+    """Start simulated peer ``index``; the last ``args.cheaters`` of ``args.peers`` peers are those a
+    ``verify.attack`` applies to.
     ``audit_everything``: every peer audits every contribution (``verify.audit_probability=1``)."""
     workdir = root / f"peer_{index}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def start_peer(
     threads = max(1, (os.cpu_count() or 1) // max(1, args.peers))
     environment.setdefault("OMP_NUM_THREADS", str(threads))
     process = subprocess.Popen(
-        peer_command(args, workdir, join, args.peers, honest=index != args.peers - 1,
+        peer_command(args, workdir, join, args.peers, honest=index < args.peers - getattr(args, "cheaters", 1),
                      audit_everything=audit_everything),
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -163,7 +164,8 @@ def run_local(args: argparse.Namespace, config: SwarmConfig) -> int:
     # a simulated cheater is a demo: audit every contribution so that the run shows it caught, unless the user chose
     audit_everything = config.verify.attack is not None and "audit_probability" not in config.verify.model_fields_set
     if audit_everything:
-        console.print(f"swarm local: verify.attack={config.verify.attack} (the last peer cheats): every contribution"
+        console.print(f"swarm local: verify.attack={config.verify.attack} (the last {getattr(args, 'cheaters', 1)} peer(s) cheat):"
+                      " every contribution"
                       " is audited (set verify.audit_probability to choose otherwise)")
     try:
         peers.append(start_peer(args, root, 0, [], audit_everything))

@@ -21,10 +21,18 @@ from swarm.verify.replay import GRPOSettings
 from swarm.verify.selection import AuditAssignment
 
 
+class EqualWeights:
+    """Every peer weighs 1 (as members of this peer's round do before they have ledger credit)."""
+
+    def weight(self, peer_id: str) -> float:
+        return 1.0
+
+
 @dataclass
 class FakePeer:
     peer_id: str
     banned: list[str] = field(default_factory=list)
+    trust: EqualWeights = field(default_factory=EqualWeights)
 
     def set_banned(self, peer_ids: list[str]) -> None:
         self.banned = list(peer_ids)
@@ -58,16 +66,19 @@ class Recorder(VerificationObserver):
 
 
 PEERS = [f"Qm{name}" for name in ("Alice", "Bob", "Carol", "Dave")]
+FIVE = [*PEERS, "QmErin"]
+EVIDENCE = dict(replayed_hash="ab" * 32, worst_index=0)
 
 
-def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str]) -> tuple[dict[str, Verifier], dict[str, Recorder]]:
-    """Four verifiers; replays of a cheater's contribution fail, a liar fails every contribution it replays."""
+def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str], peers: list[str] = PEERS,
+               recheck_auditors: int = 2) -> tuple[dict[str, Verifier], dict[str, Recorder]]:
+    """Verifiers of ``peers``; replays of a cheater's contribution fail, a liar fails every contribution it replays."""
     board = SharedVerdicts()
     verifiers, recorders = {}, {}
-    for peer_id in PEERS:
+    for peer_id in peers:
         config = SwarmConfig(workdir=tmp_path / peer_id)
         config.verify.audit_probability = 1.0
-        config.verify.recheck_auditors = 2
+        config.verify.recheck_auditors = recheck_auditors
         config.verify.fetch_timeout = 0.01  # a re-checker does not wait for a primary verdict that comes later
         config.workdir.mkdir(parents=True)
         recorders[peer_id] = Recorder()
@@ -78,22 +89,24 @@ def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str]) -> tuple[dic
 
         def judge(assignment, me=peer_id):
             failed = assignment.audited in cheaters or me in liars
-            return ("gradient_mismatch", 0.5) if failed else ("pass", 0.0)
+            return ("gradient_mismatch", 0.5, EVIDENCE) if failed else ("pass", 0.0, EVIDENCE)
 
         verifier._judge = judge
         verifiers[peer_id] = verifier
     return verifiers, recorders
 
 
-def run_round(verifiers: dict[str, Verifier]) -> None:
+def run_round(verifiers: dict[str, Verifier], epoch: int = 0) -> None:
     """One averaged round of the peers in ``verifiers`` (peer i committed the digest f"{i:064x}")."""
-    members = {peer: f"{i:064x}" for i, peer in enumerate(PEERS) if peer in verifiers}
-    result = RoundResult(Outcome.AVERAGED, 0, len(members), members, "averaged-gradient")
+    members = {peer: f"{i:064x}" for i, peer in enumerate(FIVE) if peer in verifiers}
+    averaged = "averaged-gradient" if epoch == 0 else f"averaged-gradient-{epoch}"
+    result = RoundResult(Outcome.AVERAGED, epoch, len(members), members, averaged)
     for verifier in verifiers.values():
+        verifier.snapshots.setdefault(epoch, [])
         verifier.after_round(result)
-    for _ in range(2):  # primaries first (every peer), then re-checks and decisions
+    for _ in range(3):  # primaries first (every peer), then re-checks, then decisions
         for verifier in verifiers.values():
-            verifier.process(current_epoch=1)
+            verifier.process(current_epoch=epoch + 1)
 
 
 def test_a_cheater_is_rechecked_failed_by_a_majority_and_banned_everywhere(tmp_path: Path) -> None:
@@ -116,14 +129,50 @@ def test_a_cheater_is_rechecked_failed_by_a_majority_and_banned_everywhere(tmp_p
         assert (peer_id, True) in recorders["QmAlice"].finals
 
 
+def events_of(verifier: Verifier) -> list[dict]:
+    path = verifier.events_path
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 @pytest.mark.parametrize("liar", PEERS)
-def test_one_lying_auditor_never_gets_an_honest_peer_banned(tmp_path: Path, liar: str) -> None:
+def test_one_lying_auditor_never_gets_an_honest_peer_banned_and_is_banned_itself(tmp_path: Path, liar: str) -> None:
     verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars={liar})
     run_round(verifiers)
+    lied_as_primary = any(verdict.auditor == liar and verdict.role == "primary" and not verdict.passed
+                          for verdict in verifiers[liar].verdicts.fetch(0))
+    for peer_id, verifier in verifiers.items():
+        assert verifier.stats.my_audits_failed == 0
+        assert not [event for event in events_of(verifier) if event["event"] == "audit_failed"]
+        if peer_id != liar and lied_as_primary:  # the re-check refuted it: a false accuser, banned like a cheater
+            assert verifier.peer.banned == [liar]
+            assert {event["accuser"] for event in events_of(verifier) if event["event"] == "false_accusation"} == {liar}
+        else:  # it was nobody's primary in this round: it had nothing to lie about
+            assert verifier.peer.banned == []
+
+
+def test_two_colluding_auditors_among_five_ban_nobody_honest_and_are_banned(tmp_path: Path) -> None:
+    """Two colluders train honestly and fail every contribution they audit or re-check. The whole panel re-checks a
+    primary's failure and decides by weight: 2 of 4 auditors are not more than half, so no honest peer fails."""
+    colluders = {"QmCarol", "QmErin"}
+    verifiers, recorders = make_swarm(tmp_path, cheaters=set(), liars=colluders, peers=FIVE, recheck_auditors=8)
     for verifier in verifiers.values():
-        assert verifier.peer.banned == []
-        assert not (verifier.events_path).exists()
-    assert all(verifier.stats.my_audits_failed == 0 for verifier in verifiers.values())
+        verifier.verify.ban_epochs = 1  # banned peers are still audited in the next rounds of this simulation
+    epochs = range(6)
+    for epoch in epochs:
+        run_round(verifiers, epoch)
+    verdicts = verifiers["QmAlice"].verdicts.fetch()
+    honest = set(FIVE) - colluders
+    against_honest = [verdict for verdict in verdicts if not verdict.passed and verdict.audited in honest]
+    assert {verdict.auditor for verdict in against_honest} == colluders  # both lied about honest peers...
+    assert any({verdict.auditor for verdict in against_honest if (verdict.epoch, verdict.audited) == key} == colluders
+               for key in {(verdict.epoch, verdict.audited) for verdict in against_honest})  # ...together, too
+    for peer_id, verifier in verifiers.items():
+        assert not [event for event in events_of(verifier) if event["event"] == "audit_failed"]
+        assert len(recorders[peer_id].finals) == 5 * len(epochs)
+        assert all(passed for _, passed in recorders[peer_id].finals)  # every contribution passed, on every peer
+        if peer_id in honest:
+            accused = {event["accuser"] for event in events_of(verifier) if event["event"] == "false_accusation"}
+            assert accused == colluders, peer_id  # each refuted accuser is a false accuser here
 
 
 def test_a_verdict_from_an_auditor_the_beacon_did_not_assign_does_not_count(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -107,11 +108,12 @@ def test_initial_peer_ids_are_read_from_multiaddrs() -> None:
 def make_peer(tmp_path: Path):
     identity = Identity.load_or_create(tmp_path / "identity.key")
 
-    def make(epoch: int, newcomer_wait: float = 1.0) -> tuple[SwarmPeer, MemoryBoard]:
+    def make(epoch: int, newcomer_wait: float = 1.0, newcomer_budget: float = 2.0) -> tuple[SwarmPeer, MemoryBoard]:
         model = torch.nn.Linear(4, 2)
         state = TrainingState(model, torch.optim.AdamW(model.parameters()))
         config = SwarmConfig(workdir=tmp_path, network=dict(client_mode=False),
-                             trust=dict(newcomer_wait=newcomer_wait))
+                             averaging=dict(matchmaking_time=3.5),
+                             trust=dict(newcomer_wait=newcomer_wait, newcomer_budget=newcomer_budget))
         # a ledger that is not there yet: weights come from the roots and round members only (as in the first
         # epochs of a swarm)
         trust = Trust(str(identity.peer_id), config, tmp_path / "no-ledger-yet.db", RULES)
@@ -150,30 +152,53 @@ def test_a_late_joiner_follows_its_initial_peer_not_more_sybils(make_peer) -> No
     assert late._support((7, "poisoned"), late.other_peers()) == 0
 
 
-def test_busy_and_lagging_sybils_cost_the_barrier_at_most_newcomer_wait_once(make_peer) -> None:
-    peer, board = make_peer(epoch=5, newcomer_wait=1.0)
+def test_busy_and_lagging_sybils_cost_the_barrier_newcomer_wait_until_their_budget_is_spent(make_peer) -> None:
+    peer, board = make_peer(epoch=5, newcomer_wait=1.0, newcomer_budget=2.0)
     peer.trust.note_round(4, ["member"])
     board.add("member", 5, peer.state_hash)
     for index in range(10):
         board.add(f"busy{index}", 5, peer.state_hash, ready=False)
         board.add(f"lagging{index}", 2, "old")
     strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
-    verdict, group, first = barrier(strategy)
-    assert (verdict, group) == ("go", 2) and 0.9 <= first < 3.0
-    verdict, group, second = barrier(strategy)  # the next epoch: their budget is spent
-    assert (verdict, group) == ("go", 2) and second < 0.5
+    waits = []
+    for _ in range(3):  # three epochs in a row
+        verdict, group, waited = barrier(strategy)
+        assert (verdict, group) == ("go", 2)  # never expects the Sybils in its group
+        waits.append(waited)
+    assert 0.9 <= waits[0] < 1.5, waits  # newcomer_wait per epoch at most...
+    assert sum(waits) < 2.5 and waits[2] < 0.5, waits  # ...until each identity's budget (2 s) is spent
+
+
+def test_ready_sybils_are_expected_in_a_group_only_until_their_budget_is_spent(make_peer) -> None:
+    peer, board = make_peer(epoch=5, newcomer_wait=1.0, newcomer_budget=7.0)  # two rounds of matchmaking_time
+    peer.trust.note_round(4, ["member"])
+    board.add("member", 5, peer.state_hash)
+    for index in range(10):
+        board.add(f"ready{index}", 5, peer.state_hash)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    assert [barrier(strategy)[:2] for _ in range(3)] == [("go", 12), ("go", 12), ("go", 2)]
 
 
 def test_a_round_member_is_waited_for_but_a_stranger_is_not(make_peer) -> None:
     peer, board = make_peer(epoch=5, newcomer_wait=0.5)
+    peer.trust.note_round(4, ["member"])
+    board.add("member", 5, peer.state_hash)
     board.add("stranger", 5, peer.state_hash, ready=False)
     strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
-    verdict, _, waited = barrier(strategy)
-    assert verdict == "alone" and waited < 2.0  # a stranger that never gets ready does not hold this peer
-    peer.trust.note_round(4, ["stranger"])  # it averaged with this peer: now a member, waited for
-    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    verdict, group, waited = barrier(strategy)
+    assert (verdict, group) == ("go", 2) and waited < 2.0  # a stranger that never gets ready does not hold it
+    board.add("member", 5, peer.state_hash, ready=False)  # a member that is still computing is waited for
     deadline = time.monotonic() + 1.5
     assert strategy._barrier(5, deadline=deadline) == "go" and time.monotonic() >= deadline - 0.3
+
+
+def test_the_first_peer_of_a_new_swarm_waits_for_newcomers(make_peer) -> None:
+    peer, board = make_peer(epoch=0, newcomer_wait=0.2)  # nobody has weight yet: there is no group to protect
+    board.add("newcomer", 0, peer.state_hash, ready=False)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    threading.Timer(1.0, lambda: board.add("newcomer", 0, peer.state_hash)).start()
+    verdict, group, waited = barrier(strategy)
+    assert (verdict, group) == ("go", 2) and waited >= 0.9
 
 
 def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> None:

@@ -17,8 +17,11 @@ The rules (all amounts in micro-credits, 1 credit = 1_000_000):
   like a contribution; once per (auditor, commitment).
 * **Slash** (subject S, attested commitment c, ``samples`` n of the failed contribution): counts once at least
   ``slash_quorum`` distinct auditors (other than S) wrote a slash for (S, c) — each auditor that failed the audit
-  writes one, so no single peer can slash another. S then loses ``slash_amount + n × slash_per_sample``, final at
-  once, and the contribution credit for c (if any) is void.
+  writes one, so no single peer can slash another — and those slashers outnumber the auditors that audited c and
+  passed it (an audit entry without a slash), so colluders failing an honest contribution that the re-check passed
+  slash nobody. S then loses ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit
+  for c (if any) is void. A false accuser (an auditor whose failure the weighted re-check refuted) is slashed the
+  same way, on its own commitment of that round, by every peer that saw the refutation.
   Deterrence: with audit probability p, cheating on n samples costs more than it gains when
   ``p × (slash_amount + n × slash_per_sample) > n × credit_per_sample`` — see :meth:`Rules.deters`.
 * **Ban** (subject S, epoch b; counts only if S has a counted slash): S is marked banned; its contributions and
@@ -114,12 +117,15 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -
     everything = sorted({entry for entry in entries if _well_formed(entry)}, key=lambda e: e.hash)
     attested: dict[tuple[int, str], set[str]] = {}  # (epoch, commitment) -> the peers that attested it
     slashers: dict[tuple[str, str], set[str]] = {}
+    auditors: dict[tuple[str, str], set[str]] = {}  # (subject, commitment) -> every peer that wrote an audit of it
     for entry in everything:
         if entry.kind == "contribution":
             for ref in entry.refs[1:]:
                 attested.setdefault((entry.epoch, ref), set()).add(entry.author)
         elif entry.kind == "slash":
             slashers.setdefault((entry.subject, entry.refs[0]), set()).add(entry.author)
+        elif entry.kind == "audit":
+            auditors.setdefault((entry.subject, entry.refs[0]), set()).add(entry.author)
 
     def exists(entry: LedgerEntry) -> bool:  # the commitment it rests on was seen in a round by someone else
         if not rules.require_attestation:
@@ -127,8 +133,12 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -
         return bool(attested.get((entry.epoch, entry.refs[0]), set()) - {entry.subject})
 
     unique = [entry for entry in _unique(everything) if entry.kind == "ban" or exists(entry)]
-    slashed = {(e.subject, e.refs[0]) for e in unique
-               if e.kind == "slash" and len(slashers[(e.subject, e.refs[0])]) >= rules.slash_quorum}
+    def counted(key: tuple[str, str]) -> bool:  # a quorum of slashers that outnumbers the auditors who passed it
+        against = slashers[key] - {key[0]}
+        passed = auditors.get(key, set()) - slashers[key] - {key[0]}
+        return len(against) >= rules.slash_quorum and len(against) > len(passed)
+
+    slashed = {(e.subject, e.refs[0]) for e in unique if e.kind == "slash" and counted((e.subject, e.refs[0]))}
     slashed_peers = {subject for subject, _ in slashed}
     banned_at: dict[str, int] = {}
     for entry in unique:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from swarm.config import SwarmConfig
 
 LEDGER_FILE = "ledger.db"
+DEFAULT_SLASH_QUORUM = 2  # no single peer can slash another
 ROOTS_FILE = "ledger_roots.jsonl"
 
 
@@ -34,7 +35,8 @@ class LedgerConfig(BaseModel):
     slash_amount: float = Field(100.0, ge=0)  # fixed penalty of a failed audit
     slash_per_sample: float = Field(20.0, ge=0)  # further penalty per sample of the failed contribution
     provisional_epochs: int | None = Field(None, ge=0)  # None: verify.audit_window
-    slash_quorum: int | None = Field(None, ge=1)  # distinct failing auditors a slash needs; None: the verify majority
+    # distinct failing auditors a slash needs (and they must outnumber those that passed it); None: 2
+    slash_quorum: int | None = Field(None, ge=1)
     require_attestation: bool = True  # credit only commitments another member of the round attested
     # --- replication ---
     sync_interval: float = Field(5.0, gt=0)  # seconds between publishing this peer's entries and pulling others'
@@ -58,7 +60,6 @@ class LedgerConfig(BaseModel):
 
     def rules(self, config: SwarmConfig) -> Rules:
         """The :class:`Rules` these settings give in ``config`` (defaults taken from its ``verify`` section)."""
-        majority = (1 + config.verify.recheck_auditors) // 2 + 1
         return Rules(
             credit_per_sample=round(self.credit_per_sample * MICRO),
             audit_credit=round(self.audit_credit * MICRO),
@@ -67,7 +68,7 @@ class LedgerConfig(BaseModel):
             provisional_epochs=(
                 config.verify.audit_window if self.provisional_epochs is None else self.provisional_epochs
             ),
-            slash_quorum=majority if self.slash_quorum is None else self.slash_quorum,
+            slash_quorum=DEFAULT_SLASH_QUORUM if self.slash_quorum is None else self.slash_quorum,
             require_attestation=self.require_attestation,
         )
 

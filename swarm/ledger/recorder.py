@@ -237,6 +237,23 @@ class LedgerRecorder(VerificationObserver):
             self._append(kind="ban", subject=assignment.audited, epoch=assignment.epoch,
                          refs=[assignment.commitment])
 
+    def on_false_accusation(self, assignment: AuditAssignment, verdict: AuditVerdict, accuser_commitment: str | None,
+                            current_epoch: int) -> None:
+        """Slash and ban an auditor whose failing verdict the weighted re-check refuted, on its own commitment of that
+        round (a slash needs a quorum of distinct writers, as any other)."""
+        accuser = verdict.auditor
+        if accuser == self.me or accuser_commitment is None:
+            return
+        commitment = self._find_commitment(accuser_commitment, verdict.epoch, accuser)
+        if commitment is None:
+            logger.info(f"ledger: no commitment of false accuser {accuser} at epoch {verdict.epoch}: not slashed")
+            return
+        verdict_id = hashlib.sha256(json.dumps(verdict.model_dump(), sort_keys=True).encode()).hexdigest()
+        penalty = self.rules.slash_amount + commitment.samples * self.rules.slash_per_sample
+        self._append(kind="slash", subject=accuser, epoch=verdict.epoch, samples=commitment.samples, credit=-penalty,
+                     refs=[accuser_commitment, verdict_id], commitment=commitment_body(commitment))
+        self._append(kind="ban", subject=accuser, epoch=verdict.epoch, refs=[accuser_commitment])
+
     def on_epoch_end(self, current_epoch: int) -> None:
         """Note the epoch, root every period that has closed, and replicate soon. Cheap when called repeatedly."""
         if self._store is None or current_epoch <= self.epoch:

@@ -147,6 +147,10 @@ class AuditVerdict(BaseModel):
     verdict: str = Field(max_length=32, pattern=r"^[a-z_]+$")  # "pass" or a failure kind
     error: float | None = Field(default=None, allow_inf_nan=False)  # relative L2 error; finite or None
     role: Literal["primary", "recheck", "takeover"]
+    # evidence another peer can check by replaying: the hash of the gradient this auditor replayed, and the flat
+    # index where it differs most from the committed one (a gradient failure without it does not count)
+    replayed_hash: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    worst_index: int | None = Field(default=None, ge=0)
 
     @property
     def passed(self) -> bool:

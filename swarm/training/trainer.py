@@ -167,7 +167,8 @@ class SwarmTrainer:
         self.ledger: LedgerRecorder | None = None
         self.sharing: RolloutSharing | None = None
         if config.verify.enabled and self.trainer_kind == "grpo":
-            self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0))
+            self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0),
+                                     attack=self.attack)
         elif config.verify.enabled:
             logger.warning(f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)")
         if config.sharing.enabled and self.trainer_kind != "grpo":

@@ -33,6 +33,7 @@ of the contribution it was given, and its gradient has the shapes and parameter 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -109,6 +110,11 @@ class Attack:
     def sent(self, gradient: list[torch.Tensor], context: AttackContext) -> list[torch.Tensor]:
         """What it really sends into averaging, given the gradient it committed to (default: that gradient)."""
         return gradient
+
+    def audit_verdict(self, kind: str, error: float | None,
+                      evidence: dict[str, Any]) -> tuple[str, float | None, dict[str, Any]]:
+        """What it publishes as an auditor, given the verdict its honest replay reached (default: that verdict)."""
+        return kind, error, evidence
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -425,6 +431,22 @@ class EpochInflation(Attack):
         peer.status, peer.snapshot = forged_status, forged_snapshot
 
 
+class FalseAccuser(Attack):
+    """Trains honestly and lies only as an auditor: it fails every contribution it audits or re-checks, with
+    evidence of its own making (a replayed-gradient hash and a position that are not what a replay gives). Several
+    of them in one swarm are colluders. Defeated by counting only the verdicts the protocol called for and weighing
+    the re-check panel (:meth:`swarm.verify.auditor.Verifier._decide`); a refuted accuser is banned and slashed.
+    Live only."""
+
+    name = "false_accuser"
+    expected = Verdict.PASS  # its own contributions replay fine
+
+    def audit_verdict(self, kind: str, error: float | None,
+                      evidence: dict[str, Any]) -> tuple[str, float | None, dict[str, Any]]:
+        forged = hashlib.sha256(repr((kind, error)).encode()).hexdigest()
+        return Verdict.GRADIENT_MISMATCH.value, 0.5, dict(replayed_hash=forged, worst_index=0)
+
+
 class SmallNoise(_GradientAttack):
     """Adds Gaussian noise of ``fraction`` (default 1%) of the gradient's norm: about the size of the bf16 vs fp32
     difference, the smallest perturbation of the suite. Caught as ``gradient_mismatch`` when declaring fp32; it
@@ -451,7 +473,7 @@ ATTACKS: dict[str, type[Attack]] = {
 
 
 # attacks only a live swarm can show (they cheat in the all-reduce or in catch-up, which an offline replay does not see)
-LIVE_ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (SendMismatch, EpochInflation)}
+LIVE_ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (SendMismatch, EpochInflation, FalseAccuser)}
 
 
 def make_attack(name: str) -> Attack:

@@ -42,6 +42,7 @@ from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, Ver
 from swarm.recipe import Recipe
 from swarm.sharing import SharingError, check_shared
 from swarm.training.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
+from swarm.training.state import tensors_hash
 from swarm.training.strategies.sync import Outcome, RoundResult
 from swarm.verify.commitment import (
     MalformedContribution,
@@ -59,6 +60,7 @@ FETCH_RETRY_PAUSE = 0.5  # seconds between two requests for a contribution that 
 # a primary auditor audits right after its round: with no verdict from it by the end of the round after, it is
 # taken to be out of that round (one-sided all-reduce failure) and the first re-checker takes over
 TAKEOVER_AFTER_EPOCHS = 2
+UNSEEN_ROUND_QUORUM = 2  # distinct failing auditors before a peer outside the round bans (and the ledger slashes)
 
 EVENTS_FILE = "audit_events.jsonl"
 UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
@@ -69,6 +71,17 @@ WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the 
 WRONG_WEIGHT = "wrong_weight"  # it declared more samples to its group (its averaging weight) than it committed
 SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
 SENT_TOLERANCE = 1e-3  # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
+
+
+def gradient_evidence(epoch: int, committed: list[torch.Tensor], replayed: list[torch.Tensor]) -> dict[str, Any]:
+    """What an auditor's verdict carries as evidence: the hash of the gradient it replayed, and the flat index
+    where that gradient differs most from the committed one (0 when they are equal or their sizes differ)."""
+    flat_replayed = torch.cat([t.reshape(-1).float() for t in replayed]) if replayed else torch.zeros(0)
+    flat_committed = torch.cat([t.reshape(-1).float() for t in committed]) if committed else torch.zeros(0)
+    worst = 0
+    if flat_replayed.numel() and flat_replayed.numel() == flat_committed.numel():
+        worst = int((flat_replayed - flat_committed).abs().nan_to_num(nan=float("inf")).argmax())
+    return dict(replayed_hash=tensors_hash(epoch, replayed), worst_index=worst)
 
 
 class VerificationObserver:
@@ -84,6 +97,11 @@ class VerificationObserver:
     def on_final(self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict],
                  current_epoch: int) -> None:
         """The audit of ``assignment`` is decided (a majority of its auditors failed it, or it passed)."""
+
+    def on_false_accusation(self, assignment: AuditAssignment, verdict: AuditVerdict, accuser_commitment: str | None,
+                            current_epoch: int) -> None:
+        """The weighted re-check refuted ``verdict``'s failure of ``assignment``: its auditor is a false accuser
+        (``accuser_commitment``: the digest of its own commitment in that round, None if it was not a member)."""
 
     def on_epoch_end(self, current_epoch: int) -> None:
         """Called after each round's verification work (replication, periodic roots, ...)."""
@@ -112,7 +130,8 @@ class Verifier:
     """
 
     def __init__(self, config: SwarmConfig, peer: SwarmPeer, recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
-                 settings: GRPOSettings, observers: list[VerificationObserver] | None = None):
+                 settings: GRPOSettings, observers: list[VerificationObserver] | None = None,
+                 attack: Any = None):
         self.config, self.peer, self.recipe = config, peer, recipe
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.verify = config.verify
@@ -132,6 +151,8 @@ class Verifier:
         self.observers = list(observers or [])
         self._finishing_since: float | None = None  # when finish() started (takeovers then go by time)
         self._live: set[str] = set()  # the other live peers, as finish() last read them
+        self.round_digests: dict[int, dict[str, str]] = {}  # epoch -> every consensus member's commitment digest
+        self.attack = attack  # a cheating auditor (tests and demos): what it publishes instead of its verdicts
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
@@ -202,9 +223,11 @@ class Verifier:
                        if peer in found and found[peer].digest() == digest}
             self._notify("on_round", result.epoch, members)
         self.declared[result.epoch] = dict(result.declared_samples)
+        self.round_digests[result.epoch] = dict(result.commitments)
         for old in [e for e in self.assignments if e <= result.epoch - self.verify.audit_window]:
             del self.assignments[old]
             self.declared.pop(old, None)
+            self.round_digests.pop(old, None)
         return assignments
 
     def process(self, current_epoch: int) -> None:
@@ -303,39 +326,111 @@ class Verifier:
                     continue
                 verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment, everything)
                             if verdict.epoch == epoch}
-                failed = [verdict for verdict in verdicts.values() if not verdict.passed]
-                passed = len(verdicts) - len(failed)
-                primary = verdicts.get(self._acting_primary(assignment, set(verdicts), current_epoch))
-                if len(failed) >= assignment.majority:
-                    self.finalized.add(key)
-                    self._final_failure(assignment, failed, current_epoch)
-                    self._notify("on_final", assignment, False, list(verdicts.values()), current_epoch)
-                elif passed >= assignment.majority or (primary is not None and primary.passed):
-                    self.finalized.add(key)
+                decision = self._decide(assignment, verdicts, current_epoch)
+                if decision is None:
+                    continue
+                passed, counted = decision
+                self.finalized.add(key)
+                if passed:
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
-                    self._notify("on_final", assignment, True, list(verdicts.values()), current_epoch)
+                    accusers = [verdict for verdict in counted if not verdict.passed and verdict.verdict != UNAVAILABLE]
+                    if accusers:
+                        self._false_accusation(assignment, accusers, current_epoch)
+                else:
+                    self._final_failure(assignment, [verdict for verdict in counted if not verdict.passed],
+                                        current_epoch)
+                self._notify("on_final", assignment, passed, counted, current_epoch)
         self._finalize_unseen_rounds(current_epoch, everything)
         self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
         self.peer.set_banned(self.stats.banned)
         self._notify("on_epoch_end", current_epoch)
 
+    @staticmethod
+    def _counts(verdict: AuditVerdict) -> bool:
+        """A pass always counts; a gradient failure only with its evidence (the replayed gradient's hash and where
+        it differs most), which any other auditor's replay confirms or refutes."""
+        return verdict.passed or verdict.verdict != Verdict.GRADIENT_MISMATCH.value or (
+            verdict.replayed_hash is not None and verdict.worst_index is not None)
+
+    def _decide(self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict],
+                current_epoch: int) -> tuple[bool, list[AuditVerdict]] | None:
+        """(passed, the verdicts that decided) once ``assignment`` is decided, else None.
+
+        Only verdicts the protocol called for count: the acting primary's; and, once it failed the contribution,
+        the re-checkers'. A pass by the acting primary decides at once (no other auditor's failure can overturn
+        it). A failure by it is put to the whole panel, weighed by :meth:`Trust.weight`: the contribution fails
+        when auditors holding more than half of the panel's weight failed it, and passes — the accusation refuted
+        — once auditors holding at least half passed it. So auditors without weight cannot fill a panel, and
+        colluders holding less than half of a panel's weight can neither ban an honest peer nor block a ban."""
+        acting = self._acting_primary(assignment, set(verdicts), current_epoch)
+        primary = verdicts.get(acting)
+        if primary is None or not self._counts(primary):
+            return None
+        if primary.passed:
+            return True, [primary]
+        panel = list(assignment.auditors[assignment.auditors.index(acting):])  # a silent primary is not in it
+        if self._finishing_since is not None:  # nobody waits for an auditor that has left
+            panel = [auditor for auditor in panel if auditor in verdicts or auditor in self._live or auditor == self.me]
+        weight = self.peer.trust.weight
+        counted = [verdicts[auditor] for auditor in panel if auditor in verdicts and self._counts(verdicts[auditor])]
+        total = sum(weight(auditor) for auditor in panel)
+        failed = sum(weight(verdict.auditor) for verdict in counted if not verdict.passed)
+        passed = sum(weight(verdict.auditor) for verdict in counted if verdict.passed)
+        if failed > total / 2:
+            return False, counted
+        if passed >= total / 2 and passed > 0:
+            return True, counted
+        return None
+
+    def _false_accusation(self, assignment: AuditAssignment, accusers: list[AuditVerdict],
+                          current_epoch: int) -> None:
+        """The weighted panel refuted a failure: each auditor that failed the contribution is banned here like a
+        cheater, and the ledger slashes it (through :meth:`VerificationObserver.on_false_accusation`)."""
+        digests = self.round_digests.get(assignment.epoch, {})
+        for verdict in accusers:
+            accuser = verdict.auditor
+            event = dict(time=time.time(), event="false_accusation", epoch=assignment.epoch, accuser=accuser,
+                         accused=assignment.audited, verdict=verdict.verdict, commitment=digests.get(accuser),
+                         banned_until_epoch=current_epoch + self.verify.ban_epochs)
+            with open(self.events_path, "a") as events:
+                events.write(json.dumps(event) + "\n")
+            if accuser == self.me:
+                logger.error(f"epoch {assignment.epoch}: this peer's failing verdict on {assignment.audited} was "
+                             f"refuted by the re-check")
+                continue
+            self.bans[accuser] = current_epoch + self.verify.ban_epochs
+            logger.warning(f"epoch {assignment.epoch}: {accuser} failed {assignment.audited}'s contribution "
+                           f"({verdict.verdict}) and the re-check refuted it: false accuser, banned for "
+                           f"{self.verify.ban_epochs} epochs")
+            self._notify("on_false_accusation", assignment, verdict, digests.get(accuser), current_epoch)
+
     def _finalize_unseen_rounds(self, current_epoch: int, verdicts: list[AuditVerdict]) -> None:
         """Failures in rounds this peer was not part of (it joined late, or its all-reduce failed one-sidedly), so it
-        does not know their beacon: a contribution counts as failed when ``majority`` distinct auditors other than
-        its peer failed the commitment that peer really published — the ledger's slash quorum. Two colluding
-        auditors could thus get a peer banned by outsiders (not by the members of that round)."""
-        quorum = (1 + self.verify.recheck_auditors) // 2 + 1
+        does not know their beacon: a contribution counts as failed when at least ``UNSEEN_ROUND_QUORUM`` distinct
+        auditors other than its peer failed the commitment that peer really published, and they outweigh the
+        auditors that passed it. Colluders that accuse an honest peer whom the re-check passed therefore get it
+        banned nowhere; colluders an unseen round's panel did not re-check could still (a known limit)."""
+        quorum = UNSEEN_ROUND_QUORUM
         failing: dict[tuple[int, str, str], dict[str, AuditVerdict]] = {}
+        passing: dict[tuple[int, str, str], set[str]] = {}
         for verdict in verdicts:
-            if (verdict.passed or verdict.epoch in self.assignments or verdict.audited == verdict.auditor
+            if (verdict.epoch in self.assignments or verdict.audited == verdict.auditor
                     or verdict.epoch <= current_epoch - self.verify.audit_window
-                    or (verdict.epoch, verdict.audited) in self.finalized):
+                    or (verdict.epoch, verdict.audited) in self.finalized or not self._counts(verdict)):
                 continue
-            failing.setdefault((verdict.epoch, verdict.audited, verdict.commitment), {})[verdict.auditor] = verdict
+            key = (verdict.epoch, verdict.audited, verdict.commitment)
+            if verdict.passed:
+                passing.setdefault(key, set()).add(verdict.auditor)
+            else:
+                failing.setdefault(key, {})[verdict.auditor] = verdict
+        weight = self.peer.trust.weight
         for (epoch, audited, digest), by_auditor in failing.items():
             if len(by_auditor) < quorum or (epoch, audited) in self.finalized:
                 continue
+            passers = passing.get((epoch, audited, digest), set()) - set(by_auditor)
+            if sum(map(weight, by_auditor)) <= sum(map(weight, passers)):
+                continue  # as many auditors passed it: an accusation, not a verdict
             published = self.commitments.fetch(epoch).get(audited)
             if published is None or published.digest() != digest:
                 continue
@@ -372,13 +467,15 @@ class Verifier:
             return
         started = time.perf_counter()
         try:
-            kind, error = self._judge(assignment)
+            kind, error, evidence = self._judge(assignment)
+            if self.attack is not None:
+                kind, error, evidence = self.attack.audit_verdict(kind, error, evidence)
         except Exception as failure:  # our own side failed (DHT, averager process): no verdict rather than a wrong one
             logger.warning(f"epoch {epoch}: could not audit {audited}: {type(failure).__name__}: {failure}")
             return
         verdict = AuditVerdict(
             auditor=self.me, audited=audited, epoch=epoch, commitment=assignment.commitment, verdict=kind,
-            error=error if error is not None and math.isfinite(error) else None, role=role,
+            error=error if error is not None and math.isfinite(error) else None, role=role, **evidence,
         )
         self.stats.audits_done += 1
         self.stats.cheats_found += int(not verdict.passed)
@@ -401,32 +498,37 @@ class Verifier:
             self._unpublished.append(verdict)
         return stored
 
-    def _judge(self, assignment: AuditAssignment) -> tuple[str, float | None]:
+    def _judge(self, assignment: AuditAssignment) -> tuple[str, float | None, dict[str, Any]]:
+        """(verdict kind, relative error or None, evidence: the replayed gradient's hash and where it differs most
+        from the committed one, when the replay got that far)."""
+        return self._replay(assignment)
+
+    def _replay(self, assignment: AuditAssignment) -> tuple[str, float | None, dict[str, Any]]:
         epoch, audited = assignment.epoch, assignment.audited
         commitment = self.commitments.fetch(epoch).get(audited)
         if commitment is None or commitment.digest() != assignment.commitment:
-            return MISSING_COMMITMENT, None
+            return MISSING_COMMITMENT, None, {}
         data = self._download_bytes(audited, epoch)
         if data is None:
-            return UNAVAILABLE, None
+            return UNAVAILABLE, None, {}
         try:
             contribution = load_contribution(data)
         except MalformedContribution as error:
             logger.info(f"epoch {epoch}: {audited} served a malformed contribution: {error}")
-            return MALFORMED, None
+            return MALFORMED, None, {}
         if (field_name := commitment_mismatch(contribution, commitment)) is not None:
             logger.info(f"epoch {epoch}: {audited}'s contribution does not match its committed {field_name}")
-            return COMMITMENT_MISMATCH, None
+            return COMMITMENT_MISMATCH, None, {}
         if self.declared.get(epoch, {}).get(audited, 0.0) > commitment.samples:
-            return WRONG_WEIGHT, None
+            return WRONG_WEIGHT, None, {}
         sent_error = self._sent_error(epoch, audited, contribution.gradient)
         if sent_error is not None and sent_error > SENT_TOLERANCE:
-            return SENT_MISMATCH, sent_error
+            return SENT_MISMATCH, sent_error, {}
         mine, theirs = self.settings, contribution.settings
         if (mine.num_generations, mine.max_completion_length, mine.temperature) != (
             theirs.num_generations, theirs.max_completion_length, theirs.temperature
         ) or theirs.precision != commitment.precision or commitment.precision not in GRADIENT_TOLERANCE:
-            return WRONG_SETTINGS, None
+            return WRONG_SETTINGS, None, {}
         model = self._model_at(epoch)
         try:  # rollout sharing: the last rows may be other peers' signed groups
             shared_rows = check_shared(self.config, self.recipe, audited, epoch, contribution.shared_bundles,
@@ -434,7 +536,7 @@ class Verifier:
                                        len(contribution.rows))
         except SharingError as error:
             logger.info(f"epoch {epoch}: {audited}'s shared rollouts are not acceptable: {error}")
-            return Verdict.WRONG_DATA.value, None
+            return Verdict.WRONG_DATA.value, None, {}
         rows = [*self.recipe.assigned_rows(self.config.run_id, audited, epoch,
                                            len(contribution.rows) - len(shared_rows)), *shared_rows]
         tolerance = self.verify.tolerance or GRADIENT_TOLERANCE[commitment.precision]
@@ -444,10 +546,12 @@ class Verifier:
             result = self._replayer.replay(contribution, rows=rows, tolerance=tolerance)
         except Exception as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
             logger.info(f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}")
-            return MALFORMED, None
+            return MALFORMED, None, {}
         if result.verdict is Verdict.WRONG_STATE:
             logger.info(f"epoch {epoch}: {audited} claims another state than the group's")
-        return result.verdict.value, result.error
+        replayed = result.details.get("replayed_gradient")
+        return result.verdict.value, result.error, {} if replayed is None else gradient_evidence(
+            epoch, contribution.gradient, replayed)
 
     def _sent_error(self, epoch: int, audited: str, gradient: list[torch.Tensor]) -> float | None:
         """Relative L2 error between what ``audited`` sent this peer in the all-reduce (the parts this peer

@@ -127,14 +127,17 @@ class SyncGradientAveraging:
         Only peers with weight (:meth:`Trust.known`) are waited for until ``deadline``; those one or more epochs
         behind are catching up (they download this epoch's state), and are waited for ``catch_up_grace`` seconds
         at most. Peers without weight — any fresh identity — are waited for ``trust.newcomer_wait`` seconds at most
-        per epoch, and that long at most in all per identity, so that announcing 'busy', 'lagging' or 'ready' from
-        free identities cannot stall the swarm, while an honest newcomer still gets a first round in which to
-        become a member. On 'go', ``self.expected_group`` is the number of peers expected in the group, this one
-        included."""
+        per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it is expected in but need not
+        join costs it ``matchmaking_time``), so that announcing 'busy', 'lagging' or 'ready' from free identities
+        cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
+        member. A peer that sees nobody with weight at all (the first peer of a new swarm) waits for everyone, as
+        there is no group yet to protect. On 'go', ``self.expected_group`` is the number of peers expected in the
+        group, this one included."""
         peer, trust = self.peer, self.peer.trust
         peer.ready_epoch = epoch
         peer.publish()
         started = last = time.monotonic()
+        waiting_on: list[str] = []
         catch_up_deadline = started + self.catch_up_grace
         newcomer_deadline = started + peer.config.trust.newcomer_wait
         while True:
@@ -145,8 +148,12 @@ class SyncGradientAveraging:
             # peers ahead that the swarm does not follow (see SwarmPeer.swarm_target) are neither waited for nor
             # averaged with: they are not at this epoch
             now = time.monotonic()
+            for peer_id in waiting_on:  # what the last poll waited for
+                self._charge(peer_id, now - last)
+            last = now
             patient = now < newcomer_deadline
-            waited = [status for status in others.values() if trust.known(status.peer_id)
+            founding = not any(trust.known(peer_id) for peer_id in others)
+            waited = [status for status in others.values() if founding or trust.known(status.peer_id)
                       or (patient and self._newcomer_budget(status.peer_id) > POLL_INTERVAL)]
             same = [status for status in waited if status.epoch == epoch]
             lagging = [status for status in waited if status.epoch < epoch] if now < catch_up_deadline else []
@@ -156,16 +163,19 @@ class SyncGradientAveraging:
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
+                for status in same:  # matchmaking waits for a larger group than those who actually come
+                    self._charge(status.peer_id, peer.config.averaging.matchmaking_time)
                 return "go"
-            for status in unready:
-                if not trust.known(status.peer_id):
-                    self._newcomer_wait[status.peer_id] = self._newcomer_wait.get(status.peer_id, 0.0) + now - last
-            last = now
+            waiting_on = [status.peer_id for status in unready]
             time.sleep(POLL_INTERVAL)
 
     def _newcomer_budget(self, peer_id: str) -> float:
         """Seconds the barrier may still wait for ``peer_id`` while it has no weight (see :meth:`_barrier`)."""
-        return self.peer.config.trust.newcomer_wait - self._newcomer_wait.get(peer_id, 0.0)
+        return self.peer.config.trust.newcomer_budget - self._newcomer_wait.get(peer_id, 0.0)
+
+    def _charge(self, peer_id: str, seconds: float) -> None:
+        if not self.peer.trust.known(peer_id):
+            self._newcomer_wait[peer_id] = self._newcomer_wait.get(peer_id, 0.0) + seconds
 
     def _consensus(self, gathered: dict) -> RoundKey:
         """The (epoch, state hash) of the group: the members' announced keys counted by weight, this peer's own
