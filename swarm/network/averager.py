@@ -40,6 +40,7 @@ from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor
 from hivemind.utils.streaming import combine_from_streaming
 
+from swarm.network.handlers import add_quiet_handlers
 from swarm.network.robust import SwarmPartReducer, check_aggregation
 from swarm.network.startup import install_stack_dumps
 
@@ -260,6 +261,13 @@ class SwarmAverager(DecentralizedAverager):
     def run(self) -> None:
         install_stack_dumps()  # printed if this start stalls (swarm.network.startup.await_ready)
         super().run()
+
+    async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace=None, balanced: bool = False) -> None:
+        """hivemind's registration, with handlers that refuse junk streams in one log line per (kind, source peer)
+        and no traceback (:mod:`swarm.network.handlers`); honest calls are served exactly as by hivemind."""
+        self.network_input_log = await add_quiet_handlers(
+            self, p2p, wrapper, namespace=namespace, balanced=balanced, log=getattr(self, "network_input_log", None)
+        )
 
     # ---- bans -------------------------------------------------------------------------------------------------
     @property

@@ -15,9 +15,8 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.config import NetworkConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
-from swarm.network.records import VerificationRecordValidator
-from swarm.network.rollout_records import RolloutRecordValidator
 from swarm.network.startup import StartStalled, install_stack_dumps, start_in_background
+from swarm.network.validation import RecordBounds, SwarmRecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +91,23 @@ def check_multiaddrs(addresses: list[str], what: str) -> None:
 
 
 def start_dht(
-    network: NetworkConfig, identity: Identity, workdir: Path, run_id: str | None = None
+    network: NetworkConfig,
+    identity: Identity,
+    workdir: Path,
+    run_id: str | None = None,
+    record_bounds: RecordBounds | None = None,
+    averager_prefix: str | None = None,
 ) -> hivemind.DHT:
     """Start this peer's DHT node, signed records enabled with the peer's own key.
 
-    With ``run_id``, the node also refuses to store (or to accept from other nodes) verification records of that run
-    that are forged, replayed, malformed or oversized (:class:`~swarm.network.records.VerificationRecordValidator`),
-    and shared-rollout entries without an owner subkey or over 4 MiB
-    (:class:`~swarm.network.rollout_records.RolloutRecordValidator`); every other key, the run's peer statuses
-    included, is checked only for owner signatures.
+    With ``run_id``, the node also refuses to store (or to accept from other nodes) any record the swarm would not
+    write (:class:`~swarm.network.validation.SwarmRecordValidator`: under every key of the run and of its averager,
+    ``averager_prefix``, default ``<run_id>_grads``, values without an owner subkey, not msgpack, of the wrong
+    type or model, oversized, forged, or with an expiration that is NaN, infinite or further ahead than
+    ``record_bounds`` allow; default :class:`~swarm.network.validation.RecordBounds`, best
+    ``RecordBounds.from_config(config)``), including verification records that are forged, replayed, malformed or
+    oversized (what :class:`~swarm.network.records.VerificationRecordValidator` refuses) and shared-rollout entries
+    over 4 MiB (what :class:`~swarm.network.rollout_records.RolloutRecordValidator` refuses).
 
     With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
     waiting ``bootstrap_backoff`` seconds (doubling) in between. A node process that dies or is not ready within
@@ -117,7 +124,11 @@ def start_dht(
     attempts = network.bootstrap_attempts
     validators: list[RecordValidatorBase] = [RSASignatureValidator(identity.private_key)]
     if run_id is not None:
-        validators += [VerificationRecordValidator(run_id), RolloutRecordValidator(run_id)]
+        # it refuses everything VerificationRecordValidator and RolloutRecordValidator refuse, and logs each kind of
+        # refusal once (registering those too would log every refused commitment twice, and without a limit)
+        validators.append(
+            SwarmRecordValidator(run_id, record_bounds, averager_prefix, local_peer_id=str(identity.peer_id))
+        )
     delay = network.bootstrap_backoff
     for attempt in range(1, attempts + 1):
         try:

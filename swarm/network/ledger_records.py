@@ -24,7 +24,14 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from pydantic import BaseModel, ConfigDict, Field
 
 from swarm.identity import Identity
-from swarm.network.records import MAX_RECORD_BYTES, dict_entries, owned_records, owner_marker, owner_peer_id
+from swarm.network.records import (
+    MAX_RECORD_BYTES,
+    bounded_store,
+    dict_entries,
+    owned_records,
+    owner_marker,
+    owner_peer_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +99,8 @@ class LedgerBoard:
         """:raises ValueError: if the head is not this identity's"""
         if head.author != self.peer_id:
             raise ValueError(f"a head of {head.author} cannot be published as {self.peer_id}")
-        return bool(self.dht.store(heads_key(self.run_id), head.model_dump(), get_dht_time() + self.ttl,
-                                   subkey=self.marker))
+        return bounded_store(self.dht, heads_key(self.run_id), head.model_dump(), get_dht_time() + self.ttl,
+                             subkey=self.marker)
 
     def publish_chunk(self, first_seq: int, data: bytes) -> bool:
         """Store a chunk (from :func:`encode_chunk`) of this peer's entries starting at ``first_seq``.
@@ -103,8 +110,8 @@ class LedgerBoard:
         if len(data) > MAX_RECORD_BYTES:
             raise ValueError(f"a ledger chunk of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
         subkey = f"{first_seq}:".encode() + self.marker
-        return bool(self.dht.store(chunks_key(self.run_id, self.peer_id), dict(first_seq=first_seq, data=data),
-                                   get_dht_time() + self.ttl, subkey=subkey))
+        return bounded_store(self.dht, chunks_key(self.run_id, self.peer_id), dict(first_seq=first_seq, data=data),
+                             get_dht_time() + self.ttl, subkey=subkey)
 
     def fetch_heads(self) -> dict[str, LedgerHead]:
         """Author -> its head, for heads signed by the author they name; others are dropped."""

@@ -19,11 +19,13 @@ determines (so a record signed for one epoch or audited peer cannot stand for an
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
 import logging
 import re
+import time
 from typing import Any, Literal, TypeVar
 
 import hivemind
@@ -94,9 +96,7 @@ class StatusBoard:
         self.subkey = RSASignatureValidator(identity.private_key).local_public_key
 
     def publish(self, status: PeerStatus) -> bool:
-        return bool(
-            self.dht.store(self.key, status.model_dump(), get_dht_time() + self.ttl, subkey=self.subkey)
-        )
+        return bounded_store(self.dht, self.key, status.model_dump(), get_dht_time() + self.ttl, subkey=self.subkey)
 
     def fetch(self) -> dict[str, PeerStatus]:
         """Peers by peer id (this one included once published), including those whose last status says they
@@ -303,10 +303,57 @@ def owner_marker(identity: Identity) -> bytes:
     return RSASignatureValidator(identity.private_key).local_public_key
 
 
-def dict_entries(dht: hivemind.DHT, key: str) -> list[tuple[Any, Any]]:
-    """(subkey, value) of every entry stored under a dictionary ``key``, unvalidated (the caller validates)."""
-    found = dht.get(key, latest=True)
-    if found is None or not isinstance(found.value, dict):
+READ_TIMEOUT = 10.0  # seconds a DHT read may take before the reader goes on with nothing
+STORE_TIMEOUT = 10.0  # seconds a DHT store may take before the writer counts it as refused
+_RATE_LIMIT = 60.0  # a timeout on the same key is logged at warning level at most once per this many seconds
+_last_warned: dict[tuple[str, str], float] = {}
+
+
+def _warn_limited(what: str, key: str, message: str) -> None:
+    now = time.monotonic()
+    if len(_last_warned) > 1024:
+        _last_warned.clear()
+    last = _last_warned.get((what, key))
+    level = logging.DEBUG if last is not None and now - last < _RATE_LIMIT else logging.WARNING
+    if level == logging.WARNING:
+        _last_warned[(what, key)] = now
+    logger.log(level, message)
+
+
+def bounded_get(dht: hivemind.DHT, key: str, timeout: float = READ_TIMEOUT) -> Any:
+    """``dht.get(key, latest=True)`` that returns None after ``timeout`` seconds instead of waiting forever (hivemind's
+    read never answers when it meets a value it cannot decode), or when the read fails; one log line either way."""
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        return future.result(timeout=timeout)
+    except (concurrent.futures.TimeoutError, TimeoutError):
+        future.cancel()
+        _warn_limited("read", key, f"A DHT read of {key!r} took over {timeout:.0f}s: going on without it")
+    except Exception as error:
+        _warn_limited("read", key, f"A DHT read of {key!r} failed: {_short(repr(error), 160)}")
+    return None
+
+
+def bounded_store(dht: hivemind.DHT, key: str, value: Any, expiration_time: float, subkey: Any = None,
+                  timeout: float = STORE_TIMEOUT) -> bool:
+    """``dht.store(...)``: False if it was refused, failed or did not answer within ``timeout`` seconds."""
+    kwargs = {} if subkey is None else dict(subkey=subkey)
+    future = dht.store(key, value, expiration_time, return_future=True, **kwargs)
+    try:
+        return bool(future.result(timeout=timeout))
+    except (concurrent.futures.TimeoutError, TimeoutError):
+        future.cancel()
+        _warn_limited("store", key, f"A DHT store under {key!r} took over {timeout:.0f}s: counted as refused")
+    except Exception as error:
+        _warn_limited("store", key, f"A DHT store under {key!r} failed: {_short(repr(error), 160)}")
+    return False
+
+
+def dict_entries(dht: hivemind.DHT, key: str, timeout: float = READ_TIMEOUT) -> list[tuple[Any, Any]]:
+    """(subkey, value) of every entry stored under a dictionary ``key``, unvalidated (the caller validates); nothing
+    if the read takes over ``timeout`` seconds or fails (:func:`bounded_get`)."""
+    found = bounded_get(dht, key, timeout)
+    if found is None or not isinstance(getattr(found, "value", None), dict):
         return []
     return [(subkey, getattr(item, "value", None)) for subkey, item in found.value.items()]
 
@@ -359,7 +406,7 @@ class CommitmentBoard:
         if commitment.peer_id != self.peer_id:
             raise ValueError(f"a commitment for {commitment.peer_id} cannot be published as {self.peer_id}")
         subkey = commitment.subkey_prefix() + self.marker
-        return bool(self.dht.store(self.key, commitment.model_dump(), get_dht_time() + self.ttl, subkey=subkey))
+        return bounded_store(self.dht, self.key, commitment.model_dump(), get_dht_time() + self.ttl, subkey=subkey)
 
     def fetch(self, epoch: int) -> dict[str, Commitment]:
         """Peer id → that peer's commitment for ``epoch`` (this peer's own included once published). Forged,
@@ -402,7 +449,7 @@ class VerdictBoard:
         if verdict.audited == self.peer_id:
             raise ValueError("a peer cannot publish a verdict on itself")
         subkey = verdict.subkey_prefix() + self.marker
-        return bool(self.dht.store(self.key, verdict.model_dump(), get_dht_time() + self.ttl, subkey=subkey))
+        return bounded_store(self.dht, self.key, verdict.model_dump(), get_dht_time() + self.ttl, subkey=subkey)
 
     def fetch(self, epoch: int | None = None) -> list[AuditVerdict]:
         """Valid verdicts (of ``epoch`` only, unless None), sorted by (epoch, audited, auditor). Forged, replayed

@@ -26,7 +26,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 
 from swarm.identity import Identity
-from swarm.network.records import dict_entries, owner_marker, owner_peer_id
+from swarm.network.records import bounded_store, dict_entries, owner_marker, owner_peer_id
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class RolloutBoard:
                            f" sharing.max_record_kb; not published")
             return False
         value = {"bundle": compressed, "signature": signature}
-        return bool(self.dht.store(self.key, value, get_dht_time() + self.ttl, subkey=f"{epoch}:".encode() + self.marker))
+        return bounded_store(self.dht, self.key, value, get_dht_time() + self.ttl,
+                             subkey=f"{epoch}:".encode() + self.marker)
 
     def fetch(self, epochs: set[int]) -> list[tuple[str, int, bytes, bytes]]:
         """(owner peer id, epoch, canonical bytes, signature) of every readable bundle published for ``epochs``.
