@@ -61,6 +61,10 @@ def test_every_copy_credits_honest_work_and_slashes_the_cheater(tmp_path: Path) 
         assert verified > 0 and balance["work"] == verified * MICRO, (name, balance, logs)  # credit_per_sample 1
         assert balance["final"] + balance["provisional"] == balance["work"] + balance["audits"] > balance["work"]
         assert balance["penalties"] == 0
+        # honest work that passed its audit window gave the other honest peers weight in this peer's view (itself,
+        # at least one other: trust spreads through attested work); the slashed cheater has none
+        status = read_json(tmp_path / name / "status.json")
+        assert status["trusted_peers"] >= 2 and status["my_weight"] > 1, (name, status)
     assert balances[cheater]["final"] + balances[cheater]["provisional"] <= 0 and balances[cheater]["banned"]
 
 

@@ -176,7 +176,15 @@ def test_ready_sybils_are_expected_in_a_group_only_until_their_budget_is_spent(m
     for index in range(10):
         board.add(f"ready{index}", 5, peer.state_hash)
     strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
-    assert [barrier(strategy)[:2] for _ in range(3)] == [("go", 12), ("go", 12), ("go", 2)]
+    groups = []
+    for _ in range(3):
+        groups.append(barrier(strategy)[:2])
+        strategy._charge_no_shows({"member": {}})  # the round: only the member came
+    assert groups == [("go", 12), ("go", 12), ("go", 2)]
+    board.add("honest-newcomer", 5, peer.state_hash)  # one that does come is expected, and becomes a member
+    assert barrier(strategy)[:2] == ("go", 3)
+    strategy._charge_no_shows({"member": {}, "honest-newcomer": {}})
+    assert strategy._newcomer_budget("honest-newcomer") == peer.config.trust.newcomer_budget
 
 
 def test_a_round_member_is_waited_for_but_a_stranger_is_not(make_peer) -> None:
@@ -199,6 +207,7 @@ def test_the_first_peer_of_a_new_swarm_waits_for_newcomers(make_peer) -> None:
     threading.Timer(1.0, lambda: board.add("newcomer", 0, peer.state_hash)).start()
     verdict, group, waited = barrier(strategy)
     assert (verdict, group) == ("go", 2) and waited >= 0.9
+    assert strategy._newcomer_budget("newcomer") == peer.config.trust.newcomer_budget  # founding charges nobody
 
 
 def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> None:

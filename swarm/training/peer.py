@@ -238,10 +238,16 @@ class SwarmPeer:
         return 1 + len(known), self.samples + sum(status.samples for status in known)
 
     def wait_for_peers(self, count: int, timeout: float) -> int:
-        """Wait until ``count`` peers (this one included) are online or ``timeout`` passes; returns how many are."""
+        """Wait until ``count`` peers (this one included) are online or ``timeout`` passes; returns how many are.
+
+        Peers announcing an epoch ahead of this one that nobody with weight backs (:meth:`swarm_target`) are not
+        counted: a flood of fresh identities claiming a far epoch must not start a new swarm's first peer alone."""
         deadline = time.monotonic() + timeout
         while True:
-            online = 1 + len(self.other_peers())
+            others = self.other_peers()
+            target = self.swarm_target(others)
+            online = 1 + sum(status.epoch <= self.epoch or (target is not None and status.epoch == target[0])
+                             for status in others.values())
             if online >= count or time.monotonic() >= deadline or self._stop.is_set():
                 return online
             time.sleep(POLL_INTERVAL)

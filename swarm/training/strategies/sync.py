@@ -64,6 +64,7 @@ class SyncGradientAveraging:
         self.expected_group = 2
         self.catch_up_grace = 3 * peer.config.averaging.matchmaking_time
         self._newcomer_wait: dict[str, float] = {}  # peer id without weight -> seconds the barrier waited for it
+        self._expected: set[str] = set()  # the other peers the last 'go' expected in the group
 
     def finish_round(self, samples: int, commitment: str | None = None) -> RoundResult:
         """Average the gradient in the parameters' ``.grad`` with the swarm and step (see the module docstring).
@@ -90,6 +91,7 @@ class SyncGradientAveraging:
                     self._apply(local, epoch, samples)
                     return RoundResult(Outcome.SOLO, epoch)
                 gathered = self._average(local, epoch, weight, commitment)
+                self._charge_no_shows(gathered or {})
                 if gathered is not None:
                     consensus = self._consensus(gathered)
                     if consensus != (epoch, peer.state_hash):
@@ -127,8 +129,8 @@ class SyncGradientAveraging:
         Only peers with weight (:meth:`Trust.known`) are waited for until ``deadline``; those one or more epochs
         behind are catching up (they download this epoch's state), and are waited for ``catch_up_grace`` seconds
         at most. Peers without weight — any fresh identity — are waited for ``trust.newcomer_wait`` seconds at most
-        per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it is expected in but need not
-        join costs it ``matchmaking_time``), so that announcing 'busy', 'lagging' or 'ready' from free identities
+        per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it was expected in but did not
+        join costs it ``matchmaking_time``: see :meth:`_charge_no_shows`), so that announcing 'busy', 'lagging' or 'ready' from free identities
         cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
         member. A peer that sees nobody with weight at all (the first peer of a new swarm) waits for everyone, as
         there is no group yet to protect. On 'go', ``self.expected_group`` is the number of peers expected in the
@@ -163,15 +165,23 @@ class SyncGradientAveraging:
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
-                for status in same:  # matchmaking waits for a larger group than those who actually come
-                    self._charge(status.peer_id, peer.config.averaging.matchmaking_time)
+                self._expected = {status.peer_id for status in same}
                 return "go"
-            waiting_on = [status.peer_id for status in unready]
+            # while founding, nobody is charged: there is nobody else to wait for anyway
+            waiting_on = [] if founding else [status.peer_id for status in unready]
             time.sleep(POLL_INTERVAL)
 
     def _newcomer_budget(self, peer_id: str) -> float:
         """Seconds the barrier may still wait for ``peer_id`` while it has no weight (see :meth:`_barrier`)."""
         return self.peer.config.trust.newcomer_budget - self._newcomer_wait.get(peer_id, 0.0)
+
+    def _charge_no_shows(self, gathered: dict) -> None:
+        """Matchmaking waits for the group size the barrier expected: every peer without weight that was expected
+        but did not join (it announced 'ready' and never came, or the round failed) is charged that wait."""
+        joined = {str(peer_id) for peer_id in gathered}
+        for peer_id in self._expected - joined:
+            self._charge(peer_id, self.peer.config.averaging.matchmaking_time)
+        self._expected = set()
 
     def _charge(self, peer_id: str, seconds: float) -> None:
         if not self.peer.trust.known(peer_id):
