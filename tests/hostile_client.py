@@ -106,7 +106,7 @@ class HostileClient:
         batch, size = [], 0
         for index, record in enumerate(records):
             batch.append(record)
-            size += 200 + len(record.key) + len(record.tag) + (0 if isinstance(record.value, int) else record.size)
+            size += 200 + len(record.key) + len(record.tag) + record.size  # big values go alone (p2pd's 4 MiB)
             if size < 16 << 10 and index < len(records) - 1:
                 continue
             future = self.dht.run_coroutine(

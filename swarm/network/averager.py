@@ -421,7 +421,8 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _download_state(self, peer_bytes: bytes, timeout: float, future: MPFuture) -> None:
         peer_id = PeerID(peer_bytes)
-        try:
+
+        async def download() -> tuple[dict[str, Any], list[torch.Tensor]] | None:
             stub = self.get_stub(self._p2p, peer_id, namespace=self.prefix)
             stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
             metadata, tensors, parts = None, [], []
@@ -434,7 +435,14 @@ class SwarmAverager(DecentralizedAverager):
                 parts.append(message.tensor_part)
             if parts:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            future.set_result((metadata, tensors) if isinstance(metadata, dict) else None)
+            return (metadata, tensors) if isinstance(metadata, dict) else None
+
+        try:
+            # the caller stops waiting after timeout + 5 s: so does the download (a holder trickling one message
+            # per timeout would otherwise keep it running, and growing, for ever)
+            result = await asyncio.wait_for(download(), timeout + 5)
+            if not future.done():
+                future.set_result(result)
         except Exception as error:
             logger.debug(f"Downloading state from {peer_id} failed: {error!r}")
             if not future.done():
