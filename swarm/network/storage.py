@@ -212,8 +212,13 @@ async def _install(_dht, node, windows: dict[bytes, int], interval: float) -> bo
 
 def install_sweeper(dht: hivemind.DHT, windows: list[EpochWindow] = (), interval: float = SWEEP_INTERVAL) -> bool:
     """Sweep ``dht``'s storage every ``interval`` seconds, in its own process, for as long as it runs. Called again
-    on the same node it only adds ``windows``. Returns whether a sweeper was started."""
-    return dht.run_coroutine(_call(_install, _window_ids(list(windows)), interval))
+    on the same node it only adds ``windows``. Returns whether a sweeper was started; never raises (a node that
+    cannot be swept still works, it only forgets lazily)."""
+    try:
+        return bool(dht.run_coroutine(_call(_install, _window_ids(list(windows)), interval)))
+    except Exception as error:
+        logger.warning(f"DHT storage sweep not installed: {type(error).__name__}: {error}")
+        return False
 
 
 def sweep(dht: hivemind.DHT, windows: list[EpochWindow] = ()) -> SweepStats:

@@ -40,6 +40,7 @@ from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
+from swarm.network.storage import install_sweeper, run_windows
 from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import ExternalGroup, GroupLimits, RolloutSharing, contribution_sharing, external_count
 from swarm.training.callbacks import SwarmCallback
@@ -230,6 +231,9 @@ class SwarmTrainer:
         config = self.config
         (self.workdir / "config.yaml").write_text(dump_config(config))
         self.peer.start()
+        # bounded DHT memory: expired records and per-epoch records outside their window are dropped (hook for start_dht)
+        install_sweeper(self.peer.dht, run_windows(config.run_id, config.verify.audit_window,
+                                                   config.sharing.max_age_epochs if config.sharing.enabled else None))
         try:
             addresses = [str(addr) for addr in self.peer.dht.get_visible_maddrs()]
             logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
