@@ -28,6 +28,7 @@ from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
 from swarm.network.startup import StartStalled, start_retrying
+from swarm.network.validation import RecordBounds
 from swarm.training.state import TrainingState
 from swarm.training.trust import Trust
 
@@ -92,7 +93,8 @@ class SwarmPeer:
         averaging = self.config.averaging
         reason = resolve_client_mode(self.config.network)
         logger.info(f"client mode {'on' if self.config.network.client_mode else 'off'}: {reason}")
-        self.dht = start_dht(self.config.network, self.identity, self.config.workdir, run_id=self.config.run_id)
+        self.dht = start_dht(self.config.network, self.identity, self.config.workdir, run_id=self.config.run_id,
+                             record_bounds=RecordBounds.from_config(self.config))
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
         # hivemind ignores SIGINT in this process before forking the averager and never restores it: keep Ctrl+C
