@@ -200,14 +200,19 @@ def test_a_round_member_is_waited_for_but_a_stranger_is_not(make_peer) -> None:
     assert strategy._barrier(5, deadline=deadline) == "go" and time.monotonic() >= deadline - 0.3
 
 
-def test_the_first_peer_of_a_new_swarm_waits_for_newcomers(make_peer) -> None:
-    peer, board = make_peer(epoch=0, newcomer_wait=0.2)  # nobody has weight yet: there is no group to protect
+def test_the_first_peer_of_a_new_swarm_waits_for_newcomers_every_epoch(make_peer) -> None:
+    peer, board = make_peer(epoch=0, newcomer_wait=1.5, newcomer_budget=1.0)  # nobody has weight yet
     board.add("newcomer", 0, peer.state_hash, ready=False)
     strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
-    threading.Timer(1.0, lambda: board.add("newcomer", 0, peer.state_hash)).start()
-    verdict, group, waited = barrier(strategy)
-    assert (verdict, group) == ("go", 2) and waited >= 0.9
-    assert strategy._newcomer_budget("newcomer") == peer.config.trust.newcomer_budget  # founding charges nobody
+    for _ in range(2):  # two epochs in a row, each longer than the whole budget of a swarm with members
+        board.add("newcomer", 0, peer.state_hash, ready=False)
+        threading.Timer(1.2, lambda: board.add("newcomer", 0, peer.state_hash)).start()
+        verdict, group, waited = barrier(strategy)
+        assert (verdict, group) == ("go", 2) and waited >= 1.0
+    board.add("busy-sybil", 0, peer.state_hash, ready=False)
+    board.statuses.pop("newcomer")
+    verdict, _, waited = barrier(strategy)  # one that never gets ready holds it newcomer_wait at most
+    assert verdict == "alone" and 1.4 <= waited < 2.5
 
 
 def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> None:

@@ -23,7 +23,7 @@ import sys
 import time
 import typing
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,19 @@ def round_consensus(keys: Sequence[RoundKey]) -> RoundKey:
     return max(counts, key=lambda key: (counts[key], key[0], _invert(key[1])))
 
 
+def weighted_consensus(keys: Mapping[str, RoundKey | None], weight: Callable[[str], float]) -> RoundKey | None:
+    """The (epoch, state hash) that members of the most total ``weight`` announce (peer id -> key); ties as
+    :func:`round_consensus`. None when no member with weight announced a key. Members of weight 0 — identities
+    nobody vouches for — cannot move it, however many they are."""
+    totals: dict[RoundKey, float] = {}
+    for peer_id, key in keys.items():
+        if key is not None and (member_weight := weight(peer_id)) > 0:
+            totals[key] = totals.get(key, 0.0) + member_weight
+    if not totals:
+        return None
+    return max(totals, key=lambda key: (totals[key], key[0], _invert(key[1])))
+
+
 def _invert(text: str) -> tuple[int, ...]:
     return tuple(-ord(char) for char in text)
 
@@ -202,8 +215,9 @@ class SwarmAverager(DecentralizedAverager):
     Guarantees of :meth:`step` (``gather`` must carry ``epoch`` and ``state_hash``):
 
     * on success every group member holds the same averaged buffers, weighted by each member's weight;
-    * members whose (epoch, state hash) is not the group's :func:`round_consensus` contribute with weight 0,
-      so a peer on a stale or diverged state never pollutes the average (it resyncs instead);
+    * members whose (epoch, state hash) is not the group's consensus contribute with weight 0, so a peer on a
+      stale or diverged state never pollutes the average (it resyncs instead); the consensus is the key the most
+      member weight announces (:func:`weighted_consensus`, :meth:`set_member_weights`; one each by default);
     * if any part cannot be reduced, the step raises and the buffers keep their previous values;
     * banned peers (:meth:`set_banned`) are refused as followers and never asked to lead; if one is nevertheless
       in the group (a third peer that does not ban it led the group), the parts this peer reduces count its input
@@ -250,6 +264,7 @@ class SwarmAverager(DecentralizedAverager):
         self.aggregation, self.clip_tau, self.clip_iterations = aggregation, clip_tau, clip_iterations
         self.contributions_dir = None if contributions_dir is None else Path(contributions_dir)
         self._banned_peers: frozenset[str] = frozenset()  # base58 peer ids; the averager process holds the live set
+        self._member_weights: dict[str, float] | None = None  # None: members count as identities
         self.keep_received_epochs = keep_received_epochs
         self.max_weight = max_weight
         self._weight_caps: dict[PeerID, float] = {}
@@ -292,6 +307,26 @@ class SwarmAverager(DecentralizedAverager):
         """Whether matchmaking keeps ``peer_id`` out (both ways); banned peers by default."""
         return self._is_banned(peer_id)
 
+    def _member_weight(self, peer_id: str) -> float:
+        """A group member's say in the group's consensus: 1 each until :meth:`set_member_weights`; then the weight
+        given, this peer itself at least 1, others not given 0."""
+        if self._member_weights is None:
+            return 1.0
+        weight = self._member_weights.get(peer_id, 0.0)
+        return max(1.0, weight) if peer_id == str(self.peer_id) else weight
+
+    def set_member_weights(self, weights: Mapping[str, float]) -> None:
+        """The weight of each peer (base58 id) in the next groups' consensus (see :func:`weighted_consensus`);
+        the training process computes the same consensus from the same weights after the round."""
+        clean = {str(peer): float(weight) for peer, weight in weights.items() if math.isfinite(weight) and weight > 0}
+        future = MPFuture()
+        self._outer_pipe.send(("_set_member_weights", [], dict(weights=clean, future=future)))
+        future.result(timeout=30)
+
+    async def _set_member_weights(self, weights: dict[str, float], future: MPFuture) -> None:
+        self._member_weights = weights
+        future.set_result(None)
+
     def set_banned(self, peer_ids: Iterable[str]) -> None:
         """Replace the set of banned peers (base58 peer ids); takes effect for the next join request or group."""
         banned = frozenset(str(peer_id) for peer_id in peer_ids)
@@ -322,14 +357,13 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         gathered = [self.serializer.loads(self.serializer.loads(blob)[2]) for blob in group_info.gathered]
-        keys = [round_key_of(item) for item in gathered]
-        mine = keys[group_info.peer_ids.index(self.peer_id)]
+        keys = {str(peer): round_key_of(item) for peer, item in zip(group_info.peer_ids, gathered)}
+        mine = keys[str(self.peer_id)]
         self._round_epoch = None if mine is None else mine[0]
         self._weight_caps = {
             peer: _declared_weight(item, self.max_weight) for peer, item in zip(group_info.peer_ids, gathered)
         }
-        valid = [key for key in keys if key is not None]
-        if mine is None or mine != round_consensus(valid):
+        if mine is None or mine != weighted_consensus(keys, self._member_weight):
             kwargs["weight"] = 0.0
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.network.averager import RoundKey, _invert, round_key_of
+from swarm.network.averager import RoundKey, round_key_of, weighted_consensus
 from swarm.training.peer import POLL_INTERVAL, SwarmPeer
 from swarm.training.state import tensors_hash
 
@@ -132,9 +132,9 @@ class SyncGradientAveraging:
         per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it was expected in but did not
         join costs it ``matchmaking_time``: see :meth:`_charge_no_shows`), so that announcing 'busy', 'lagging' or 'ready' from free identities
         cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
-        member. A peer that sees nobody with weight at all (the first peer of a new swarm) waits for everyone, as
-        there is no group yet to protect. On 'go', ``self.expected_group`` is the number of peers expected in the
-        group, this one included."""
+        member. A peer that sees nobody with weight at all (the first peer of a new swarm) charges no budget: it
+        waits up to ``newcomer_wait`` for newcomers every epoch until it has averaged with some. On 'go',
+        ``self.expected_group`` is the number of peers expected in the group, this one included."""
         peer, trust = self.peer, self.peer.trust
         peer.ready_epoch = epoch
         peer.publish()
@@ -155,8 +155,8 @@ class SyncGradientAveraging:
             last = now
             patient = now < newcomer_deadline
             founding = not any(trust.known(peer_id) for peer_id in others)
-            waited = [status for status in others.values() if founding or trust.known(status.peer_id)
-                      or (patient and self._newcomer_budget(status.peer_id) > POLL_INTERVAL)]
+            waited = [status for status in others.values() if trust.known(status.peer_id)
+                      or (patient and (founding or self._newcomer_budget(status.peer_id) > POLL_INTERVAL))]
             same = [status for status in waited if status.epoch == epoch]
             lagging = [status for status in waited if status.epoch < epoch] if now < catch_up_deadline else []
             can_reduce = any(not status.client_mode for status in same) or not peer.config.network.client_mode
@@ -189,18 +189,14 @@ class SyncGradientAveraging:
 
     def _consensus(self, gathered: dict) -> RoundKey:
         """The (epoch, state hash) of the group: the members' announced keys counted by weight, this peer's own
-        included with at least 1, so members without weight cannot outvote it (as :func:`~swarm.network.averager.round_consensus`, whose
-        tie-breaking this keeps: the later epoch, then the smaller hash). Every member with the same weights picks the same key."""
-        trust, me = self.peer.trust, self.peer.peer_id
-        weights: dict[RoundKey, float] = {}
-        for peer_id, item in gathered.items():
-            key = round_key_of(item)
-            weight = max(1.0, trust.weight(me)) if str(peer_id) == me else trust.weight(str(peer_id))
-            if key is not None and weight > 0:
-                weights[key] = weights.get(key, 0.0) + weight
-        if not weights:
-            return self.peer.round_key
-        return max(weights, key=lambda key: (weights[key], key[0], _invert(key[1])))
+        included with at least 1 (:func:`~swarm.network.averager.weighted_consensus`), so members without weight
+        cannot outvote it. The averager process decides with the same weights whether this peer's part counts."""
+        keys = {str(peer_id): round_key_of(item) for peer_id, item in gathered.items()}
+        return weighted_consensus(keys, self._member_weight) or self.peer.round_key
+
+    def _member_weight(self, peer_id: str) -> float:
+        weight = self.peer.trust.weight(peer_id)
+        return max(1.0, weight) if peer_id == self.peer.peer_id else weight
 
     def _average(self, local: list[torch.Tensor], epoch: int, weight: float, commitment: str | None) -> dict | None:
         peer, averaging = self.peer, self.peer.config.averaging
@@ -208,6 +204,9 @@ class SyncGradientAveraging:
             for buffer, grad in zip(buffers, local):
                 buffer.copy_(grad)
         peer.averager.set_group_bits(format(epoch % 256, "08b"))
+        if not peer.trust.counts_identities:
+            peer.averager.set_member_weights({peer_id: self._member_weight(peer_id)
+                                              for peer_id in [peer.peer_id, *peer.other_peers()]})
         peer.averager.set_target_group_size(self.expected_group)
         try:
             gathered = peer.averager.step(
