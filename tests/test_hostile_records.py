@@ -77,20 +77,21 @@ def _head(author: str) -> LedgerHead:
 CHUNK = encode_chunk([(b"entry", b"signature", b"")])
 
 
-def valid_records(own: str, marker: bytes, victim: str) -> list[tuple[str, bytes, bytes]]:
+def valid_records(own: str, marker: bytes, victim: str, run: str = RUN) -> list[tuple[str, bytes, bytes]]:
     """(key, subkey tag, value) of a valid record of the client's own under every key the swarm reads."""
     peer_bytes = b"\x12\x20" + b"p" * 32  # shaped like a peer id (a sha256 multihash)
+    grads = f"{run}_grads"
     return [
-        (f"{RUN}.peers", dumps(marker), dumps(_status(own).model_dump())),
-        (heads_key(RUN), dumps(marker), dumps(_head(own).model_dump())),
-        (chunks_key(RUN, own), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),
-        (chunks_key(RUN, victim), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),  # forged: not own
-        (commitments_key(RUN), dumps(b"3:" + marker), dumps(_commitment(own).model_dump())),
-        (verdicts_key(RUN), dumps(f"3:{victim}:".encode() + marker), dumps(_verdict(own, victim).model_dump())),
-        (rollouts_key(RUN), dumps(b"3:" + marker), dumps(dict(bundle=b"zz", signature=b"sig"))),
-        (f"{GRADS}.0b", dumps(peer_bytes), dumps(True)),
-        (f"{GRADS}.0b00000011", dumps(peer_bytes), dumps(True)),
-        (f"{GRADS}.all_averagers", dumps(peer_bytes), dumps(1.5)),
+        (f"{run}.peers", dumps(marker), dumps(_status(own).model_dump())),
+        (heads_key(run), dumps(marker), dumps(_head(own).model_dump())),
+        (chunks_key(run, own), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),
+        (chunks_key(run, victim), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),  # forged: not own
+        (commitments_key(run), dumps(b"3:" + marker), dumps(_commitment(own).model_dump())),
+        (verdicts_key(run), dumps(f"3:{victim}:".encode() + marker), dumps(_verdict(own, victim).model_dump())),
+        (rollouts_key(run), dumps(b"3:" + marker), dumps(dict(bundle=b"zz", signature=b"sig"))),
+        (f"{grads}.0b", dumps(peer_bytes), dumps(True)),
+        (f"{grads}.0b00000011", dumps(peer_bytes), dumps(True)),
+        (f"{grads}.all_averagers", dumps(peer_bytes), dumps(1.5)),
     ]
 
 
