@@ -144,3 +144,20 @@ def test_forged_and_junk_records_are_rejected(swarm: Swarm, caplog: pytest.LogCa
     assert invented.hash in rejected[0]
     assert alice.balances(5).get(alice.me) is None or not alice.balances(5)[alice.me].banned
     assert alice.stats.rejected == 1
+
+
+def test_settle_does_not_wait_for_a_head_nobody_backs(swarm: Swarm):
+    """Anyone can announce a head (here: final, 5 entries) and never publish the entries: a peer that passes its
+    trust to settle() does not wait for such an author; without it, settle waits out its timeout."""
+    alice = swarm.recorder("alice")
+    mallory_id = swarm.identities["mallory"]
+    board = LedgerBoard(swarm.node("mallory"), RUN, mallory_id, ttl=600)
+    mallory = str(mallory_id.peer_id)
+    board.publish_head(LedgerHead(author=mallory, seq=4, hash="ab" * 32, final=True))
+    wait_for(lambda: mallory in alice._board.fetch_heads())
+    started = time.monotonic()
+    assert not alice.settle(timeout=2.0)
+    assert time.monotonic() - started >= 2.0
+    started = time.monotonic()
+    assert alice.settle(timeout=10.0, waits_for=lambda author: author != mallory)
+    assert time.monotonic() - started < 5.0

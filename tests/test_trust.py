@@ -227,3 +227,17 @@ def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> No
     assert not late.sync_with_swarm()
     assert all(torch.equal(a, b) for a, b in zip(before, late.state.params))  # kept its own state
     assert late.trust.weight("QmBootstrap") == 0 and late.swarm_target(late.other_peers()) is None
+
+
+def test_lagging_sybils_do_not_hold_a_finished_peer_but_a_lagging_member_does(make_peer) -> None:
+    peer, board = make_peer(epoch=6)
+    for index in range(10):
+        board.add(f"lagging{index}", 0, "old")
+    started = time.monotonic()
+    peer.linger(timeout=3.0)
+    assert time.monotonic() - started < 0.5
+    peer.trust.note_round(5, ["member"])
+    board.add("member", 5, "h5")  # a member whose last round failed: it is served until it catches up
+    started = time.monotonic()
+    peer.linger(timeout=1.0)
+    assert time.monotonic() - started >= 0.9

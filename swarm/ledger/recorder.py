@@ -141,12 +141,15 @@ class LedgerRecorder(VerificationObserver):
         finally:
             store.close()
 
-    def settle(self, timeout: float, live: Callable[[], Iterable[str]] | None = None) -> bool:
+    def settle(self, timeout: float, live: Callable[[], Iterable[str]] | None = None,
+               waits_for: Callable[[str], bool] | None = None) -> bool:
         """At the end of training: announce that this peer has written everything, and keep replicating until every
         author whose head is known has done the same and its entries are here, or ``timeout`` seconds pass.
 
         :param live: the peers still online; an author that has not finished writing and is not among them (it
           crashed or left) is not waited for — its published entries are still pulled
+        :param waits_for: whether an author is worth waiting for at all (default: every author); anyone can
+          announce a head it never backs with entries, so a peer passes its trust here
 
         :returns: whether the copy is complete (False on timeout)
         """
@@ -161,6 +164,7 @@ class LedgerRecorder(VerificationObserver):
                 online = None if live is None else set(live())
                 pending = [author for author, head in self.heads.items()
                            if author != self.me and author not in self._stuck
+                           and (waits_for is None or waits_for(author))
                            and not (head.final and local.get(author, -1) >= head.seq)
                            and (head.final or online is None or author in online)]
                 if not pending:

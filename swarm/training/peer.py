@@ -255,11 +255,13 @@ class SwarmPeer:
             time.sleep(POLL_INTERVAL)
 
     def linger(self, timeout: float) -> None:
-        """Keep serving (state downloads, the last all-reduce) while live peers are still behind this peer's epoch,
-        so that a peer whose last round failed can download the final state instead of ending on another one."""
+        """Keep serving (state downloads, the last all-reduce) while live peers with weight are still behind this
+        peer's epoch, so that a peer whose last round failed can download the final state instead of ending on
+        another one. Identities without weight announcing they lag do not hold it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stop.is_set():
-            if not any(status.epoch < self.epoch for status in self.other_peers().values()):
+            if not any(status.epoch < self.epoch and self.trust.known(peer_id)
+                       for peer_id, status in self.other_peers().items()):
                 return
             time.sleep(POLL_INTERVAL)
 

@@ -271,7 +271,9 @@ class SwarmTrainer:
                     self.verifier.finish(self.peer.epoch, config.averaging.round_timeout)
                 if self.ledger is not None:
                     self._emit("on_phase", "finished: settling the ledger")
-                    self.ledger.settle(config.averaging.round_timeout, live=lambda: self.peer.other_peers())
+                    # only authors with weight are waited for: anyone can announce a ledger head and never back it
+                    self.ledger.settle(config.averaging.round_timeout, live=lambda: self.peer.other_peers(),
+                                       waits_for=self.trust.known)
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
