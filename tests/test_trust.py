@@ -210,7 +210,7 @@ def test_the_first_peer_of_a_new_swarm_waits_for_newcomers_every_epoch(make_peer
         verdict, group, waited = barrier(strategy)
         assert (verdict, group) == ("go", 2) and waited >= 1.0
     board.add("busy-sybil", 0, peer.state_hash, ready=False)
-    board.statuses.pop("newcomer")
+    board.add("newcomer", 0, peer.state_hash, left=True)
     verdict, _, waited = barrier(strategy)  # one that never gets ready holds it newcomer_wait at most
     assert verdict == "alone" and 1.4 <= waited < 2.5
 
@@ -241,3 +241,16 @@ def test_lagging_sybils_do_not_hold_a_finished_peer_but_a_lagging_member_does(ma
     started = time.monotonic()
     peer.linger(timeout=1.0)
     assert time.monotonic() - started >= 0.9
+
+
+def test_after_the_wait_ready_newcomers_still_join_while_busy_sybils_are_left_behind(make_peer) -> None:
+    # the first peer of a swarm, with honest newcomers ready and Sybils that never are
+    peer, board = make_peer(epoch=0, newcomer_wait=0.5)
+    for name in ("newcomer-a", "newcomer-b"):
+        board.add(name, 0, peer.state_hash)
+    for index in range(10):
+        board.add(f"busy{index}", 0, peer.state_hash, ready=False)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    verdict, group, waited = barrier(strategy)
+    assert (verdict, group) == ("go", 3) and waited < 1.5
+    assert strategy._expected == {"newcomer-a", "newcomer-b"}

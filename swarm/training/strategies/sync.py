@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.network.averager import RoundKey, round_key_of, weighted_consensus
+from swarm.network.records import PeerStatus
 from swarm.training.peer import POLL_INTERVAL, SwarmPeer
 from swarm.training.state import tensors_hash
 
@@ -132,9 +133,10 @@ class SyncGradientAveraging:
         per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it was expected in but did not
         join costs it ``matchmaking_time``: see :meth:`_charge_no_shows`), so that announcing 'busy', 'lagging' or 'ready' from free identities
         cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
-        member. A peer that sees nobody with weight at all (the first peer of a new swarm) charges no budget: it
-        waits up to ``newcomer_wait`` for newcomers every epoch until it has averaged with some. On 'go',
-        ``self.expected_group`` is the number of peers expected in the group, this one included."""
+        member. Once that wait is over, newcomers that are ready still go into the group; only those that are not
+        are left behind. A peer that sees nobody with weight at all (the first peer of a new swarm) charges no
+        budget: it waits up to ``newcomer_wait`` for newcomers every epoch until it has averaged with some. On
+        'go', ``self.expected_group`` is the number of peers expected in the group, this one included."""
         peer, trust = self.peer, self.peer.trust
         peer.ready_epoch = epoch
         peer.publish()
@@ -155,8 +157,7 @@ class SyncGradientAveraging:
             last = now
             patient = now < newcomer_deadline
             founding = not any(trust.known(peer_id) for peer_id in others)
-            waited = [status for status in others.values() if trust.known(status.peer_id)
-                      or (patient and (founding or self._newcomer_budget(status.peer_id) > POLL_INTERVAL))]
+            waited = [status for status in others.values() if self._counted(status, epoch, founding, patient)]
             same = [status for status in waited if status.epoch == epoch]
             lagging = [status for status in waited if status.epoch < epoch] if now < catch_up_deadline else []
             can_reduce = any(not status.client_mode for status in same) or not peer.config.network.client_mode
@@ -170,6 +171,15 @@ class SyncGradientAveraging:
             # while founding, nobody is charged: there is nobody else to wait for anyway
             waiting_on = [] if founding else [status.peer_id for status in unready]
             time.sleep(POLL_INTERVAL)
+
+    def _counted(self, status: PeerStatus, epoch: int, founding: bool, patient: bool) -> bool:
+        """Whether the barrier counts ``status``'s peer: known; or a newcomer with budget left (any newcomer while
+        founding) that is ready at ``epoch``, or that is still waited for (``patient``)."""
+        if self.peer.trust.known(status.peer_id):
+            return True
+        if not (founding or self._newcomer_budget(status.peer_id) > POLL_INTERVAL):
+            return False
+        return patient or (status.epoch == epoch and status.ready_epoch == epoch)
 
     def _newcomer_budget(self, peer_id: str) -> float:
         """Seconds the barrier may still wait for ``peer_id`` while it has no weight (see :meth:`_barrier`)."""
