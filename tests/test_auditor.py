@@ -340,3 +340,13 @@ def test_a_rechecker_taking_over_early_does_not_pass_a_cheater(tmp_path: Path) -
             verifier.process(current_epoch=1)
     for peer_id, verifier in verifiers.items():
         assert verifier.peer.banned == ([] if peer_id == "QmDave" else ["QmDave"])
+
+
+def test_what_a_verifier_remembers_stays_bounded_over_many_epochs(tmp_path: Path) -> None:
+    verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars=set())
+    for epoch in range(30):
+        run_round(verifiers, epoch)
+    window = verifiers["QmAlice"].verify.audit_window + 2
+    for verifier in verifiers.values():
+        assert {epoch for epoch, _ in verifier.finalized} == set(range(30 - window, 30))
+        assert len(verifier.performed) <= window * len(PEERS) and len(verifier.assignments) <= window

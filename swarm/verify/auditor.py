@@ -228,6 +228,10 @@ class Verifier:
             del self.assignments[old]
             self.declared.pop(old, None)
             self.round_digests.pop(old, None)
+        # what was judged or decided long ago can no longer come up: a peer running for days keeps a window only
+        horizon = result.epoch - self.verify.audit_window - TAKEOVER_AFTER_EPOCHS
+        self.performed = {key for key in self.performed if key[0] > horizon}
+        self.finalized = {key for key in self.finalized if key[0] > horizon}
         return assignments
 
     def process(self, current_epoch: int) -> None:
