@@ -211,8 +211,9 @@ def test_the_first_peer_of_a_new_swarm_waits_for_newcomers_every_epoch(make_peer
         assert (verdict, group) == ("go", 2) and waited >= 1.0
     board.add("busy-sybil", 0, peer.state_hash, ready=False)
     board.add("newcomer", 0, peer.state_hash, left=True)
-    verdict, _, waited = barrier(strategy)  # one that never gets ready holds it newcomer_wait at most
-    assert verdict == "alone" and 1.4 <= waited < 2.5
+    started = time.monotonic()  # one that never gets ready holds it until the round's deadline: it has nobody else
+    assert strategy._barrier(0, deadline=time.monotonic() + 3.0) == "alone"
+    assert 2.8 <= time.monotonic() - started < 4.0
 
 
 def test_a_holder_that_serves_an_invalid_state_loses_its_weight(make_peer) -> None:

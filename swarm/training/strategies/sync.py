@@ -135,8 +135,10 @@ class SyncGradientAveraging:
         cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
         member. Once that wait is over, newcomers that are ready still go into the group; only those that are not
         are left behind. A peer that sees nobody with weight at all (the first peer of a new swarm) charges no
-        budget: it waits up to ``newcomer_wait`` for newcomers every epoch until it has averaged with some. On
-        'go', ``self.expected_group`` is the number of peers expected in the group, this one included."""
+        budget and does not step alone while newcomers at its epoch may still get ready (until ``deadline``): it
+        costs only its own time, and a first peer that ran ahead of the newcomers would be left outside the group
+        they form. On 'go', ``self.expected_group`` is the number of peers expected in the group, this one
+        included."""
         peer, trust = self.peer, self.peer.trust
         peer.ready_epoch = epoch
         peer.publish()
@@ -162,7 +164,10 @@ class SyncGradientAveraging:
             lagging = [status for status in waited if status.epoch < epoch] if now < catch_up_deadline else []
             can_reduce = any(not status.client_mode for status in same) or not peer.config.network.client_mode
             if not lagging and (not same or not can_reduce):
-                return "alone"
+                # the first peer of a swarm steps alone only when no newcomer at its epoch gets ready in the round:
+                # stepping ahead of them would leave it outside the group they then form without it
+                if not (founding and now < deadline and any(status.epoch == epoch for status in others.values())):
+                    return "alone"
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
