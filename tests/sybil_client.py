@@ -3,7 +3,7 @@ signed peer statuses for many fresh identities, each signed by its own RSA key â
 
     python -m tests.sybil_client INITIAL_PEER RUN_ID --identities 30 --mode ahead|busy|lagging|mixed
 
-Modes (every status is re-announced every second, until the process is killed):
+Modes (every status is re-announced every 2 seconds, until the process is killed):
 
 * ``ahead``: every identity copies the furthest-ahead status it reads (another liar's, e.g. a peer serving a
   poisoned state), or announces a far epoch of its own;
@@ -93,7 +93,7 @@ def main() -> None:
         for index, (peer_id, marker) in enumerate(identities):
             dht.store(key, statuses(args.mode, index, peer_id, seen), get_dht_time() + 10, subkey=marker,
                       return_future=True)
-        time.sleep(1.0)
+        time.sleep(2.0)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,19 @@ def test_after_the_wait_ready_newcomers_still_join_while_busy_sybils_are_left_be
     verdict, group, waited = barrier(strategy)
     assert (verdict, group) == ("go", 3) and waited < 1.5
     assert strategy._expected == {"newcomer-a", "newcomer-b"}
+
+
+def test_a_member_of_equal_weight_claiming_a_far_epoch_is_not_followed_but_an_initial_peer_is(make_peer) -> None:
+    # the first peer averaged once with a liar only (the honest newcomers were slow); the liar then claims far ahead
+    peer, board = make_peer(epoch=1)
+    peer.trust.note_round(0, ["liar"])
+    board.add("liar", LIAR_EPOCH, "poisoned")
+    for index in range(10):
+        board.add(f"sybil{index}", LIAR_EPOCH, "poisoned")
+    assert peer.swarm_target(peer.other_peers()) is None
+    board.add("liar", 2, "h2")  # one epoch ahead, as a member whose step this peer missed would be
+    assert peer.swarm_target(peer.other_peers()) == (2, "h2")
+    late, board = make_peer(epoch=0)  # a newcomer: its initial peer is far ahead, and followed
+    late.trust.roots.add("bootstrap")
+    board.add("bootstrap", 500, "swarm")
+    assert late.swarm_target(late.other_peers()) == (500, "swarm")

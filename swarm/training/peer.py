@@ -302,10 +302,14 @@ class SwarmPeer:
         epoch per round; a far-ahead claim is the suspicious one), then to the smaller hash. It is adopted when it
         weighs at least as much as this peer's own state (this peer's own weight, at least 1, included) — or, at
         this peer's own epoch, strictly more or as much with a smaller hash (so two disagreeing peers do not swap).
+        On a tie, a later state is adopted only when it is one epoch ahead (the member whose step this peer
+        missed) or an initial peer announces it (a newcomer follows the swarm it joined): a member of equal weight
+        claiming a far-ahead epoch is not followed.
 
         So any number of fresh identities announcing a far epoch is never followed, and a peer behind a swarm that
         outweighs it (a late joiner, or the member whose last all-reduce failed) adopts the swarm's state. Where
-        the weighted peers disagree evenly (two peers of equal weight), a liar among them can still be followed.
+        the weighted peers disagree evenly one epoch apart (two peers of equal weight), a liar among them can
+        still be followed.
         """
         weights: dict[RoundKey, float] = {}
         for peer_id, status in others.items():
@@ -319,9 +323,15 @@ class SwarmPeer:
         best = max(weights, key=lambda key: (weights[key], -key[0], _invert(key[1])))
         if weights[best] > support:
             return best
-        if weights[best] == support and (best[0] > self.epoch or best[1] < mine[1]):
+        if weights[best] < support:
+            return None
+        # a tie: a state one epoch ahead (the member whose step this peer missed), one an initial peer announces
+        # (a newcomer follows the swarm it joined), or, at this epoch, the smaller hash; never a far-ahead claim
+        if best[0] == self.epoch + 1 or best[0] == self.epoch and best[1] < mine[1]:
             return best
-        return None
+        backed = any(peer_id in self.trust.roots and (status.epoch, status.state_hash) == best
+                     for peer_id, status in others.items())
+        return best if best[0] > self.epoch and backed else None
 
     def sync_with_swarm(self, others: dict[str, PeerStatus] | None = None) -> bool:
         """Adopt the swarm's state if it differs from this peer's. Returns True if the state was replaced."""
