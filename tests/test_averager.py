@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.p2p import PeerID
 
-from swarm.network.averager import SwarmAverager, round_consensus
+from swarm.network.averager import SwarmAverager, _tolerate_larger_groups, round_consensus
 from swarm.network.compression import as_received, make_compression
 
 
@@ -133,3 +138,16 @@ def test_a_member_cannot_weigh_more_than_it_declared(dhts) -> None:
         expected = sum(peer[index] for peer in inputs) / 3
         for output in outputs:
             assert torch.allclose(output[index], expected, atol=1e-5)
+
+
+def test_a_group_larger_than_this_peers_target_does_not_fail_its_round() -> None:
+    """Peers that count different peers as expected set different targets; hivemind's group-key update raised
+    'Sample larger than population' when a leader assembled more members than a follower's target."""
+    peers = tuple(PeerID(bytes([18, 32, index] + [0] * 31)) for index in range(3))
+    manager = GroupKeyManager(SimpleNamespace(peer_id=peers[0]), "test", "0000", target_group_size=2)
+    group = GroupInfo(b"group", peers, (b"", b"", b""))
+    with pytest.raises(ValueError, match="Sample larger than population"):
+        asyncio.run(manager.update_key_on_group_assembled(group))
+    _tolerate_larger_groups(manager)
+    asyncio.run(manager.update_key_on_group_assembled(group))  # no error: the swarm sets the bits itself
+    assert manager.group_bits == "0000"

@@ -209,6 +209,22 @@ class BanAwareMatchmaking(Matchmaking):
         return await super()._request_join_group(leader)
 
 
+def _tolerate_larger_groups(manager: Any) -> None:
+    """hivemind 1.1.12's ``GroupKeyManager.update_key_on_group_assembled`` draws ``target_group_size`` buckets for the
+    group's members and raises ``ValueError: Sample larger than population`` (failing a round that succeeded, with
+    a traceback) when a leader assembled more members than this peer's target — which happens whenever peers count
+    different peers as expected (newcomers without weight). The swarm sets the group bits itself every round, so
+    the update is skipped for such a group."""
+    update = manager.update_key_on_group_assembled
+
+    async def update_key_on_group_assembled(group_info: GroupInfo) -> None:
+        if manager.target_group_size is not None and group_info.group_size > manager.target_group_size:
+            return
+        await update(group_info)
+
+    manager.update_key_on_group_assembled = update_key_on_group_assembled
+
+
 class SwarmAverager(DecentralizedAverager):
     """Averages this peer's gradient buffers with a group of peers and serves its training state to others.
 
@@ -298,6 +314,7 @@ class SwarmAverager(DecentralizedAverager):
         if type(matchmaking) is Matchmaking:
             matchmaking.__class__ = BanAwareMatchmaking
         matchmaking.is_banned = self._refuses_in_matchmaking
+        _tolerate_larger_groups(matchmaking.group_key_manager)
         self.__dict__["_swarm_matchmaking"] = matchmaking
 
     def _is_banned(self, peer_id: PeerID) -> bool:
