@@ -277,17 +277,17 @@ class SwarmPeer:
             self.state_hash = self.state.state_hash(epoch)
         self.publish()
 
-    def _support(self, key: RoundKey, others: dict[str, PeerStatus]) -> float:
-        """The total weight of the live peers in ``others`` that announce ``key``."""
+    def _support(self, key: RoundKey, others: dict[str, PeerStatus], excluding: str | None = None) -> float:
+        """The total weight of the live peers in ``others`` (but ``excluding``) that announce ``key``."""
         return sum(self.trust.weight(peer_id) for peer_id, status in others.items()
-                   if (status.epoch, status.state_hash) == key)
+                   if (status.epoch, status.state_hash) == key and peer_id != excluding)
 
-    def _announced_by(self, key: RoundKey, support: float) -> bool:
-        """Whether live peers of total weight at least ``support`` announce ``key``, waiting up to
-        ``NEWER_STATE_WAIT`` s for it."""
+    def _announced_by(self, key: RoundKey, support: float, excluding: str | None = None) -> bool:
+        """Whether live peers other than ``excluding`` of total weight at least ``support`` announce ``key``,
+        waiting up to ``NEWER_STATE_WAIT`` s for it."""
         deadline = time.monotonic() + NEWER_STATE_WAIT
         while True:
-            if self._support(key, self.other_peers()) >= support:
+            if self._support(key, self.other_peers(), excluding) >= support:
                 return True
             if time.monotonic() >= deadline or self._stop.is_set():
                 return False
@@ -351,8 +351,8 @@ class SwarmPeer:
     def download_state(self, holders: list[str], target: RoundKey) -> bool:
         """Load the state ``target`` (epoch, state hash) that ``holders`` announced, from the first that serves it.
 
-        A holder may serve a later state only if it moved on while asked: that state is taken once live peers of at
-        least the weight that announced ``target`` announce it (waiting up to ``NEWER_STATE_WAIT`` seconds for
+        A holder may serve a later state only if it moved on while asked: that state is taken once live peers
+        other than that holder, of at least the weight that announced ``target``, announce it (waiting up to ``NEWER_STATE_WAIT`` seconds for
         their statuses). Any other state — one a holder alone vouches for — is refused, so a holder cannot make
         this peer load something the swarm did not announce. A served state that fails validation (names,
         shapes, non-finite values, its hash) is refused and its holder loses all weight (:meth:`Trust.refuse`)."""
@@ -366,7 +366,10 @@ class SwarmPeer:
             served = (metadata.get("epoch"), metadata.get("state_hash"))
             if not (isinstance(served[0], int) and isinstance(served[1], str)):
                 continue
-            if served != tuple(target) and not (served[0] > target[0] and self._announced_by(served, support)):
+            # a later state must be vouched for by others than the holder that serves it (a liar vouches for itself)
+            vouch = max(1.0, support - self.trust.weight(peer_id))
+            if served != tuple(target) and not (served[0] > target[0]
+                                                and self._announced_by(served, vouch, excluding=peer_id)):
                 logger.warning(f"Refused the state served by {peer_id}: epoch {served[0]} hash {served[1][:12]} is"
                                f" not the announced epoch {target[0]} hash {target[1][:12]}")
                 continue
