@@ -137,10 +137,11 @@ class TrustConfig(_Section):
 
     peers: list[str] = Field(default_factory=list)  # peer ids trusted from the start, besides the initial peers
     min_credit: float = Field(1.0, ge=0)  # credits of attested, final work before a peer has weight of its own
-    # the barrier waits at most newcomer_wait per epoch for peers without weight, and at most newcomer_budget in all
-    # for each such identity, so announcements from free identities cannot stall the swarm for long
-    newcomer_wait: float = Field(5.0, ge=0)
-    newcomer_budget: float = Field(20.0, ge=0)
+    # the barrier waits at most newcomer_wait per epoch (by default as long as for anyone: newcomers of an honest
+    # swarm average with it in their first round and become members) and at most newcomer_budget in all for each
+    # identity without weight, so announcements from free identities stall the swarm once, for a bounded time
+    newcomer_wait: float = Field(60.0, ge=0)
+    newcomer_budget: float = Field(120.0, ge=0)
     member_epochs: int = Field(4, gt=0)  # a member of an averaged round counts as known for this many epochs
     refresh_seconds: float = Field(5.0, ge=0)  # ledger weights are recomputed at most this often
 
