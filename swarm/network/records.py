@@ -320,18 +320,23 @@ def _warn_limited(what: str, key: str, message: str) -> None:
     logger.log(level, message)
 
 
+def _bounded(future: Any, timeout: float, kind: str, key: str, late: str) -> tuple[bool, Any]:
+    """(answered, result) of a DHT call's future within ``timeout`` seconds; a late or failed call is cancelled or
+    dropped with one rate-limited log line (``late`` says what happens without it)."""
+    try:
+        return True, future.result(timeout=timeout)
+    except (concurrent.futures.TimeoutError, TimeoutError):
+        future.cancel()
+        _warn_limited(kind, key, f"A DHT {kind} of {key!r} took over {timeout:.0f}s: {late}")
+    except Exception as error:
+        _warn_limited(kind, key, f"A DHT {kind} of {key!r} failed: {_short(repr(error), 160)}")
+    return False, None
+
+
 def bounded_get(dht: hivemind.DHT, key: str, timeout: float = READ_TIMEOUT) -> Any:
     """``dht.get(key, latest=True)`` that returns None after ``timeout`` seconds instead of waiting forever (hivemind's
     read never answers when it meets a value it cannot decode), or when the read fails; one log line either way."""
-    future = dht.get(key, latest=True, return_future=True)
-    try:
-        return future.result(timeout=timeout)
-    except (concurrent.futures.TimeoutError, TimeoutError):
-        future.cancel()
-        _warn_limited("read", key, f"A DHT read of {key!r} took over {timeout:.0f}s: going on without it")
-    except Exception as error:
-        _warn_limited("read", key, f"A DHT read of {key!r} failed: {_short(repr(error), 160)}")
-    return None
+    return _bounded(dht.get(key, latest=True, return_future=True), timeout, "read", key, "going on without it")[1]
 
 
 def bounded_store(dht: hivemind.DHT, key: str, value: Any, expiration_time: float, subkey: Any = None,
@@ -339,14 +344,8 @@ def bounded_store(dht: hivemind.DHT, key: str, value: Any, expiration_time: floa
     """``dht.store(...)``: False if it was refused, failed or did not answer within ``timeout`` seconds."""
     kwargs = {} if subkey is None else dict(subkey=subkey)
     future = dht.store(key, value, expiration_time, return_future=True, **kwargs)
-    try:
-        return bool(future.result(timeout=timeout))
-    except (concurrent.futures.TimeoutError, TimeoutError):
-        future.cancel()
-        _warn_limited("store", key, f"A DHT store under {key!r} took over {timeout:.0f}s: counted as refused")
-    except Exception as error:
-        _warn_limited("store", key, f"A DHT store under {key!r} failed: {_short(repr(error), 160)}")
-    return False
+    answered, stored = _bounded(future, timeout, "store", key, "counted as refused")
+    return answered and bool(stored)
 
 
 def dict_entries(dht: hivemind.DHT, key: str, timeout: float = READ_TIMEOUT) -> list[tuple[Any, Any]]:
