@@ -289,6 +289,32 @@ def test_balances_follow_the_rules_and_ignore_order(tmp_path: Path, keys):
     assert rules.deters(audit_probability=0.1, samples=1000) and not Rules(slash_per_sample=0).deters(0.1, 1000)
 
 
+def test_a_slash_must_outnumber_the_passing_auditors_and_the_accused(tmp_path: Path, keys):
+    """Two auditors failing a contribution that a third passed are as many as the passer and the accused: an
+    accusation, not a verdict (two colluders in a round of four slash nobody). A third failing auditor makes it
+    count."""
+    alice, bob, carol = keys
+    dave, erin = (Identity.load_or_create(tmp_path / name) for name in ("dave", "erin"))
+    a = str(alice.peer_id)
+    rules = Rules(credit_per_sample=MICRO, audit_credit=0, slash_amount=50 * MICRO, slash_per_sample=0,
+                  provisional_epochs=2, slash_quorum=2)
+    work = commit(alice, 0, 0, samples=8)
+    with LedgerStore(tmp_path / "ledger.db") as store:
+        credit(store, alice, 0, 0, samples=8)
+        credit(store, bob, 0, 1, attests=(work.digest(),))
+        for auditor in (bob, carol, dave):
+            store.append(auditor, kind="audit", subject=a, epoch=0, refs=[work.digest()])
+        for slasher in (bob, carol):
+            store.append(slasher, kind="slash", subject=a, epoch=0, samples=8, refs=[work.digest()])
+        store.append(bob, kind="ban", subject=a, epoch=0)
+        accused = balances(store.entries(), rules, current_epoch=4)[a]
+        store.append(erin, kind="audit", subject=a, epoch=0, refs=[work.digest()])
+        store.append(erin, kind="slash", subject=a, epoch=0, samples=8, refs=[work.digest()])
+        outnumbered = balances(store.entries(), rules, current_epoch=4)[a]
+    assert accused == Balance(final=8 * MICRO, provisional=0) and not accused.banned
+    assert outnumbered.final == -50 * MICRO and outnumbered.banned
+
+
 def test_merkle_proofs_verify_for_every_peer_and_fail_when_tampered():
     for size in (1, 2, 3, 5, 8, 11):
         table = {f"Qm{i:03d}": Balance(final=i * MICRO, provisional=-i) for i in range(size)}

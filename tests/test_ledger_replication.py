@@ -161,3 +161,24 @@ def test_settle_does_not_wait_for_a_head_nobody_backs(swarm: Swarm):
     started = time.monotonic()
     assert alice.settle(timeout=10.0, waits_for=lambda author: author != mallory)
     assert time.monotonic() - started < 5.0
+
+
+def test_settle_still_waits_for_the_chain_of_an_author_without_weight_while_it_arrives(swarm: Swarm):
+    """A banned cheater has no weight but keeps writing until it stops: every copy must end with the same entries,
+    so settle() waits for its chain as long as it keeps arriving (here: written while alice is already settling)."""
+    alice, bob = swarm.recorder("alice"), swarm.recorder("bob")
+    commitments = {r.me: commitment(r.identity, 0) for r in (alice, bob)}
+    for recorder in (alice, bob):
+        recorder.on_round(0, commitments)
+    wait_for(lambda: hashes(alice) == hashes(bob))
+
+    with ThreadPoolExecutor(1) as pool:  # alice settles in her own thread; bob's hooks stay in this one
+        settled = pool.submit(alice.settle, timeout=20, waits_for=lambda author: author != bob.me)
+        time.sleep(1.0)  # alice is settling by now
+        for epoch in (1, 2, 3):
+            bob.on_round(epoch, {r.me: commitment(r.identity, epoch) for r in (alice, bob)})
+        assert bob.settle(timeout=20, waits_for=lambda author: author == alice.me)
+        assert settled.result()
+    with LedgerStore(bob.path) as store:
+        assert store.last_seq(bob.me) == 3
+    assert hashes(alice) == hashes(bob)

@@ -18,8 +18,8 @@ The rules (all amounts in micro-credits, 1 credit = 1_000_000):
 * **Slash** (subject S, attested commitment c, ``samples`` n of the failed contribution): counts once at least
   ``slash_quorum`` distinct auditors (other than S) wrote a slash for (S, c) — each auditor that failed the audit
   writes one, so no single peer can slash another — and those slashers outnumber the auditors that audited c and
-  passed it (an audit entry without a slash), so colluders failing an honest contribution that the re-check passed
-  slash nobody. S then loses ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit
+  passed it (an audit entry without a slash) together with S itself, so colluders failing an honest contribution
+  slash nobody unless they outnumber the rest of its round (a disputed failure is replayed by the whole round). S then loses ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit
   for c (if any) is void. A false accuser (an auditor whose failure the weighted re-check refuted) is slashed the
   same way, on its own commitment of that round, by every peer that saw the refutation.
   Deterrence: with audit probability p, cheating on n samples costs more than it gains when
@@ -133,10 +133,10 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -
         return bool(attested.get((entry.epoch, entry.refs[0]), set()) - {entry.subject})
 
     unique = [entry for entry in _unique(everything) if entry.kind == "ban" or exists(entry)]
-    def counted(key: tuple[str, str]) -> bool:  # a quorum of slashers that outnumbers the auditors who passed it
+    def counted(key: tuple[str, str]) -> bool:  # a quorum of slashers outnumbering the passers and the subject
         against = slashers[key] - {key[0]}
         passed = auditors.get(key, set()) - slashers[key] - {key[0]}
-        return len(against) >= rules.slash_quorum and len(against) > len(passed)
+        return len(against) >= rules.slash_quorum and len(against) > len(passed) + 1
 
     slashed = {(e.subject, e.refs[0]) for e in unique if e.kind == "slash" and counted((e.subject, e.refs[0]))}
     slashed_peers = {subject for subject, _ in slashed}

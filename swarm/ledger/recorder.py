@@ -54,7 +54,8 @@ from swarm.verify.selection import AuditAssignment
 logger = logging.getLogger(__name__)
 
 MAX_ATTESTED = 15  # refs hold at most 16 ids: the own commitment and 15 other members'
-CLOSE_TIMEOUT = 5.0  # seconds a stopping peer gives replication to finish; swarm local allows 20 in all
+CLOSE_TIMEOUT = 5.0
+STALL_SECONDS = 10.0  # settle stops waiting for an author without weight whose chain stopped arriving  # seconds a stopping peer gives replication to finish; swarm local allows 20 in all
 
 
 @dataclass
@@ -148,25 +149,43 @@ class LedgerRecorder(VerificationObserver):
 
         :param live: the peers still online; an author that has not finished writing and is not among them (it
           crashed or left) is not waited for — its published entries are still pulled
-        :param waits_for: whether an author is worth waiting for at all (default: every author); anyone can
-          announce a head it never backs with entries, so a peer passes its trust here
+        :param waits_for: whether an author is worth waiting for until ``timeout`` (default: every author); anyone
+          can announce a head it never backs with entries, so a peer passes its trust here. Any other author is
+          waited for only while its chain keeps arriving: some of it is here and it grew in the last
+          ``STALL_SECONDS`` (or ``4 × ledger.sync_interval``), so an author without weight (a banned cheater) still
+          ends on every copy with the same entries, and a head nobody backs costs nothing
 
         :returns: whether the copy is complete (False on timeout)
         """
         if self._store is None or self._board is None:
             return True
-        self._final = True
-        deadline = time.monotonic() + timeout
+        with self._sync_lock:  # a publish in flight must not record the last head as sent before it is final
+            self._final = True
+        started = time.monotonic()
+        deadline = started + timeout
+        stall = max(STALL_SECONDS, 4 * self.settings.sync_interval)
+        arriving: dict[str, tuple[int, float]] = {}  # author -> (entries here, when that last changed)
+
+        def worth_waiting(author: str, have: int, now: float) -> bool:
+            if waits_for is None or waits_for(author):
+                return True
+            seen, since = arriving.get(author, (have, started))
+            if seen != have:
+                since = now
+            arriving[author] = (have, since)
+            return have >= 0 and now - since < stall
+
         with LedgerStore(self.path) as store:  # its own connection: settle may run in any thread
             while True:
                 self.sync(store)
                 local = store.heads()
                 online = None if live is None else set(live())
+                now = time.monotonic()
                 pending = [author for author, head in self.heads.items()
                            if author != self.me and author not in self._stuck
-                           and (waits_for is None or waits_for(author))
                            and not (head.final and local.get(author, -1) >= head.seq)
-                           and (head.final or online is None or author in online)]
+                           and (head.final or online is None or author in online)
+                           and worth_waiting(author, local.get(author, -1), now)]
                 if not pending:
                     return True
                 if time.monotonic() >= deadline:
@@ -346,10 +365,11 @@ class LedgerRecorder(VerificationObserver):
         if last is None:
             return
         head_hash = store.rows_with_commitments(self.me, last)[0][0].hash
-        if self._head_published is None or self._head_published[:3] != (last, head_hash, self._final) \
+        final = self._final  # what is recorded as sent is what was sent
+        if self._head_published is None or self._head_published[:3] != (last, head_hash, final) \
                 or now - self._head_published[3] >= refresh:
-            if self._board.publish_head(LedgerHead(author=self.me, seq=last, hash=head_hash, final=self._final)):
-                self._head_published = (last, head_hash, self._final, now)
+            if self._board.publish_head(LedgerHead(author=self.me, seq=last, hash=head_hash, final=final)):
+                self._head_published = (last, head_hash, final, now)
 
     def _pull(self, store: LedgerStore) -> None:
         assert self._board is not None

@@ -12,9 +12,11 @@ Per epoch, around :class:`~swarm.training.strategies.sync.SyncGradientAveraging`
    of a contribution this peer is assigned to re-check has failed it; a *takeover* by the first re-checker when
    the primary stays silent (its own all-reduce may have failed one-sidedly, so it never learnt the round's
    beacon): no verdict from it a whole round later, or, at the end of the run, once it left or after
-   ``verify.fetch_timeout`` seconds. The takeover's verdict then stands for the primary's. A contribution passes
-   when its (acting) primary or a majority of its auditors passed it, and fails finally when a majority of its
-   assigned auditors failed it; its peer is then banned from this peer's averaging for
+   ``verify.fetch_timeout`` seconds. The takeover's verdict then stands for the primary's. A failure that a
+   re-checker passed is *disputed*: every other member of the round replays it too (the escalation). A
+   contribution passes when its (acting) primary passed it; otherwise this peer's own replay decides for it, and
+   a peer that did not replay goes by weight over the round (:meth:`Verifier._decide`). A failed contribution's
+   peer is banned from this peer's averaging for
    ``verify.ban_epochs`` epochs (matchmaking refuses it, its parts are dropped, the barrier ignores it) and the
    failure is appended to ``WORKDIR/audit_events.jsonl`` for the ledger.
 
@@ -70,6 +72,9 @@ COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was c
 WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
 WRONG_WEIGHT = "wrong_weight"  # it declared more samples to its group (its averaging weight) than it committed
 SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
+# failures that say the auditor could not get what it needed (yet), not that the contribution is wrong: they
+# neither decide this peer's own view nor make their auditor a false accuser
+TRANSIENT_FAILURES = frozenset({UNAVAILABLE, MISSING_COMMITMENT})
 SENT_TOLERANCE = 1e-3  # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
 
 
@@ -237,14 +242,23 @@ class Verifier:
     def process(self, current_epoch: int) -> None:
         """Run this peer's pending audits and re-checks, then decide final failures and bans."""
         self._unpublished = [verdict for verdict in self._unpublished if not self._publish_verdict(verdict)]
+        everything: list[AuditVerdict] | None = None  # read once, only if this peer sits in an escalation
         for epoch, assignments in sorted(self.assignments.items()):
             for assignment in assignments:
-                if self.me not in assignment.auditors or (epoch, assignment.audited) in self.performed:
+                if self.me not in assignment.panel or (epoch, assignment.audited) in self.performed:
                     continue
                 if assignment.auditors[0] == self.me:
                     self._audit(assignment, "primary")
-                elif role := self._recheck_role(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch):
-                    self._audit(assignment, role)
+                elif self.me in assignment.auditors:
+                    role = self._recheck_role(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch)
+                    if role:
+                        self._audit(assignment, role)
+                else:
+                    everything = self._read_verdicts(None) if everything is None else everything
+                    verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment, everything)
+                                if verdict.epoch == epoch}
+                    if self._disputed(assignment, verdicts, current_epoch):
+                        self._audit(assignment, "recheck")
         self._finalize(current_epoch)
 
     def finish(self, current_epoch: int, timeout: float) -> None:
@@ -259,8 +273,8 @@ class Verifier:
             pending = [
                 assignment for assignments in self.assignments.values() for assignment in assignments
                 if (assignment.epoch, assignment.audited) not in self.finalized
-                and (assignment.audited == self.me or self.me in assignment.auditors)
-                and ({assignment.audited, *assignment.auditors} - {self.me}) & self._live
+                and (assignment.audited == self.me or self.me in assignment.panel)
+                and ({assignment.audited, *assignment.panel} - {self.me}) & self._live
             ]
             if not pending:
                 return
@@ -318,7 +332,7 @@ class Verifier:
         return [
             verdict for verdict in found
             if verdict.audited == assignment.audited and verdict.commitment == assignment.commitment
-            and verdict.auditor in assignment.auditors
+            and verdict.auditor in assignment.panel
         ]
 
     def _finalize(self, current_epoch: int) -> None:
@@ -338,7 +352,8 @@ class Verifier:
                 if passed:
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
-                    accusers = [verdict for verdict in counted if not verdict.passed and verdict.verdict != UNAVAILABLE]
+                    accusers = [verdict for verdict in counted
+                                if not verdict.passed and verdict.verdict not in TRANSIENT_FAILURES]
                     if accusers:
                         self._false_accusation(assignment, accusers, current_epoch)
                 else:
@@ -357,28 +372,51 @@ class Verifier:
         return verdict.passed or verdict.verdict != Verdict.GRADIENT_MISMATCH.value or (
             verdict.replayed_hash is not None and verdict.worst_index is not None)
 
+    def _disputed(self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict], current_epoch: int) -> bool:
+        """Whether the acting primary failed ``assignment`` and an auditor called to re-check it passed it: the
+        failure then goes to the round's other members too (``assignment.escalation``)."""
+        acting = self._acting_primary(assignment, set(verdicts), current_epoch)
+        primary = verdicts.get(acting)
+        if primary is None or primary.passed or not self._counts(primary):
+            return False
+        called = assignment.auditors[assignment.auditors.index(acting):]
+        return any(verdicts[auditor].passed for auditor in called if auditor in verdicts)
+
     def _decide(self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict],
                 current_epoch: int) -> tuple[bool, list[AuditVerdict]] | None:
         """(passed, the verdicts that decided) once ``assignment`` is decided, else None.
 
-        Only verdicts the protocol called for count: the acting primary's; and, once it failed the contribution,
-        the re-checkers'. A pass by the acting primary decides at once (no other auditor's failure can overturn
-        it). A failure by it is put to the whole panel, weighed by :meth:`Trust.weight`: the contribution fails
-        when auditors holding more than half of the panel's weight failed it, and passes — the accusation refuted
-        — once auditors holding at least half passed it. So auditors without weight cannot fill a panel, and
-        colluders holding less than half of a panel's weight can neither ban an honest peer nor block a ban."""
+        Only verdicts the protocol calls for count: the acting primary's; once it failed the contribution, the
+        re-checkers'; once a re-checker passed what the primary failed (a dispute), the escalation's. A pass by the
+        acting primary decides at once (no other auditor's failure can overturn it). A failure by it is decided:
+
+        * by this peer's own replay, once it made one (replays are exact, so an honest auditor knows): its pass
+          refutes the failure, its failure confirms it — an honest peer never bans a contribution it passed;
+        * otherwise by weight (:meth:`Trust.weight`) over the whole electorate, the round's members other than
+          the audited peer (a silent primary excepted): the contribution fails when auditors holding more than
+          half of that weight failed it, and passes once auditors holding at least half passed it.
+
+        So colluders holding less than half of a round's weight can neither ban an honest peer nor block a ban,
+        even when they fill the assigned panel; auditors without weight count for nothing."""
         acting = self._acting_primary(assignment, set(verdicts), current_epoch)
         primary = verdicts.get(acting)
         if primary is None or not self._counts(primary):
             return None
         if primary.passed:
             return True, [primary]
-        panel = list(assignment.auditors[assignment.auditors.index(acting):])  # a silent primary is not in it
+        called = list(assignment.auditors[assignment.auditors.index(acting):])  # a silent primary is not in it
+        electorate = called + list(assignment.escalation)
+        if self._disputed(assignment, verdicts, current_epoch):
+            called = electorate
+        counted = [verdicts[auditor] for auditor in called if auditor in verdicts and self._counts(verdicts[auditor])]
+        own = verdicts.get(self.me)
+        if self.me in called and own is not None and self._counts(own) and own.verdict not in TRANSIENT_FAILURES:
+            return own.passed, counted
         if self._finishing_since is not None:  # nobody waits for an auditor that has left
-            panel = [auditor for auditor in panel if auditor in verdicts or auditor in self._live or auditor == self.me]
+            electorate = [auditor for auditor in electorate
+                          if auditor in verdicts or auditor in self._live or auditor == self.me]
         weight = self.peer.trust.weight
-        counted = [verdicts[auditor] for auditor in panel if auditor in verdicts and self._counts(verdicts[auditor])]
-        total = sum(weight(auditor) for auditor in panel)
+        total = sum(weight(auditor) for auditor in electorate)
         failed = sum(weight(verdict.auditor) for verdict in counted if not verdict.passed)
         passed = sum(weight(verdict.auditor) for verdict in counted if verdict.passed)
         if failed > total / 2:
@@ -412,9 +450,11 @@ class Verifier:
     def _finalize_unseen_rounds(self, current_epoch: int, verdicts: list[AuditVerdict]) -> None:
         """Failures in rounds this peer was not part of (it joined late, or its all-reduce failed one-sidedly), so it
         does not know their beacon: a contribution counts as failed when at least ``UNSEEN_ROUND_QUORUM`` distinct
-        auditors other than its peer failed the commitment that peer really published, and they outweigh the
-        auditors that passed it. Colluders that accuse an honest peer whom the re-check passed therefore get it
-        banned nowhere; colluders an unseen round's panel did not re-check could still (a known limit)."""
+        auditors other than its peer failed the commitment that peer really published, once the round's re-checks
+        have had their time (:meth:`_settled`), and the failing auditors outweigh those that passed it together
+        with the audited peer itself (whose commitment stands for its own pass). Colluders that accuse an honest
+        peer whom the re-check passed therefore get it banned nowhere; colluders outweighing the rest of an unseen
+        round still could (a known limit: no rule tells them from an honest majority there)."""
         quorum = UNSEEN_ROUND_QUORUM
         failing: dict[tuple[int, str, str], dict[str, AuditVerdict]] = {}
         passing: dict[tuple[int, str, str], set[str]] = {}
@@ -432,9 +472,11 @@ class Verifier:
         for (epoch, audited, digest), by_auditor in failing.items():
             if len(by_auditor) < quorum or (epoch, audited) in self.finalized:
                 continue
+            if not self._settled(epoch, current_epoch):
+                continue  # its re-checks and escalation may still be under way
             passers = passing.get((epoch, audited, digest), set()) - set(by_auditor)
-            if sum(map(weight, by_auditor)) <= sum(map(weight, passers)):
-                continue  # as many auditors passed it: an accusation, not a verdict
+            if sum(map(weight, by_auditor)) <= sum(map(weight, passers)) + weight(audited):
+                continue  # the audited peer and those who passed it weigh as much: an accusation, not a verdict
             published = self.commitments.fetch(epoch).get(audited)
             if published is None or published.digest() != digest:
                 continue
@@ -442,6 +484,13 @@ class Verifier:
             self.finalized.add((epoch, audited))
             self._final_failure(assignment, list(by_auditor.values()), current_epoch)
             self._notify("on_final", assignment, False, list(by_auditor.values()), current_epoch)
+
+    def _settled(self, epoch: int, current_epoch: int) -> bool:
+        """Whether the audits of ``epoch`` have had their time: ``TAKEOVER_AFTER_EPOCHS`` rounds, or
+        ``verify.fetch_timeout`` seconds of this peer's finishing."""
+        return current_epoch >= epoch + TAKEOVER_AFTER_EPOCHS or (
+            self._finishing_since is not None
+            and time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
 
     def _final_failure(self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int) -> None:
         kinds = sorted({verdict.verdict for verdict in failed})

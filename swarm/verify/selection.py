@@ -45,10 +45,18 @@ class AuditAssignment:
     audited: str
     commitment: str  # the digest the audited peer exchanged with the group
     auditors: tuple[str, ...]  # auditors[0] audits; the others re-check if it fails
+    # the round's other members, in beacon order: they replay a *disputed* failure (one auditor failed it and
+    # another passed it), so a failure the assigned auditors disagree on is put to the whole round
+    escalation: tuple[str, ...] = ()
 
     @property
     def majority(self) -> int:
         return len(self.auditors) // 2 + 1
+
+    @property
+    def panel(self) -> tuple[str, ...]:
+        """Everyone who may judge this contribution: the auditors, then the escalation."""
+        return self.auditors + self.escalation
 
 
 def assign_audits(
@@ -56,8 +64,10 @@ def assign_audits(
 ) -> list[AuditAssignment]:
     """The audits of one round: every member (by commitment digest) selected by the beacon, with its auditors."""
     beacon = round_beacon(epoch, digests, averaged_digest)
-    return [
-        AuditAssignment(epoch, audited, digests[audited], tuple(auditors_for(beacon, audited, digests, 1 + rechecks)))
-        for audited in sorted(digests)
-        if is_selected(beacon, audited, probability) and len(digests) > 1
-    ]
+    assignments = []
+    for audited in sorted(digests):
+        if is_selected(beacon, audited, probability) and len(digests) > 1:
+            everyone = auditors_for(beacon, audited, digests, len(digests))
+            assignments.append(AuditAssignment(epoch, audited, digests[audited], tuple(everyone[:1 + rechecks]),
+                                               tuple(everyone[1 + rechecks:])))
+    return assignments
