@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
     run.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # used by swarm local
+    # used by swarm local, whose peers all run the one config it validated: no need to read the swarm's settings
+    run.add_argument("--settings-from-parent", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--plain", action="store_true", help="log lines instead of the live dashboard")
     run.add_argument("--quiet", action="store_true", help="only warnings and errors on the terminal")
 
@@ -81,6 +83,52 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "join", None):
         overrides.append(f"network.initial_peers=[{', '.join(repr(a) for a in args.join)}]")
     return load_config(args.config, overrides)
+
+
+def explicit_keys(args: argparse.Namespace) -> list[str]:
+    """The dotted config keys the user chose on purpose: ``--set``, ``--recipe``, ``SWARM_*`` variables, and every
+    key of a ``--config`` file it named (a file picked by ``--tier`` is a default, not a choice)."""
+    from swarm.config import _read_yaml, env_overrides
+
+    keys = [item.partition("=")[0].strip() for item in args.overrides]
+    if args.recipe:
+        keys.append("recipe.name")
+    keys += [key for key, _, _ in env_overrides(os.environ)]
+    if args.config is not None and not getattr(args, "tier", None):
+        def walk(tree: dict, prefix: str) -> None:
+            for key, value in tree.items():
+                if isinstance(value, dict) and f"{prefix}{key}" != "recipe.options":
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    keys.append(f"{prefix}{key}")
+        walk(_read_yaml(Path(args.config)), "")
+    return keys
+
+
+def join_swarm_settings(config, explicit: list[str]):
+    """With initial peers: the config this peer runs with in their swarm (:func:`swarm.shared_settings.reconcile`),
+    saying on stderr what it took from the swarm.
+
+    :raises UserError: one line naming each explicitly chosen setting that differs from the swarm's
+    """
+    from swarm.network.run_records import discover
+    from swarm.shared_settings import describe, fingerprint, reconcile
+
+    if not config.network.initial_peers:
+        return config
+    found = discover(config.network.initial_peers, timeout=config.network.startup_timeout / 4)
+    if found is None or fingerprint(found.settings) != found.fingerprint:
+        print("swarm: warning: no initial peer announced its swarm's settings; starting with this peer's own (peers "
+              "with other settings do not average with it)", file=sys.stderr)
+        return config
+    recipe = found.settings.get("recipe", {}).get("name") if isinstance(found.settings.get("recipe"), dict) else None
+    if isinstance(recipe, str) and (recipe.endswith(".py") or "/" in recipe) and "recipe.name" not in explicit:
+        raise UserError(f"the swarm at initial peer {found.peer_id} runs the recipe file {recipe!r}: pass --recipe "
+                        f"with your copy of it", exit_code=2)
+    joined, taken = reconcile(config, found.settings, explicit, f"initial peer {found.peer_id}")
+    if taken:
+        print(f"swarm: joining run {joined.run_id!r} with the swarm's settings ({describe(taken)})", file=sys.stderr)
+    return joined
 
 
 _MAIN_PID = os.getpid()
@@ -170,6 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tier:
         _apply_tier(args)
     config = config_from_args(args)
+    if not args.settings_from_parent:
+        config = join_swarm_settings(config, explicit_keys(args))
     console = Console(stderr=True)
     live = console.is_terminal and not (args.plain or args.quiet)
     setup_logging(config.log_level, Path(config.workdir) / "peer.log", console=console if live else None,

@@ -91,7 +91,9 @@ def run_doctor(args: argparse.Namespace) -> int:
     if timeout <= 0:
         print(f"swarm: error: --timeout must be positive, got {timeout:g}", file=sys.stderr)
         return 2
-    results = run_checks(config, timeout)
+    from swarm.cli import explicit_keys
+
+    results = run_checks(config, timeout, explicit_keys(args))
     _print_results(results, plain=getattr(args, "plain", False), config_path=args.config, workdir=Path(config.workdir))
     return 1 if any(result.status == FAIL for result in results) else 0
 
@@ -107,8 +109,10 @@ def _load_config(args: argparse.Namespace) -> SwarmConfig:
     return config
 
 
-def run_checks(config: SwarmConfig, timeout: float = 5.0) -> list[CheckResult]:
-    """Every check in order; a check that raises becomes a FAIL result naming it and the exception."""
+def run_checks(config: SwarmConfig, timeout: float = 5.0, explicit: list[str] | None = None) -> list[CheckResult]:
+    """Every check in order; a check that raises becomes a FAIL result naming it and the exception.
+
+    :param explicit: the config keys the user chose on purpose (a difference there from the swarm's fails)"""
     workdir = Path(config.workdir)
     checks: list[tuple[str, Callable[[], Iterable[CheckResult] | CheckResult]]] = [
         ("python", check_python),
@@ -121,6 +125,7 @@ def run_checks(config: SwarmConfig, timeout: float = 5.0) -> list[CheckResult]:
         ("identity", lambda: check_identity(config.key_path)),
         ("listen ports", lambda: check_host_ports(config)),
         ("initial peers", lambda: check_initial_peers(config.network.initial_peers, timeout)),
+        ("swarm settings", lambda: check_swarm_settings(config, explicit or [], timeout * 3)),
         ("clock", lambda: check_clock(workdir)),
     ]
     results: list[CheckResult] = []
@@ -435,6 +440,30 @@ def _check_peer(address: str, timeout: float) -> CheckResult:
         return CheckResult(name, OK, f"tcp {target} answers ({elapsed:.0f} ms); its peer id is not verified here")
     except Exception as error:
         return CheckResult(name, FAIL, f"the check itself failed: {type(error).__name__}: {error}", fix)
+
+
+def check_swarm_settings(config: SwarmConfig, explicit: list[str], timeout: float) -> list[CheckResult]:
+    """Compares this peer's shared settings (swarm/shared_settings.py) with those its first answering initial peer
+    announces: what ``swarm run`` would take from the swarm, or refuse."""
+    from swarm.network.run_records import discover
+    from swarm.shared_settings import chosen_differences, describe, differences, fingerprint, shared_settings
+
+    if not config.network.initial_peers:
+        return []
+    found = discover(config.network.initial_peers, timeout=timeout)
+    if found is None or fingerprint(found.settings) != found.fingerprint:
+        return [CheckResult("swarm settings", WARN, "no initial peer announced its swarm's settings",
+                            "check that the initial peers run and are reachable (see above)")]
+    found_differences = differences(shared_settings(config), found.settings)
+    if not found_differences:
+        return [CheckResult("swarm settings", OK, f"the same as the swarm's (run {found.run_id!r}, fingerprint "
+                                                  f"{found.fingerprint})")]
+    chosen = chosen_differences(found_differences, explicit)
+    if chosen:
+        return [CheckResult("swarm settings", FAIL, f"set here, different in the swarm: {describe(chosen)}",
+                            "drop those settings to use the swarm's")]
+    return [CheckResult("swarm settings", OK, f"run {found.run_id!r}: swarm run takes the swarm's settings "
+                                              f"({describe(found_differences)})")]
 
 
 # -- output --------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def peer_command(
         command += ["--max-epochs", str(args.max_epochs)]
     for address in join:
         command += ["--join", address]
-    return command + ["--expected-peers", str(expected_peers), "--exit-with-parent"]
+    return command + ["--expected-peers", str(expected_peers), "--exit-with-parent", "--settings-from-parent"]
 
 
 def start_peer(

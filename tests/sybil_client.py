@@ -66,8 +66,10 @@ def statuses(mode: str, index: int, peer_id: str, seen: list[dict]) -> dict:
         ready = epoch
     elif mode == "lagging":
         epoch, ready = 0, 0
+    # the honest peers' settings fingerprint is public: a Sybil copies it
+    fingerprint = next((status["fingerprint"] for status in honest if isinstance(status.get("fingerprint"), str)), "")
     return dict(peer_id=peer_id, name=f"sybil-{index}", epoch=epoch, state_hash=state_hash, ready_epoch=ready,
-                samples=10**6, reward=1.0, client_mode=False, left=False)
+                samples=10**6, reward=1.0, client_mode=False, left=False, fingerprint=fingerprint)
 
 
 def main() -> None:

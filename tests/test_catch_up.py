@@ -24,13 +24,15 @@ LIAR_EPOCH = 1_000_000
 class MemoryBoard:
     """The statuses other peers announced, as the DHT board would return them."""
 
-    def __init__(self) -> None:
+    def __init__(self, fingerprint: str) -> None:
         self.statuses: dict[str, PeerStatus] = {}
         self.published: list[PeerStatus] = []
+        self.fingerprint = fingerprint  # the peers of one swarm share their settings
 
     def add(self, name: str, epoch: int, state_hash: str, ready: bool = True, left: bool = False) -> None:
         self.statuses[name] = PeerStatus(peer_id=name, name=name, epoch=epoch, state_hash=state_hash,
-                                         ready_epoch=epoch if ready else -1, samples=0, left=left)
+                                         ready_epoch=epoch if ready else -1, samples=0, left=left,
+                                         fingerprint=self.fingerprint)
 
     def publish(self, status: PeerStatus) -> bool:
         self.published.append(status)
@@ -49,7 +51,7 @@ def make_peer(tmp_path: Path):
         state = TrainingState(model, torch.optim.AdamW(model.parameters()))
         config = SwarmConfig(workdir=tmp_path, network=dict(client_mode=False))  # as start() resolves it
         peer = SwarmPeer(config, identity, state, epoch=epoch)
-        peer.board = MemoryBoard()
+        peer.board = MemoryBoard(peer.fingerprint)
         return peer, peer.board
 
     return make

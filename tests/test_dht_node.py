@@ -133,3 +133,37 @@ def test_a_peer_whose_averager_stalls_while_starting_starts_it_again(
         assert set(peer.board.fetch()) == {peer.peer_id}, "the started peer does not announce itself"
     finally:
         peer.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_peer_listens_on_the_same_address_and_moves_only_when_its_port_is_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The join address a hobbyist gave out survives restarts: port 0 becomes the port kept in the work directory.
+    When another program holds that port, the peer moves to a free one and says so."""
+    import socket
+
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+    addresses = []
+    for _ in range(2):
+        dht = start_dht(NetworkConfig(client_mode=False), identity, tmp_path)
+        try:
+            addresses.append((tmp_path / "peer_addr.txt").read_text().split()[0])
+        finally:
+            dht.shutdown()
+    assert addresses[0] == addresses[1] and "/tcp/0/" not in addresses[0]
+    kept = int((tmp_path / "listen_port").read_text())
+    assert f"/tcp/{kept}/" in addresses[0]
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        squatter.bind(("127.0.0.1", kept))
+        squatter.listen()
+        with caplog.at_level("WARNING", logger="swarm.network.ports"):
+            dht = start_dht(NetworkConfig(client_mode=False), identity, tmp_path)
+        try:
+            moved = (tmp_path / "peer_addr.txt").read_text().split()[0]
+        finally:
+            dht.shutdown()
+    assert f"/tcp/{kept}/" not in moved and int((tmp_path / "listen_port").read_text()) != kept
+    assert any(f"port {kept}" in record.message and "give out the new address" in record.message
+               for record in caplog.records)

@@ -19,7 +19,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 
-from swarm.config import NetworkConfig
+from swarm.config import NetworkConfig, SwarmConfig
 from swarm.identity import Identity
 from swarm.network.dht import start_dht
 from swarm.network.ledger_records import LedgerBoard, LedgerHead, chunks_key, encode_chunk, heads_key
@@ -37,8 +37,10 @@ from swarm.network.records import (
     verdicts_key,
 )
 from swarm.network.rollout_records import RolloutBoard, rollouts_key
+from swarm.network.run_records import RUNS_KEY, RunAnnouncement
 from swarm.network.startup import start_retrying
 from swarm.network.validation import RecordBounds, SwarmRecordValidator, check_expiration
+from swarm.shared_settings import fingerprint, shared_settings
 from tests.conftest import bare_dht
 from tests.hostile_client import (
     JUNK,
@@ -74,6 +76,11 @@ def _head(author: str) -> LedgerHead:
     return LedgerHead(author=author, seq=0, hash="ab" * 32)
 
 
+def _announcement(peer_id: str, run: str) -> RunAnnouncement:
+    settings = shared_settings(SwarmConfig(run_id=run))
+    return RunAnnouncement(peer_id=peer_id, run_id=run, fingerprint=fingerprint(settings), settings=settings)
+
+
 CHUNK = encode_chunk([(b"entry", b"signature", b"")])
 
 
@@ -92,6 +99,7 @@ def valid_records(own: str, marker: bytes, victim: str, run: str = RUN) -> list[
         (f"{grads}.0b", dumps(peer_bytes), dumps(True)),
         (f"{grads}.0b00000011", dumps(peer_bytes), dumps(True)),
         (f"{grads}.all_averagers", dumps(peer_bytes), dumps(1.5)),
+        (RUNS_KEY, dumps(marker), dumps(_announcement(own, run).model_dump())),
     ]
 
 
@@ -105,6 +113,7 @@ def forged_records(own: str, marker: bytes, victim: str) -> list[RawRecord]:
                   "forged"),
         RawRecord(f"{RUN}.peers", dumps(marker + b"x"), dumps(_status(own).model_dump()), ok, "forged"),
         RawRecord(f"{GRADS}.0b", dumps(b"not a peer id"), dumps(True), ok, "wrong type"),
+        RawRecord(RUNS_KEY, dumps(marker), dumps(_announcement(victim, RUN).model_dump()), ok, "forged"),
     ]
 
 
@@ -286,7 +295,7 @@ def test_honest_nodes_refuse_poisoned_records_and_reads_stay_intact(swarm, caplo
         assert isinstance(stored, list), (peer, stored)
         wrong = [(r.key, r.family) for r, ok, want in zip(records, stored, expected) if bool(ok) != want]
         assert not wrong, (peer, wrong)
-    assert sum(expected) == 9
+    assert sum(expected) == 10
 
     with caplog.at_level(logging.DEBUG):
         _check_reads(alice, bob, hostile=own)  # the client's node serves the junk to readers too: they refuse it on arrival

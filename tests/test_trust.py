@@ -118,7 +118,7 @@ def make_peer(tmp_path: Path):
         # epochs of a swarm)
         trust = Trust(str(identity.peer_id), config, tmp_path / "no-ledger-yet.db", RULES)
         peer = SwarmPeer(config, identity, state, epoch=epoch, trust=trust)
-        peer.board = MemoryBoard()
+        peer.board = MemoryBoard(peer.fingerprint)
         return peer, peer.board
 
     return make

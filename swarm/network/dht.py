@@ -15,6 +15,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.config import NetworkConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
+from swarm.network.ports import release_ports, stable_host_maddrs
 from swarm.network.startup import StartStalled, install_stack_dumps, start_in_background
 from swarm.network.validation import RecordBounds, SwarmRecordValidator
 
@@ -112,8 +113,9 @@ def start_dht(
     With no initial peers it starts a new swarm. With initial peers it tries ``network.bootstrap_attempts`` times,
     waiting ``bootstrap_backoff`` seconds (doubling) in between. A node process that dies or is not ready within
     ``network.startup_timeout`` seconds is killed and counts as a failed attempt, with or without initial peers
-    (:func:`~swarm.network.startup.await_ready`). On success the multiaddrs others can join with are written to
-    ``WORKDIR/peer_addr.txt``.
+    (:func:`~swarm.network.startup.await_ready`). A host address with TCP port 0 listens on the port kept in the
+    work directory (:func:`~swarm.network.ports.stable_host_maddrs`), so the join address survives restarts. On
+    success the multiaddrs others can join with are written to ``WORKDIR/peer_addr.txt``.
 
     :raises UserError: one line naming the addresses tried, when none of the initial peers answered (or the reason
         the node could not start, without initial peers)
@@ -130,11 +132,20 @@ def start_dht(
             SwarmRecordValidator(run_id, record_bounds, averager_prefix, local_peer_id=str(identity.peer_id))
         )
     delay = network.bootstrap_backoff
+    requested = network
+    network = network.model_copy(update=dict(host_maddrs=stable_host_maddrs(network.host_maddrs, workdir)))
     for attempt in range(1, attempts + 1):
         try:
-            dht = _start_node(network, identity, validators)
+            try:
+                dht = _start_node(network, identity, validators)
+            finally:
+                release_ports()
             break
         except Exception as error:  # p2pd reports an unreachable bootstrap peer as a generic daemon error
+            if network.host_maddrs != requested.host_maddrs and "address already in use" in str(error).lower():
+                logger.warning(f"the kept port is in use after all: listening on a random port ({_last_line(error)})")
+                network = requested
+                continue
             # a lone node that failed for a reason of its own (a port in use) would fail the same way again
             retry = bool(network.initial_peers) or isinstance(error, StartStalled)
             reason = _last_line(error)[:200]

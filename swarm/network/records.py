@@ -63,6 +63,7 @@ class PeerStatus(BaseModel):
     reward: float | None = None  # mean reward of its last round
     client_mode: bool = False
     left: bool = False  # its last word: it has left the swarm, so nobody waits for it, averages with it or loads from it
+    fingerprint: str = Field("", max_length=16)  # of its shared settings (swarm/shared_settings.py)
 
 
 def peer_id_from_public_key(public_key: RSAPublicKey) -> PeerID:

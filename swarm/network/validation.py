@@ -23,6 +23,8 @@ key                                subkey                         value
 ``<run>.rollouts``                 ``<epoch>:[owner:K]``          ``{"bundle": bytes, "signature": bytes}``
 ``<avg>.0b<bits>`` (matchmaking)   a peer id's bytes              a bool (hivemind: looking for a group or not)
 ``<avg>.all_averagers``            a peer id's bytes              a number or None (hivemind: state-sharing priority)
+``swarm.runs``                     ``[owner:K]``                  a :class:`~swarm.network.run_records.RunAnnouncement`
+                                                                  whose ``peer_id`` is K's (any run's)
 =================================  =============================  ==================================================
 
 For each of these the value must be valid msgpack within a per-key size, and the expiration finite and at most
@@ -67,6 +69,7 @@ from swarm.network.records import (
     verify_entry,
 )
 from swarm.network.rollout_records import MAX_STORED_BYTES, rollouts_key
+from swarm.network.run_records import MAX_ANNOUNCEMENT_BYTES, RUNS_KEY, RunAnnouncement
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +256,8 @@ class SwarmRecordValidator(RecordValidatorBase):
             rollouts_key(run_id): _Spec("rollout bundle", MAX_STORED_BYTES, bounds.rollouts, rollout),
             f"{averager_prefix}.all_averagers": _Spec("averager state declaration", MAX_AVERAGER_BYTES,
                                                      bounds.averager_state, averager_state),
+            RUNS_KEY: _Spec("run announcement", MAX_ANNOUNCEMENT_BYTES, bounds.status,
+                            owned_model(RunAnnouncement, "peer_id", learn=False)),
         }
         for length in range(MAX_GROUP_BITS + 1):
             for index in range(2**length):

@@ -27,8 +27,10 @@ from swarm.network.compression import make_compression
 from swarm.network.dht import start_dht
 from swarm.network.reachability import resolve_client_mode
 from swarm.network.records import PeerStatus, StatusBoard
+from swarm.network.run_records import RunAnnouncement, RunBoard
 from swarm.network.startup import StartStalled, start_retrying
 from swarm.network.validation import RecordBounds
+from swarm.shared_settings import fingerprint, shared_settings
 from swarm.training.state import TrainingState
 from swarm.training.trust import Trust
 
@@ -74,6 +76,9 @@ class SwarmPeer:
         self.last_reward: float | None = None
         self.ready_epoch = -1
         self.banned: frozenset[str] = frozenset()  # peers this peer refuses to wait for, average with or load from
+        self.settings = shared_settings(config)
+        self.fingerprint = fingerprint(self.settings)
+        self.foreign: set[str] = set()  # peers of this run id announcing other shared settings: never counted
         self.dht = self.board = self.averager = None
         self._stop = threading.Event()
         self._publish_failures = 0
@@ -96,6 +101,7 @@ class SwarmPeer:
         self.dht = start_dht(self.config.network, self.identity, self.config.workdir, run_id=self.config.run_id,
                              record_bounds=RecordBounds.from_config(self.config))
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
+        self.runs = RunBoard(self.dht, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
         # hivemind ignores SIGINT in this process before forking the averager and never restores it: keep Ctrl+C
         sigint_handler = signal.getsignal(signal.SIGINT)
@@ -173,6 +179,7 @@ class SwarmPeer:
             samples=self.samples,
             reward=self.last_reward,
             client_mode=self.config.network.client_mode,
+            fingerprint=self.fingerprint,
         )
 
     def _announce_leaving(self) -> None:
@@ -188,6 +195,11 @@ class SwarmPeer:
             logger.warning(f"Could not publish status: {error!r}")
             stored = False
         self._publish_failures = 0 if stored else self._publish_failures + 1
+        try:  # what a joiner reads to land in this run (swarm/network/run_records.py)
+            self.runs.publish(RunAnnouncement(peer_id=self.peer_id, run_id=self.config.run_id,
+                                              fingerprint=self.fingerprint, settings=self.settings))
+        except Exception as error:
+            logger.debug(f"Could not announce the run: {error!r}")
 
     def check_alive(self) -> None:
         """:raises UserError: if this peer has lost its DHT node (e.g. its p2p daemon was killed)."""
@@ -214,6 +226,17 @@ class SwarmPeer:
         for peer_id in self.banned:
             fresh.pop(peer_id, None)
             self._seen.pop(peer_id, None)
+        for peer_id, status in list(fresh.items()):
+            if status.fingerprint != self.fingerprint:
+                fresh.pop(peer_id)
+                self._seen.pop(peer_id, None)
+                if peer_id not in self.foreign:
+                    self.foreign.add(peer_id)
+                    logger.warning(f"{status.name} ({peer_id}) is in run {self.config.run_id!r} with other shared "
+                                   f"settings (fingerprint {status.fingerprint or 'none'}, this peer's "
+                                   f"{self.fingerprint}): not averaged with; `swarm doctor --join` with its "
+                                   f"address names the differences")
+                    self._update_averager_bans()
         now = time.monotonic()
         for peer_id, status in fresh.items():
             if status.left:
@@ -231,8 +254,11 @@ class SwarmPeer:
         if banned == self.banned:
             return
         self.banned = banned
+        self._update_averager_bans()
+
+    def _update_averager_bans(self) -> None:
         if self.averager is not None:
-            self.averager.set_banned(sorted(banned))
+            self.averager.set_banned(sorted(self.banned | self.foreign))
 
     def swarm_view(self) -> tuple[int, int]:
         """(peers online, samples contributed swarm-wide) from the statuses last read — no DHT round trip."""

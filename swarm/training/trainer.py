@@ -38,7 +38,7 @@ from swarm.ledger.balances import Balance
 from swarm.ledger.config import LEDGER_FILE
 from swarm.ledger.recorder import LedgerRecorder
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
-from swarm.network.dht import check_multiaddrs
+from swarm.network.dht import PEER_ADDR_FILE, check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
 from swarm.network.storage import install_sweeper, run_windows
 from swarm.recipe import Recipe, load_recipe
@@ -237,7 +237,8 @@ class SwarmTrainer:
         try:
             addresses = [str(addr) for addr in self.peer.dht.get_visible_maddrs()]
             logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
-            logger.info(f"Others join with: swarm run --join {addresses[0] if addresses else '?'}")
+            logger.info(f"Others join with: ./launch.sh --join {addresses[0] if addresses else '?'} (also in "
+                        f"{self.workdir / PEER_ADDR_FILE}; the port stays the same across restarts)")
             self._emit("on_start")
             if self.expected_peers > 1:
                 self._emit("on_phase", f"waiting for {self.expected_peers} peers")

@@ -1,0 +1,99 @@
+"""Which run a peer is in, and with what shared settings, under one key that every swarm peer reads: ``swarm.runs``.
+
+A joiner does not know the run id of the swarm it was pointed at (that is the point: a second hobbyist's
+``./launch.sh --join ADDR`` must land in the first one's run). Every peer therefore announces, signed under its own
+key, a :class:`RunAnnouncement`: its run id, its :func:`~swarm.shared_settings.shared_settings` and their
+fingerprint. :func:`discover` reads the announcements of the initial peers a joiner was given (their ids are in the
+multiaddrs) through a short-lived client node, before the peer's own node starts under the run it settles on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+from pydantic import BaseModel, ConfigDict, Field
+
+from swarm.identity import Identity
+from swarm.network.records import bounded_store, owned_records
+
+logger = logging.getLogger(__name__)
+
+RUNS_KEY = "swarm.runs"
+MAX_ANNOUNCEMENT_BYTES = 16384  # the shared settings with a recipe's options
+
+
+class RunAnnouncement(BaseModel):
+    """What a peer announces about the run it is in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    peer_id: str = Field(max_length=128)
+    run_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$")
+    settings: dict[str, Any]
+
+
+class RunBoard:
+    """Publishes this peer's :class:`RunAnnouncement` and reads everybody's under :data:`RUNS_KEY`."""
+
+    def __init__(self, dht: hivemind.DHT, identity: Identity, ttl: float):
+        self.dht, self.ttl = dht, ttl
+        self.subkey = RSASignatureValidator(identity.private_key).local_public_key
+
+    def publish(self, announcement: RunAnnouncement) -> bool:
+        return bounded_store(self.dht, RUNS_KEY, announcement.model_dump(), get_dht_time() + self.ttl,
+                             subkey=self.subkey)
+
+
+
+def fetch_announcements(dht: hivemind.DHT) -> dict[str, RunAnnouncement]:
+    """Every peer's announcement by peer id; malformed and forged ones are dropped."""
+    return {found.peer_id: found for found in owned_records(dht, RUNS_KEY, RunAnnouncement, "peer_id")}
+
+
+def peer_ids_of(addresses: list[str]) -> list[str]:
+    """The peer ids named by ``/p2p/`` in ``addresses`` (in order, without repeats)."""
+    ids: list[str] = []
+    for address in addresses:
+        try:
+            peer_id = Multiaddr(address).value_for_protocol("p2p")
+        except Exception:
+            continue
+        if peer_id and peer_id not in ids:
+            ids.append(peer_id)
+    return ids
+
+
+def discover(initial_peers: list[str], timeout: float = 15.0) -> RunAnnouncement | None:
+    """The announcement of the first of ``initial_peers`` that answers with one within ``timeout`` seconds, read
+    through a throwaway client node (its own random key, nothing stored); None when none does (an older peer, or
+    nobody reachable: the peer's own start then says which)."""
+    from swarm.network.validation import SwarmRecordValidator
+
+    wanted = peer_ids_of(initial_peers)
+    if not wanted:
+        return None
+    deadline = time.monotonic() + timeout
+    try:
+        probe = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True,
+                             record_validators=[RSASignatureValidator(), SwarmRecordValidator("swarm-probe")])
+    except Exception as error:
+        logger.debug(f"Could not start a node to read the swarm's settings: {error!r}")
+        return None
+    try:
+        while True:
+            found = fetch_announcements(probe)
+            for peer_id in wanted:
+                if peer_id in found:
+                    return found[peer_id]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+    finally:
+        probe.shutdown()
