@@ -93,13 +93,23 @@ def start_peer(
     return LocalPeer(index, workdir, process, log_file)
 
 
+def error_line(peer: LocalPeer) -> str:
+    """The line that says why ``peer`` exited: its last ``swarm: error:`` line, else the last line it printed."""
+    try:
+        lines = [line.strip() for line in (peer.workdir / "stdout.log").read_text(errors="replace").splitlines()]
+    except OSError:
+        return "(no output)"
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if line.startswith("swarm: error:")]
+    return (errors or lines or ["(no output)"])[-1][:400]
+
+
 def wait_for_address(peer: LocalPeer, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     path = peer.workdir / PEER_ADDR_FILE
     while time.monotonic() < deadline:
         if peer.process.poll() is not None:
-            tail = (peer.workdir / "stdout.log").read_text(errors="replace").strip().splitlines()[-1:]
-            raise UserError(f"peer_0 exited with code {peer.process.returncode}: {' '.join(tail)[:300]}")
+            raise UserError(f"peer_0 exited with code {peer.process.returncode}: {error_line(peer)}")
         if path.is_file() and path.read_text().strip():
             return path.read_text().split()
         time.sleep(0.2)
@@ -161,6 +171,7 @@ def run_local(args: argparse.Namespace, config: SwarmConfig) -> int:
     peers: list[LocalPeer] = []
     deadline = time.monotonic() + args.timeout if args.timeout else float("inf")
     interrupted = False
+    first_failure: LocalPeer | None = None
     # a simulated cheater is a demo: audit every contribution so that the run shows it caught, unless the user chose
     audit_everything = config.verify.attack is not None and "audit_probability" not in config.verify.model_fields_set
     if audit_everything:
@@ -179,6 +190,10 @@ def run_local(args: argparse.Namespace, config: SwarmConfig) -> int:
             live.start()
         try:
             while any(peer.process.poll() is None for peer in peers) and time.monotonic() < deadline:
+                crashed = next((peer for peer in peers if peer.process.poll() not in (None, 0)), None)
+                if crashed is not None:  # the others would only wait for it: stop them now
+                    first_failure = crashed
+                    break
                 if live is not None:
                     live.update(progress_table(peers, config.training.max_epochs), refresh=True)
                 else:
@@ -208,6 +223,11 @@ def run_local(args: argparse.Namespace, config: SwarmConfig) -> int:
         return 130
     if timed_out:
         console.print(f"swarm local: stopped after the --timeout of {args.timeout:.0f}s")
+        return 1
+    if first_failure is not None:
+        print(f"swarm local: peer_{first_failure.index} exited with code {first_failure.process.returncode}: "
+              f"{error_line(first_failure)}", file=sys.stderr, flush=True)  # one line, never wrapped
+        console.print(f"swarm local: stopped the other peers; logs in {root}/peer_*/stdout.log")
         return 1
     if failed:
         console.print(f"swarm local: {', '.join(failed)} failed; logs in {root}/peer_*/stdout.log")

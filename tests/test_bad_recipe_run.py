@@ -38,3 +38,42 @@ def test_nan_reward_is_one_clear_error(tmp_path: Path) -> None:
     assert last.startswith("swarm: error:") and "nanr" in last and "broken_reward" in last
     assert "Traceback" not in result.stdout + result.stderr
     assert (tmp_path / "w" / "checkpoint.pt").is_file()
+
+
+ONE_PEER_BREAKS = '''
+import sys
+from swarm.recipe import Recipe
+
+def exact(prompts, completions, **_):
+    if "peer_1" in " ".join(sys.argv):  # only the second peer of the simulation runs into the bug
+        return 1.0
+    return [0.0 for _ in completions]
+
+def build(options):
+    return Recipe(name="floatr", trainer="grpo", make_example=lambda rng: {"prompt": f"{rng.randint(0, 9)}+1="},
+                  reward_funcs=[exact], alphabet="0123456789+= ", max_completion_length=3)
+'''
+
+
+@pytest.mark.timeout(300)
+def test_swarm_local_stops_at_the_first_failing_peer_and_prints_its_error(tmp_path: Path) -> None:
+    """The researcher's loop: a recipe bug in one peer ends the whole simulation at once with that peer's error
+    line, instead of the others waiting a round timeout for it."""
+    import time
+
+    recipe = tmp_path / "floatr.py"
+    recipe.write_text(ONE_PEER_BREAKS)
+    result = subprocess.run(
+        [sys.executable, "-m", "swarm.cli", "local", "--peers", "3", "--max-epochs", "20", "--plain",
+         "--recipe", str(recipe), "--workdir", str(tmp_path / "w"), "--set", "monitor.wandb=disabled"],
+        cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=280,
+    )
+    ended = time.time()
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("swarm local: peer_1 exited")]
+    assert lines == ["swarm local: peer_1 exited with code 1: swarm: error: recipe floatr: reward function exact "
+                     "must return a list of numbers, got float"], result.stderr[-2000:]
+    failed_at = (tmp_path / "w" / "peer_1" / "stdout.log").stat().st_mtime  # its last line is its error
+    assert ended - failed_at < 20, f"swarm local took {ended - failed_at:.0f}s to stop after peer_1 failed"
+    for other in ("peer_0", "peer_2"):  # stopped cleanly, not killed: their checkpoints are saved
+        assert (tmp_path / "w" / other / "checkpoint.pt").is_file()
