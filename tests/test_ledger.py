@@ -371,3 +371,24 @@ def test_cli_balance_show_export_and_proof(tmp_path: Path, keys):
     with pytest.raises(UserError, match="has no balance"):
         _ledger_cli("proof", "nobody", "--db", str(path))
     assert credits(-1_500_000) == "-1.500000"
+
+
+def test_copies_with_the_same_entries_agree_on_what_is_final_whatever_epoch_each_saw(tmp_path: Path, keys):
+    """Finality is counted in the ledger's own epochs: a copy whose peer saw a later swarm epoch (its recorder noted
+    epoch 40) shows the same final/provisional split as one that stopped earlier."""
+    alice, bob, _ = keys
+    copies = []
+    for name, seen_epoch in (("early", 3), ("late", 40)):
+        with LedgerStore(tmp_path / f"{name}.db") as store:
+            work = commit(alice, 0, 0, samples=5)
+            credit(store, alice, 0, 0, samples=5)
+            credit(store, bob, 0, 1, attests=(work.digest(),))
+            credit(store, bob, 4, 4, samples=3, attests=(commit(alice, 4, 4, samples=3).digest(),))
+            credit(store, alice, 4, 4, samples=3, attests=(commit(bob, 4, 4, samples=3).digest(),))
+            store.set_meta("epoch", str(seen_epoch))
+        code, shown = _ledger_cli("balance", "--json", "--db", str(tmp_path / f"{name}.db"))
+        assert code == 0
+        copies.append(json.loads(shown))
+    assert copies[0] == copies[1]
+    mine = copies[0][str(alice.peer_id)]
+    assert mine["final"] == 5 * MICRO and mine["provisional"] == 3 * MICRO  # the epoch-4 work is still in its window

@@ -12,7 +12,8 @@ The rules (all amounts in micro-credits, 1 credit = 1_000_000):
   itself (or have an audit or a slash counted) for a contribution that does not exist.
 * **Contribution** (written by S itself, epoch e, ``samples`` n, commitment c, attested): S earns
   ``n × credit_per_sample``. It is *provisional* while ``current_epoch < e + provisional_epochs`` (the audit window
-  is open) and *final* afterwards.
+  is open) and *final* afterwards; ``current_epoch`` is by default the ledger's own clock, the latest epoch of its
+  entries (:func:`ledger_epoch`), so copies holding the same entries agree on what is final.
 * **Audit** (author A of an attested commitment, epoch e): the auditor A earns ``audit_credit``, provisional/final
   like a contribution; once per (auditor, commitment).
 * **Slash** (subject S, attested commitment c, ``samples`` n of the failed contribution): counts once at least
@@ -111,9 +112,19 @@ def _well_formed(entry: LedgerEntry) -> bool:
     return (entry.author == entry.subject) == (entry.kind == "contribution")
 
 
-def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int) -> dict[str, Balance]:
-    """Every peer's :class:`Balance` (keys sorted by peer id) under ``rules`` at ``current_epoch``; see the module
-    docstring for the rules. A pure function of the *set* of entries."""
+def ledger_epoch(entries: Iterable[LedgerEntry]) -> int:
+    """The ledger's own clock: the latest epoch any well-formed entry records (0 for none). Copies holding the same
+    entries agree on it, and so on what is final — a copy's local view of the swarm's epoch would not."""
+    return max((entry.epoch for entry in entries if _well_formed(entry)), default=0)
+
+
+def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | None = None) -> dict[str, Balance]:
+    """Every peer's :class:`Balance` (keys sorted by peer id) under ``rules`` at ``current_epoch`` (default: the
+    ledger's own clock, :func:`ledger_epoch`); see the module docstring for the rules. A pure function of the *set*
+    of entries (and ``current_epoch``)."""
+    entries = list(entries)
+    if current_epoch is None:
+        current_epoch = ledger_epoch(entries)
     everything = sorted({entry for entry in entries if _well_formed(entry)}, key=lambda e: e.hash)
     attested: dict[tuple[int, str], set[str]] = {}  # (epoch, commitment) -> the peers that attested it
     slashers: dict[tuple[str, str], set[str]] = {}

@@ -80,12 +80,12 @@ def credits(micro: int) -> str:
     return f"{'-' if micro < 0 else ''}{whole}.{fraction:06d}"
 
 
-def _current(store: LedgerStore, store_entries: list[LedgerEntry], epoch: int | None) -> int:
-    """``epoch``, or the latest the recorder reported (the latest entry's if it never did)."""
-    if epoch is not None:
-        return epoch
-    recorded = int(store.get_meta("epoch") or 0)
-    return max([recorded, *(e.epoch for e in store_entries)])
+def _current(store_entries: list[LedgerEntry], epoch: int | None) -> int:
+    """``epoch``, or the ledger's own clock (:func:`~swarm.ledger.balances.ledger_epoch`): every copy holding the
+    same entries then shows the same final and provisional balances."""
+    from swarm.ledger.balances import ledger_epoch
+
+    return epoch if epoch is not None else ledger_epoch(store_entries)
 
 
 def _resolve(peer: str, known: list[str]) -> str:
@@ -104,7 +104,7 @@ def _balances(store: LedgerStore, epoch: int | None):
     from swarm.ledger.balances import balances
 
     entries = store.entries()
-    return balances(entries, store.rules(), _current(store, entries, epoch))
+    return balances(entries, store.rules(), _current(entries, epoch))
 
 
 def _balance(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
@@ -189,7 +189,7 @@ def _proof(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
     tree = MerkleTree(table)
     document = {
         "peer": peer, "final": table[peer].final, "provisional": table[peer].provisional,
-        "epoch": _current(store, store.entries(), args.epoch), "root": tree.root,
+        "epoch": _current(store.entries(), args.epoch), "root": tree.root,
         "leaf": tree.leaf(peer).decode(), "proof": [list(step) for step in tree.proof(peer)],
     }
     print(json.dumps(document, indent=2), file=out)

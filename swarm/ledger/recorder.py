@@ -413,10 +413,11 @@ class LedgerRecorder(VerificationObserver):
 
     # ---- reading ------------------------------------------------------------------------------------------------
     def balances(self, current_epoch: int | None = None) -> dict[str, Balance]:
-        """Balances of this peer's copy at ``current_epoch`` (default: the latest epoch verification reported)."""
+        """Balances of this peer's copy at ``current_epoch`` (default: the ledger's own clock, so that copies holding
+        the same entries show the same split between final and provisional)."""
         store = self._store or LedgerStore(self.path)
         try:
-            return balances(store.entries(), self.rules, self.epoch if current_epoch is None else current_epoch)
+            return balances(store.entries(), self.rules, current_epoch)
         finally:
             if store is not self._store:
                 store.close()
