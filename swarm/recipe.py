@@ -94,6 +94,24 @@ class Recipe:
             except (TypeError, ValueError) as error:
                 raise UserError(f"{where}: field {key!r} is not JSON-serialisable ({error})") from None
 
+    def check_encodable(self, tokenizer: Any, rows: list[dict[str, Any]], epoch: int = 0) -> None:
+        """Every character of the rows' text fields survives ``tokenizer`` (encode, then decode): a character the
+        tokenizer cannot encode would silently become padding and be trained on.
+
+        :raises UserError: naming the recipe, the row and the characters
+        """
+        for index, row in enumerate(rows):
+            for part in ("prompt", "completion"):
+                text = row.get(part)
+                if not isinstance(text, str) or not text:
+                    continue
+                decoded = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True)
+                missing = sorted(set(text) - set(decoded) - set(" \t\n"))  # tokenizers may normalise whitespace
+                if missing:
+                    hint = " (add them to the recipe's alphabet)" if self.alphabet is not None else ""
+                    raise UserError(f"recipe {self.name}: row {index} of epoch {epoch}: the {part} has characters "
+                                    f"the tokenizer cannot encode: {', '.join(map(repr, missing))}{hint}")
+
     def checked_reward_funcs(self) -> list[Any]:
         """The reward functions, each wrapped so that bad output stops training with one clear line.
 

@@ -77,3 +77,29 @@ def test_swarm_local_stops_at_the_first_failing_peer_and_prints_its_error(tmp_pa
     assert ended - failed_at < 20, f"swarm local took {ended - failed_at:.0f}s to stop after peer_1 failed"
     for other in ("peer_0", "peer_2"):  # stopped cleanly, not killed: their checkpoints are saved
         assert (tmp_path / "w" / other / "checkpoint.pt").is_file()
+
+
+ACCENTED = '''
+from swarm.recipe import Recipe
+
+def build(options):
+    return Recipe(name="accents", trainer="grpo", alphabet="0123456789+= ",
+                  make_example=lambda rng: {"prompt": f"{rng.randint(0, 9)}+1=é"},
+                  reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)], max_completion_length=3)
+'''
+
+
+@pytest.mark.timeout(200)
+def test_prompt_characters_the_tokenizer_cannot_encode_fail_at_start_naming_them(tmp_path: Path) -> None:
+    recipe = tmp_path / "accents.py"
+    recipe.write_text(ACCENTED)
+    result = subprocess.run(
+        [sys.executable, "-m", "swarm.cli", "run", "--plain", "--recipe", str(recipe), "--max-epochs", "2",
+         "--workdir", str(tmp_path / "w"), "--set", "monitor.wandb=disabled"],
+        cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last == ("swarm: error: recipe accents: row 0 of epoch 0: the prompt has characters the tokenizer cannot "
+                    "encode: 'é' (add them to the recipe's alphabet)"), result.stderr[-2000:]
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()  # nothing was trained

@@ -143,6 +143,9 @@ class SwarmTrainer:
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
         )
+        # a prompt character the tokenizer cannot encode would silently train as padding: refuse it at start
+        self.recipe.check_encodable(self.tokenizer, self.recipe.assigned_rows(
+            config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round))
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.training.learning_rate,
