@@ -76,6 +76,9 @@ def config_from_args(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.recipe:
         overrides.append(f"recipe.name={args.recipe}")
+        if load_config(args.config, []).recipe.name != args.recipe:
+            # the config file's options are its own recipe's, not this one's (options set with --set still apply)
+            overrides.insert(0, "recipe.options={}")
     if args.max_epochs is not None:
         overrides.append(f"training.max_epochs={args.max_epochs}")
     if args.workdir is not None:

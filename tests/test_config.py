@@ -228,3 +228,19 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
 def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
     path = _write(tmp_path, "# nothing here\n")
     assert load_config(path, environ=NO_ENV) == SwarmConfig()
+
+
+def test_swarm_config_with_another_recipe_shows_that_recipes_options_not_the_files(capsys) -> None:
+    """configs/default.yaml holds the arithmetic recipe's options: another recipe starts from its own defaults
+    (what `swarm run --recipe` trains with too), and options set on the command line still apply."""
+    import yaml
+
+    from swarm.cli import main
+
+    assert main(["config", "--recipe", "arithmetic_sft"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["recipe"] == {"name": "arithmetic_sft", "options": {}}
+    assert main(["config", "--recipe", "arithmetic_sft", "--set", "recipe.options.max_operand=3"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["recipe"]["options"] == {"max_operand": 3}
+    assert main(["config", "--recipe", "arithmetic"]) == 0  # the file's own recipe keeps the file's options
+    assert yaml.safe_load(capsys.readouterr().out)["recipe"]["options"] == {"max_operand": 9, "operators": "+"}
