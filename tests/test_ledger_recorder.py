@@ -190,3 +190,17 @@ def test_rules_come_from_the_config():
     assert (rules.credit_per_sample, rules.slash_amount) == (MICRO // 2, 7 * MICRO)
     assert rules.provisional_epochs == 4 and rules.slash_quorum == 2  # the audit window; no single peer slashes
     assert LedgerConfig(provisional_epochs=0, slash_quorum=1).rules(config).slash_quorum == 1
+
+
+def test_an_empty_period_is_not_anchored_and_skipped_periods_are_not_rooted_later(recorders: list[LedgerRecorder]):
+    """A solo peer writes no entries: its periods are not anchored with an empty root. After an epoch jump only
+    the period that closed last is rooted, not the skipped ones with entries they never held."""
+    alice = recorders[0]
+    alice.on_epoch_end(4)  # periods 0 and 1 closed (anchor_every=2), nothing written
+    assert LedgerStore(alice.path).roots() == []
+    assert not (alice.path.parent / "ledger_roots.jsonl").exists()
+    round_of(recorders, 4)
+    alice.on_epoch_end(7)  # periods 2 (epochs 4-5) closed: it holds this round's entries
+    assert [period for period, *_ in LedgerStore(alice.path).roots()] == [2]
+    alice.on_epoch_end(9)  # period 3 closed with nothing new: no second root of the same entries
+    assert [period for period, *_ in LedgerStore(alice.path).roots()] == [2]

@@ -311,20 +311,25 @@ class LedgerRecorder(VerificationObserver):
         return found if found is not None and found.digest() == digest else None
 
     def _root_closed_periods(self, store: LedgerStore) -> None:
+        """Root (and anchor) the period that closed last, if entries arrived since the last root: an empty period
+        is not anchored, and periods skipped over (a jump in epochs, a peer offline) are not rooted afterwards
+        with entries that came later."""
         every = self.settings.anchor_every
-        rooted = {period for period, *_ in store.roots()}
-        for period in range(self.epoch // every):
-            if period in rooted:
-                continue
-            upto = store.max_id()
-            root = MerkleTree(balances(store.entries(upto), self.rules, self.epoch)).root
-            try:
-                ref = self.anchor.post(root, period)
-            except LedgerError as error:
-                logger.warning(f"ledger: period {period} not anchored: {error}")
-                continue
-            store.record_root(period, self.epoch, upto, root, ref)
-            logger.info(f"ledger: period {period} root {root[:16]} ({upto} entries) anchored at {ref or 'none'}")
+        roots = store.roots()
+        latest = self.epoch // every - 1
+        upto = store.max_id()
+        if latest < 0 or any(period >= latest for period, *_ in roots):
+            return
+        if upto <= max((rooted_upto for _, _, rooted_upto, _, _ in roots), default=0):
+            return  # nothing new since the last root
+        root = MerkleTree(balances(store.entries(upto), self.rules, self.epoch)).root
+        try:
+            ref = self.anchor.post(root, latest)
+        except LedgerError as error:
+            logger.warning(f"ledger: period {latest} not anchored: {error}")
+            return
+        store.record_root(latest, self.epoch, upto, root, ref)
+        logger.info(f"ledger: period {latest} root {root[:16]} ({upto} entries) anchored at {ref or 'none'}")
 
     # ---- replication --------------------------------------------------------------------------------------------
     def sync(self, store: LedgerStore) -> None:
