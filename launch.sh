@@ -3,7 +3,7 @@
 #
 #   ./launch.sh                  detect the hardware, pick a tier config, start a peer (swarm run --tier auto)
 #   ./launch.sh test [ARGS...]   ruff + pytest
-#   ./launch.sh SUBCOMMAND ...   any swarm subcommand (run, local, ledger, recipe, doctor, config)
+#   ./launch.sh SUBCOMMAND ...   any swarm subcommand (run, local, ledger, recipe, doctor, config, export)
 #   ./launch.sh ARGS...          anything else is passed to `swarm run ARGS...`
 #
 # Environment:
@@ -16,7 +16,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${SWARM_VENV:-$SCRIPT_DIR/.venv}"
 TORCH_SPEC="${SWARM_TORCH_SPEC:-torch==2.13.0}"
 STAMP="$VENV/.swarm-install-stamp"
-SWARM_SUBCOMMANDS=(run local ledger recipe doctor config)
+SWARM_SUBCOMMANDS=(run local ledger recipe doctor config export)
 
 log() { echo "launch.sh: $*" >&2; }
 die() {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from swarm.doctor import add_doctor_parser, run_doctor
 from swarm.errors import UserError
+from swarm.export import add_export_parser, run_export
 from swarm.ledger.cli import add_ledger_parser, run_ledger
 from swarm.recipe_cli import add_recipe_parser, run_recipe
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ledger_parser(commands)
     add_doctor_parser(commands)
     add_recipe_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -278,7 +280,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor, recipe=run_recipe)
+    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor, recipe=run_recipe,
+                    export=run_export)
     try:
         return handlers[args.command](args)
     except UserError as error:

@@ -170,6 +170,10 @@ class MonitorConfig(_Section):
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
     wandb_project: str = "swarm"
     wandb_entity: str | None = None
+    completions_every: int = Field(10, gt=0)  # epochs between two logs of sample completions
+    completions_samples: int = Field(8, ge=0)  # rollouts per log (WORKDIR/completions.jsonl, W&B table); 0: none
+    eval_every: int = Field(20, ge=0)  # epochs between two held-out evaluations (and one at the end); 0: none
+    eval_rows: int = Field(32, gt=0)  # held-out rows per evaluation (swarm/training/evaluation.py)
 
 
 class SwarmConfig(_Section):

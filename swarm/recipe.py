@@ -41,6 +41,8 @@ class Recipe:
     :param reward_funcs: TRL reward functions ``f(prompts, completions, **row_fields) -> list[float]``
     :param alphabet: characters of the offline tiny model's tokenizer; None: printable ASCII
     :param max_completion_length: default completion length in tokens (``training.max_completion_length``)
+    :param eval_examples: held-out rows for the evaluation (``monitor.eval_every``); None: rows of
+      ``make_example`` drawn from seeds training never uses (:meth:`eval_rows`)
     """
 
     name: str
@@ -50,6 +52,7 @@ class Recipe:
     alphabet: str | None = None
     max_completion_length: int = 16
     metadata: dict[str, Any] = field(default_factory=dict)
+    eval_examples: Sequence[dict[str, Any]] | None = None
 
     def tokenizer_alphabet(self) -> str:
         return self.alphabet if self.alphabet is not None else string.printable
@@ -93,6 +96,20 @@ class Recipe:
                 json.dumps(value)
             except (TypeError, ValueError) as error:
                 raise UserError(f"{where}: field {key!r} is not JSON-serialisable ({error})") from None
+
+    def eval_rows(self, count: int) -> list[dict[str, Any]]:
+        """The held-out rows: the recipe's ``eval_examples`` (up to ``count``), else ``count`` rows of its
+        generator from a seed space of their own — the same on every peer, never an assigned training row's seed
+        (a small task space still repeats prompts: the rows are held out, not necessarily unseen).
+
+        :raises UserError: naming the recipe and the row when a row is malformed
+        """
+        if self.eval_examples is not None:
+            rows = [dict(row) for row in list(self.eval_examples)[:count]]
+            for index, row in enumerate(rows):
+                self._check_row(row, index)
+            return rows
+        return [self.assigned_row("eval", "held-out", 0, index) for index in range(count)]
 
     def check_encodable(self, tokenizer: Any, rows: list[dict[str, Any]], epoch: int = 0) -> None:
         """Every character of the rows' text fields survives ``tokenizer`` (encode, then decode): a character the

@@ -39,6 +39,7 @@ class DashboardState:
     audits: dict[str, int] | None = None  # verification figures (Verifier.figures()); None: verification off
     credit: str | None = None  # this peer's ledger balance, as text; None: ledger off
     sharing: dict[str, int] | None = None  # rollout sharing figures (RolloutSharing.figures()); None: sharing off
+    held_out: str | None = None  # the last held-out evaluation, as text; None: none yet
 
     def set_phase(self, phase: str) -> None:
         self.phase, self.phase_since = phase, time.monotonic()
@@ -67,6 +68,7 @@ def render(state: DashboardState) -> Table:
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
         *_audit_rows(state.audits),
         ("my credit", state.credit or "ledger off"),
+        ("held-out", state.held_out or "…"),
         *_sharing_rows(state.sharing),
     ]
     for key, value in rows:
@@ -127,6 +129,16 @@ class Dashboard:
         self._live.stop()
 
 
+def format_held_out(evaluation: dict) -> str:
+    """'epoch 20: greedy reward 0.612 · correct 0.410 · sampled reward 0.550'."""
+    figures = evaluation["figures"]
+    greedy = [f"{key.removeprefix('eval/greedy/')} {value:.3f}" for key, value in figures.items()
+              if key.startswith("eval/greedy/")]
+    sampled = figures.get("eval/sampled/reward")
+    text = f"epoch {evaluation['epoch']}: greedy " + " · ".join(greedy)
+    return text + (f" · sampled reward {sampled:.3f}" if sampled is not None else "")
+
+
 class DashboardCallback(SwarmCallback):
     """Feeds a :class:`DashboardState` from the trainer's hooks."""
 
@@ -136,6 +148,9 @@ class DashboardCallback(SwarmCallback):
     def on_phase(self, trainer, phase: str) -> None:
         self.state.epoch = trainer.peer.epoch
         self.state.set_phase(phase)
+
+    def on_eval(self, trainer, evaluation) -> None:
+        self.state.held_out = format_held_out(evaluation)
 
     def on_epoch_end(self, trainer, record) -> None:
         state = self.state
@@ -150,4 +165,6 @@ class DashboardCallback(SwarmCallback):
         state.audits = trainer.verifier.figures() if trainer.verifier is not None else None
         mine = trainer.credits().get(trainer.peer.peer_id) if trainer.ledger is not None else None
         state.credit = None if trainer.ledger is None else format_credit(mine)
+        if state.credit is not None and (mine is None or mine.total == 0) and record.group_size < 2:
+            state.credit += " (solo: nothing to audit, nothing credited)"
         state.sharing = trainer.sharing.figures() if trainer.sharing is not None else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "status.json"
+COMPLETIONS_FILE = "completions.jsonl"  # a few rollouts with their rewards every monitor.completions_every epochs
 METRICS_FILE = "metrics.jsonl"  # one JSON object per epoch: reward, loss, outcome, timings, bytes sent
 PEER_SUMMARY_FILE = "summary.json"
 

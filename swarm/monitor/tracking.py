@@ -79,14 +79,14 @@ class RunTracker:
             logger.warning(f"W&B logging failed, tracking disabled: {error}")
             self.run = None
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        """Log a ``wandb.Table`` (e.g. the swarm's credits table at the end of the run)."""
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        """Log a ``wandb.Table`` (e.g. the swarm's credits table at the end of the run), at ``step`` if given."""
         if self.run is None:
             return
         try:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, **({} if step is None else dict(step=step)))
         except Exception as error:
             logger.warning(f"W&B table logging failed: {error}")
 
@@ -124,6 +124,16 @@ class WandbCallback(SwarmCallback):
                  **sharing),
             record.epoch,
         )
+
+    def on_completions(self, trainer, samples) -> None:
+        names = sorted({name for sample in samples for name in sample["rewards"]})
+        rows = [[sample["epoch"], sample["prompt"], sample["completion"], sample["reward"],
+                 *(sample["rewards"].get(name) for name in names)] for sample in samples]
+        self.tracker.log_table("completions", ["epoch", "prompt", "completion", "reward", *names], rows,
+                               step=samples[0]["epoch"] if samples else None)
+
+    def on_eval(self, trainer, evaluation) -> None:
+        self.tracker.log(evaluation["figures"], evaluation["epoch"])
 
     def on_end(self, trainer) -> None:
         balances = trainer.credits()

@@ -22,5 +22,12 @@ class SwarmCallback:
     def on_epoch_end(self, trainer: SwarmTrainer, record: EpochRecord) -> None:
         """An epoch's round finished (see ``record.outcome``); ``trainer.peer`` holds the new state."""
 
+    def on_completions(self, trainer: SwarmTrainer, samples: list[dict]) -> None:
+        """A few of this epoch's rollouts, each ``{epoch, prompt, completion, reward, rewards: {function: value}}``
+        (every ``monitor.completions_every`` epochs)."""
+
+    def on_eval(self, trainer: SwarmTrainer, evaluation: dict) -> None:
+        """A held-out evaluation finished: ``{epoch, figures: {eval/...: value}, examples: [{prompt, completion}]}``."""
+
     def on_end(self, trainer: SwarmTrainer) -> None:
         """Training stopped (done, interrupted or failed); the checkpoint is saved."""

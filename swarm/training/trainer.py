@@ -37,7 +37,7 @@ from swarm.identity import Identity
 from swarm.ledger.balances import Balance
 from swarm.ledger.config import LEDGER_FILE
 from swarm.ledger.recorder import LedgerRecorder
-from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, write_json_atomic
+from swarm.monitor.summary import COMPLETIONS_FILE, METRICS_FILE, STATUS_FILE, write_json_atomic
 from swarm.network.dht import PEER_ADDR_FILE, check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
 from swarm.network.storage import install_sweeper, run_windows
@@ -45,9 +45,11 @@ from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import ExternalGroup, GroupLimits, RolloutSharing, contribution_sharing, external_count
 from swarm.training.callbacks import SwarmCallback
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from swarm.training.evaluation import evaluate
 from swarm.training.model import load_model_and_tokenizer
 from swarm.training.optimizer import SwarmOptimizer
 from swarm.training.peer import SwarmPeer
+from swarm.training.rollouts import reward_means, rollout_samples
 from swarm.training.state import TrainingState, param_checksum
 from swarm.training.strategies.sync import Outcome, RoundResult, SyncGradientAveraging
 from swarm.training.trust import Trust
@@ -77,14 +79,18 @@ class EpochRecord:
     sync_s: float = 0.0  # waiting for peers, averaging, stepping or downloading state
     audit_s: float = 0.0  # replaying other peers' contributions (verification)
     bytes_sent: int = 0  # all-reduce payload bytes this peer sent, failed attempts included
+    rewards: dict[str, float] = field(default_factory=dict)  # mean of each reward function over this peer's rollouts
 
     def as_summary(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
 
     def metrics(self) -> dict[str, Any]:
-        """Numeric figures for trackers (W&B): the outcome becomes one 0/1 flag per kind."""
-        figures = {key: value for key, value in vars(self).items() if key != "outcome" and value is not None}
+        """Numeric figures for trackers (W&B): the outcome becomes one 0/1 flag per kind, each reward function's
+        mean ``rewards/<function>/mean`` (TRL's name for it)."""
+        figures = {key: value for key, value in vars(self).items()
+                   if key not in ("outcome", "rewards") and value is not None}
         figures.update({f"round/{kind.value}": int(self.outcome == kind.value) for kind in Outcome})
+        figures.update({f"rewards/{name}/mean": value for name, value in self.rewards.items()})
         return figures
 
 
@@ -98,9 +104,10 @@ class PeerReport:
     samples: int
     param_checksum: str
     history: list[EpochRecord] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # the last held-out evaluation: epoch, figures, examples
 
     def as_summary(self) -> dict[str, Any]:
-        return dict(
+        summary = dict(
             name=self.name,
             peer_id=self.peer_id,
             epochs=self.epochs,
@@ -108,6 +115,9 @@ class PeerReport:
             param_checksum=self.param_checksum,
             history=[record.as_summary() for record in self.history],
         )
+        if self.evaluation is not None:
+            summary["eval"] = self.evaluation
+        return summary
 
 
 class SwarmTrainer:
@@ -153,6 +163,7 @@ class SwarmTrainer:
         )
         self.state = TrainingState(self.model, self.optimizer)
         self.history: dict[int, EpochRecord] = {}
+        self.evaluation: dict[str, Any] | None = None  # the last held-out evaluation (evaluate())
         self._stopping = threading.Event()
         # what is loaded so far lives as long as the peer: keep the collector (run after every TRL train() by
         # accelerate) from walking it each epoch, which cost more than a tiny model's whole step
@@ -269,7 +280,11 @@ class SwarmTrainer:
                     self.save_checkpoint()
                 self._write_status(record)
                 self._emit("on_epoch_end", record)
+                if config.monitor.eval_every and self.peer.epoch % config.monitor.eval_every == 0:
+                    self.evaluate()
             if not self._stopping.is_set():
+                if config.monitor.eval_every and (self.evaluation or {}).get("epoch") != self.peer.epoch:
+                    self.evaluate()  # the run summary ends with the final model's figures
                 if self.verifier is not None:
                     self._emit("on_phase", "finished: waiting for the last audits")
                     self.verifier.finish(self.peer.epoch, config.averaging.round_timeout)
@@ -334,6 +349,8 @@ class SwarmTrainer:
         if self.sharing is not None:
             status.update(self.sharing.figures())
         status.update(self.trust.figures())
+        if self.evaluation is not None:
+            status["eval"] = self.evaluation
         write_json_atomic(self.workdir / STATUS_FILE, status)
         with open(self.workdir / METRICS_FILE, "a") as metrics:
             metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
@@ -391,6 +408,8 @@ class SwarmTrainer:
         reward = logs[-1].get("reward") if logs else None
         loss = logs[-1].get("loss") if logs else None
         self.peer.last_reward = reward
+        rollouts = rollout_samples(trl_trainer, self.tokenizer) if self.trainer_kind == "grpo" else []
+        self._log_completions(epoch, rollouts)
         return EpochRecord(
             epoch=epoch,
             reward=None if reward is None else float(reward),
@@ -402,7 +421,23 @@ class SwarmTrainer:
             sync_s=round(sync_seconds, 4),
             audit_s=round(audit_seconds, 4),
             bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
+            rewards=reward_means(rollouts),
         )
+
+    def _log_completions(self, epoch: int, rollouts: list[dict[str, Any]]) -> None:
+        """Every ``monitor.completions_every`` epochs: a few of this epoch's rollouts with their rewards, appended
+        to ``WORKDIR/completions.jsonl`` and handed to the monitors (W&B logs them as a table, as TRL's
+        ``log_completions`` does)."""
+        monitor = self.config.monitor
+        if not rollouts or not monitor.completions_samples or epoch % monitor.completions_every:
+            return
+        group = self.config.training.num_generations  # one completion of each prompt first, then the next ones
+        spread = sorted(range(len(rollouts)), key=lambda index: (index % group, index // group))
+        picked = [dict(epoch=epoch, **rollouts[index]) for index in spread[: monitor.completions_samples]]
+        with open(self.workdir / COMPLETIONS_FILE, "a") as out:
+            for sample in picked:
+                out.write(json.dumps(sample) + "\n")
+        self._emit("on_completions", picked)
 
     def _grpo_epoch(self, epoch: int, local_rows: list[dict[str, Any]], seed: int, finish_round,
                     shared: Sequence[ExternalGroup] = ()):
@@ -517,6 +552,24 @@ class SwarmTrainer:
             logger.warning(f"Could not compute ledger balances: {type(error).__name__}: {error}")
             return {}
 
+    def evaluate(self) -> dict[str, Any] | None:
+        """Score the current model on the recipe's held-out rows, greedy and sampled (swarm/training/evaluation.py),
+        keep the result for the status file and the summary, and hand it to the monitors. None for a recipe without
+        reward functions (nothing to score with)."""
+        if not self.recipe.reward_funcs:
+            return None
+        self._emit("on_phase", f"evaluating epoch {self.peer.epoch} on held-out rows")
+        training = self.config.training
+        figures, examples = evaluate(
+            self.model, self.tokenizer, self.recipe, self.recipe.eval_rows(self.config.monitor.eval_rows),
+            training.max_completion_length or self.recipe.max_completion_length, training.temperature)
+        self.evaluation = dict(epoch=self.peer.epoch, figures=figures, examples=examples)
+        logger.info(f"{self.identity.name} held-out at epoch {self.peer.epoch}: "
+                    + ", ".join(f"{key.removeprefix('eval/')}={value:.3f}" for key, value in figures.items()
+                                if key != "eval/rows"))
+        self._emit("on_eval", self.evaluation)
+        return self.evaluation
+
     def report(self) -> PeerReport:
         return PeerReport(
             name=self.identity.name,
@@ -525,6 +578,7 @@ class SwarmTrainer:
             samples=self.peer.samples,
             param_checksum=param_checksum(self.model),
             history=[self.history[epoch] for epoch in sorted(self.history)],
+            evaluation=self.evaluation,
         )
 
 

@@ -1,0 +1,56 @@
+"""``swarm export``: the researcher takes the swarm's model out in Hugging Face format, and it answers like the
+model the peer evaluated (the run summary's held-out examples are its greedy answers at the last epoch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from swarm.recipe import load_recipe
+from tests.conftest import PROJECT_ROOT, clean_env
+
+
+def swarm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm.cli", *args], cwd=PROJECT_ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("lora", [0, 4])
+def test_an_exported_model_loads_with_from_pretrained_and_answers_like_the_trained_one(tmp_path: Path,
+                                                                                       lora: int) -> None:
+    workdir = tmp_path / "peer"
+    trained = swarm("run", "--plain", "--max-epochs", "2", "--workdir", str(workdir), "--set", "monitor.wandb=disabled",
+                    "--set", "training.prompts_per_round=4", "--set", f"model.lora_r={lora}",
+                    "--set", "training.learning_rate=0.05")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    held_out = json.loads((workdir / "summary.json").read_text())["peers"][0]["eval"]
+    assert held_out["epoch"] == 2 and held_out["figures"]["eval/rows"] == 32
+
+    exported = swarm("export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged into the base weights
+    length = load_recipe("arithmetic").max_completion_length  # what the held-out evaluation generated
+    for example in held_out["examples"]:
+        ids = tokenizer(example["prompt"], return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**ids, max_new_tokens=length, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert answer == example["completion"], example
+    if lora:
+        adapter = swarm("export", "--workdir", str(workdir), "--out", str(tmp_path / "adapter"), "--adapter")
+        assert adapter.returncode == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_exporting_a_directory_that_is_no_peers_fails_with_one_line(tmp_path: Path) -> None:
+    result = swarm("export", "--workdir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"swarm: error: {tmp_path / 'config.yaml'}: not found (is "
+                                                  f"{tmp_path} a peer's work directory?)"]
