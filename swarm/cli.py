@@ -227,8 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = join_swarm_settings(config, explicit_keys(args))
     console = Console(stderr=True)
     live = console.is_terminal and not (args.plain or args.quiet)
+    # under the live dashboard only warnings print above it; peer.log keeps every line
     setup_logging(config.log_level, Path(config.workdir) / "peer.log", console=console if live else None,
-                  quiet=args.quiet)
+                  quiet=args.quiet or live)
     _interrupt_on_sigint_and_sigterm()
     if args.exit_with_parent:
         _stop_when_parent_dies()
@@ -241,6 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = DashboardState(name=trainer.identity.name, run_id=config.run_id, epoch=trainer.peer.epoch)
         trainer.callbacks.append(DashboardCallback(state))
         dashboard = Dashboard(state, console).start()
+        _ON_INTERRUPT.insert(0, lambda: state.set_phase("stopping… (finishing the epoch's work, saving the checkpoint)"))
     interrupted = False
     try:
         report = trainer.train()
