@@ -51,3 +51,27 @@ def test_differences_name_each_dotted_key() -> None:
     found = differences(shared_settings(SwarmConfig()),
                         shared_settings(SwarmConfig(recipe=dict(name="count", options=dict(n=1)))))
     assert found == {"recipe.name": ("arithmetic", "count"), "recipe.options": ({}, {"n": 1})}
+
+
+def test_swarm_doctor_compares_this_peers_settings_with_the_swarms(monkeypatch) -> None:
+    """`swarm doctor --join` reads the initial peer's announcement (monkeypatched here; tests/test_joining.py reads
+    a real one) and names what differs: taken from the swarm, or refused where chosen on purpose."""
+    from swarm import doctor
+    from swarm.network import run_records
+    from swarm.network.run_records import RunAnnouncement
+
+    theirs = shared_settings(SwarmConfig(run_id="swarm-cpu"))
+    announcement = RunAnnouncement(peer_id="QmA", run_id="swarm-cpu", fingerprint=fingerprint(theirs),
+                                   settings=theirs)
+    monkeypatch.setattr(run_records, "discover", lambda peers, timeout: announcement)
+    joiner = SwarmConfig(network=dict(initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/QmA"]))
+    [taken] = doctor.check_swarm_settings(joiner, [], 1.0)
+    assert taken.status == doctor.OK and 'run_id: "swarm-default" here, "swarm-cpu" in the swarm' in taken.detail
+    [refused] = doctor.check_swarm_settings(joiner, ["run_id"], 1.0)
+    assert refused.status == doctor.FAIL and "run_id" in refused.detail
+    same = SwarmConfig(run_id="swarm-cpu", network=joiner.network)
+    [ok] = doctor.check_swarm_settings(same, [], 1.0)
+    assert ok.status == doctor.OK and "the same as the swarm's" in ok.detail
+    monkeypatch.setattr(run_records, "discover", lambda peers, timeout: None)
+    [unknown] = doctor.check_swarm_settings(joiner, [], 1.0)
+    assert unknown.status == doctor.WARN
