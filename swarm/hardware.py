@@ -405,18 +405,21 @@ def check_fits(
     hw: Hardware,
     training: TrainingConfig | None = None,
     batch_tokens: int | None = None,
+    row_tokens: int | None = None,
 ) -> None:
     """Refuse, before any download or allocation, a model that cannot train in this machine's memory.
 
     :param training: sizes the batch (``micro_batch_size`` or the whole round, ``max_completion_length``);
         default: 8 rows of 512 tokens
     :param batch_tokens: overrides the batch size derived from ``training``
+    :param row_tokens: (prompt + completion) tokens per row when known (the trainer measures its recipe's rows);
+        default: ``max_completion_length`` + 256, or 512
     :raises UserError: one line naming the model, the estimate and the memory available; also when
         ``model.load_in_4bit`` is set without CUDA or bitsandbytes. Unknown models pass with a logged warning.
     """
     if model_config.load_in_4bit:
         check_four_bit(hw)
-    tokens, generated = batch_tokens_for(training)
+    tokens, generated = batch_tokens_for(training, row_tokens)
     if batch_tokens is not None:
         tokens, generated = batch_tokens, max(batch_tokens, generated if training is not None else 0)
     sized = estimate_for(model_config, hw, tokens, generated)

@@ -179,3 +179,14 @@ def test_llama_style_config_count() -> None:
     assert count_parameters(config.to_dict()) == sum(param.numel() for param in model.parameters())
     with pytest.raises(ValueError, match="model_type"):
         Architecture.from_config({"model_type": "mixtral", "hidden_size": 64})
+
+
+def test_the_memory_check_sizes_rows_by_the_recipe_not_a_512_token_guess() -> None:
+    """A 34M-parameter tiny model with the arithmetic recipe (rows of ~20 tokens) trains in a few GiB; sized as
+    512-token rows it was refused on a machine with 8 GiB free ("needs about 20 GiB")."""
+    model = ModelConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=2048,
+                        max_positions=256)
+    machine = Hardware(cpu_count=2, total_ram=24 * GIB, available_ram=8 * GIB)
+    with pytest.raises(UserError, match="needs about"):
+        check_fits(model, machine, TrainingConfig())
+    check_fits(model, machine, TrainingConfig(), row_tokens=4 + 16)  # "9+9=" and the recipe's 16 tokens

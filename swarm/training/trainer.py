@@ -149,13 +149,18 @@ class SwarmTrainer:
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.identity = Identity.load_or_create(config.key_path)
-        check_fits(config.model, detect_hardware(), config.training)  # before anything is downloaded or allocated
+        # before anything is downloaded or allocated; rows sized by the recipe's own prompts (characters: at least
+        # as many as tokens for the tokenizers in use) and completion length, not a 512-token guess
+        first_rows = self.recipe.assigned_rows(config.run_id, str(self.identity.peer_id), 0,
+                                               config.training.prompts_per_round)
+        row_tokens = max(len(row["prompt"]) + len(row.get("completion") or "") for row in first_rows) + (
+            config.training.max_completion_length or self.recipe.max_completion_length)
+        check_fits(config.model, detect_hardware(), config.training, row_tokens=row_tokens)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
         )
         # a prompt character the tokenizer cannot encode would silently train as padding: refuse it at start
-        self.recipe.check_encodable(self.tokenizer, self.recipe.assigned_rows(
-            config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round))
+        self.recipe.check_encodable(self.tokenizer, first_rows)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.training.learning_rate,
