@@ -167,3 +167,17 @@ def test_a_restarted_peer_listens_on_the_same_address_and_moves_only_when_its_po
     assert f"/tcp/{kept}/" not in moved and int((tmp_path / "listen_port").read_text()) != kept
     assert any(f"port {kept}" in record.message and "give out the new address" in record.message
                for record in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_peer_in_the_same_work_directory_is_told_to_use_its_own(tmp_path: Path) -> None:
+    """Both peers would sign with one identity: the second one stops at once with the cause and the fix."""
+    identity = Identity.load_or_create(tmp_path / "identity.key")
+    first = start_dht(NetworkConfig(client_mode=False), identity, tmp_path)
+    try:
+        address = (tmp_path / "peer_addr.txt").read_text().split()[0]
+        with pytest.raises(UserError, match=r"the identity .*identity\.key is in use by a peer that is running .*"
+                                            r"--workdir DIR"):
+            start_dht(NetworkConfig(client_mode=False, initial_peers=[address]), identity, tmp_path / "second")
+    finally:
+        first.shutdown()

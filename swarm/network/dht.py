@@ -149,6 +149,10 @@ def start_dht(
             # a lone node that failed for a reason of its own (a port in use) would fail the same way again
             retry = bool(network.initial_peers) or isinstance(error, StartStalled)
             reason = _last_line(error)[:200]
+            if "already taken by another peer" in reason:  # hivemind's identity check: no retry changes that
+                raise UserError(f"the identity {identity.path} is in use by a peer that is running (two peers in one "
+                                f"work directory?): give this peer a work directory of its own with --workdir DIR",
+                                exit_code=2) from None
             if retry and attempt < attempts:
                 what = "join the swarm" if network.initial_peers else "start the DHT node"
                 logger.warning(f"Could not {what} (attempt {attempt}/{attempts}: {reason}), retrying in {delay:.1f}s")
