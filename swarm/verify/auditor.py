@@ -486,9 +486,11 @@ class Verifier:
             self._notify("on_final", assignment, False, list(by_auditor.values()), current_epoch)
 
     def _settled(self, epoch: int, current_epoch: int) -> bool:
-        """Whether the audits of ``epoch`` have had their time: ``TAKEOVER_AFTER_EPOCHS`` rounds, or
-        ``verify.fetch_timeout`` seconds of this peer's finishing."""
-        return current_epoch >= epoch + TAKEOVER_AFTER_EPOCHS or (
+        """Whether the audits of ``epoch`` have had their time: ``TAKEOVER_AFTER_EPOCHS`` rounds (fewer when the
+        audit window is shorter: they must be decided inside it), or ``verify.fetch_timeout`` seconds of this
+        peer's finishing."""
+        wait = min(TAKEOVER_AFTER_EPOCHS, self.verify.audit_window - 1)
+        return current_epoch >= epoch + wait or (
             self._finishing_since is not None
             and time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
 
