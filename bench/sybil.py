@@ -83,6 +83,7 @@ def run_swarm(root: Path, peers: int, epochs: int, sybils: int) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still kills the swarms it started
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)

@@ -54,3 +54,23 @@ def test_exporting_a_directory_that_is_no_peers_fails_with_one_line(tmp_path: Pa
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"swarm: error: {tmp_path / 'config.yaml'}: not found (is "
                                                   f"{tmp_path} a peer's work directory?)"]
+
+
+def test_the_held_out_evaluation_runs_once_per_epoch_of_progress() -> None:
+    """A skipped or failed round leaves the epoch (and the model) where it was: no second evaluation of it (seen in a
+    founding peer that retried epoch 0 for minutes, evaluating after every try)."""
+    from types import SimpleNamespace
+
+    from swarm.training.trainer import SwarmTrainer
+
+    trainer = SimpleNamespace(peer=SimpleNamespace(epoch=0), evaluation=None)
+    due = lambda: SwarmTrainer._evaluation_due(trainer, 5)  # noqa: E731
+    assert not due()  # nothing trained yet
+    trainer.peer.epoch = 5
+    assert due()
+    trainer.evaluation = dict(epoch=5)
+    assert not due()  # the round of epoch 5 was skipped: still epoch 5
+    trainer.peer.epoch = 7
+    assert not due()
+    trainer.peer.epoch = 10
+    assert due() and not SwarmTrainer._evaluation_due(trainer, 0)

@@ -285,7 +285,7 @@ class SwarmTrainer:
                     self.save_checkpoint()
                 self._write_status(record)
                 self._emit("on_epoch_end", record)
-                if config.monitor.eval_every and self.peer.epoch % config.monitor.eval_every == 0:
+                if self._evaluation_due(config.monitor.eval_every):
                     self.evaluate()
             if not self._stopping.is_set():
                 if config.monitor.eval_every and (self.evaluation or {}).get("epoch") != self.peer.epoch:
@@ -556,6 +556,12 @@ class SwarmTrainer:
         except Exception as error:  # a monitor asking must never stop training
             logger.warning(f"Could not compute ledger balances: {type(error).__name__}: {error}")
             return {}
+
+    def _evaluation_due(self, every: int) -> bool:
+        """Every ``every`` epochs of progress, once per epoch: a round that failed or was skipped leaves the epoch
+        where it was, and the model with it."""
+        epoch = self.peer.epoch
+        return bool(every) and epoch > 0 and epoch % every == 0 and (self.evaluation or {}).get("epoch") != epoch
 
     def evaluate(self) -> dict[str, Any] | None:
         """Score the current model on the recipe's held-out rows, greedy and sampled (swarm/training/evaluation.py),
