@@ -24,15 +24,20 @@ def build(options):
 '''
 
 
-@pytest.mark.timeout(200)
-def test_nan_reward_is_one_clear_error(tmp_path: Path) -> None:
-    recipe = tmp_path / "nanr.py"
-    recipe.write_text(NAN_RECIPE)
-    result = subprocess.run(
+def run_recipe(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess:
+    """``swarm run`` for 2 epochs on the recipe file ``name``.py holding ``source``, in ``tmp_path/w``."""
+    recipe = tmp_path / f"{name}.py"
+    recipe.write_text(source)
+    return subprocess.run(
         [sys.executable, "-m", "swarm.cli", "run", "--plain", "--recipe", str(recipe), "--max-epochs", "2",
          "--workdir", str(tmp_path / "w"), "--set", "monitor.wandb=disabled"],
         cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=180,
     )
+
+
+@pytest.mark.timeout(200)
+def test_nan_reward_is_one_clear_error(tmp_path: Path) -> None:
+    result = run_recipe(tmp_path, "nanr", NAN_RECIPE)
     assert result.returncode == 1
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("swarm: error:") and "nanr" in last and "broken_reward" in last
@@ -91,13 +96,7 @@ def build(options):
 
 @pytest.mark.timeout(200)
 def test_prompt_characters_the_tokenizer_cannot_encode_fail_at_start_naming_them(tmp_path: Path) -> None:
-    recipe = tmp_path / "accents.py"
-    recipe.write_text(ACCENTED)
-    result = subprocess.run(
-        [sys.executable, "-m", "swarm.cli", "run", "--plain", "--recipe", str(recipe), "--max-epochs", "2",
-         "--workdir", str(tmp_path / "w"), "--set", "monitor.wandb=disabled"],
-        cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=180,
-    )
+    result = run_recipe(tmp_path, "accents", ACCENTED)
     assert result.returncode == 1, result.stderr[-2000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert last == ("swarm: error: recipe accents: row 0 of epoch 0: the prompt has characters the tokenizer cannot "
