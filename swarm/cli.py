@@ -117,12 +117,12 @@ def join_swarm_settings(config, explicit: list[str]):
     :raises UserError: one line naming each explicitly chosen setting that differs from the swarm's
     """
     from swarm.network.run_records import discover
-    from swarm.shared_settings import describe, fingerprint, reconcile
+    from swarm.shared_settings import describe, reconcile
 
     if not config.network.initial_peers:
         return config
     found = discover(config.network.initial_peers, timeout=config.network.startup_timeout / 4)
-    if found is None or fingerprint(found.settings) != found.fingerprint:
+    if found is None:
         print("swarm: warning: no initial peer announced its swarm's settings; starting with this peer's own (peers "
               "with other settings do not average with it)", file=sys.stderr)
         return config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import hivemind
@@ -78,6 +79,20 @@ def _start_node(network: NetworkConfig, identity: Identity, validators: list[Rec
         start=False,
     )
     return start_in_background(dht, network.startup_timeout, what="DHT")
+
+
+def peer_ids_of(addresses: Iterable[str]) -> list[str]:
+    """The peer ids named by ``/p2p/<id>`` in multiaddrs, in order, without repeats (malformed ones are skipped:
+    the DHT start reports them)."""
+    ids: list[str] = []
+    for address in addresses:
+        try:
+            peer_id = Multiaddr(address).value_for_protocol("p2p")
+        except Exception:
+            continue
+        if peer_id and peer_id not in ids:
+            ids.append(peer_id)
+    return ids
 
 
 def check_multiaddrs(addresses: list[str], what: str) -> None:

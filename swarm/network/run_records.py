@@ -16,7 +16,6 @@ from typing import Any
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from hivemind.utils.multiaddr import Multiaddr
 from pydantic import BaseModel, ConfigDict, Field
 
 from swarm.identity import Identity
@@ -51,30 +50,19 @@ class RunBoard:
                              subkey=self.subkey)
 
 
-
 def fetch_announcements(dht: hivemind.DHT) -> dict[str, RunAnnouncement]:
     """Every peer's announcement by peer id; malformed and forged ones are dropped."""
     return {found.peer_id: found for found in owned_records(dht, RUNS_KEY, RunAnnouncement, "peer_id")}
 
 
-def peer_ids_of(addresses: list[str]) -> list[str]:
-    """The peer ids named by ``/p2p/`` in ``addresses`` (in order, without repeats)."""
-    ids: list[str] = []
-    for address in addresses:
-        try:
-            peer_id = Multiaddr(address).value_for_protocol("p2p")
-        except Exception:
-            continue
-        if peer_id and peer_id not in ids:
-            ids.append(peer_id)
-    return ids
-
-
 def discover(initial_peers: list[str], timeout: float = 15.0) -> RunAnnouncement | None:
     """The announcement of the first of ``initial_peers`` that answers with one within ``timeout`` seconds, read
     through a throwaway client node (its own random key, nothing stored); None when none does (an older peer, or
-    nobody reachable: the peer's own start then says which)."""
+    nobody reachable: the peer's own start then says which). An announcement whose fingerprint is not that of
+    its settings is ignored."""
+    from swarm.network.dht import peer_ids_of  # dht imports validation, which imports this module
     from swarm.network.validation import SwarmRecordValidator
+    from swarm.shared_settings import fingerprint
 
     wanted = peer_ids_of(initial_peers)
     if not wanted:
@@ -90,7 +78,7 @@ def discover(initial_peers: list[str], timeout: float = 15.0) -> RunAnnouncement
         while True:
             found = fetch_announcements(probe)
             for peer_id in wanted:
-                if peer_id in found:
+                if peer_id in found and fingerprint(found[peer_id].settings) == found[peer_id].fingerprint:
                     return found[peer_id]
             if time.monotonic() >= deadline:
                 return None

@@ -22,26 +22,19 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from hivemind.utils.multiaddr import Multiaddr
-
 from swarm.config import SwarmConfig
 from swarm.ledger.balances import Rules
 from swarm.ledger.entries import MICRO
 from swarm.ledger.store import LedgerStore
 from swarm.ledger.weights import trusted_weights
+from swarm.network.dht import peer_ids_of
 
 logger = logging.getLogger(__name__)
 
 
 def initial_peer_ids(addresses: Iterable[str]) -> set[str]:
     """The peer ids named by ``/p2p/<id>`` in multiaddrs (malformed ones are skipped: the DHT start reports them)."""
-    found = set()
-    for address in addresses:
-        try:
-            found.add(Multiaddr(address).value_for_protocol("p2p"))
-        except Exception:
-            continue
-    return found
+    return set(peer_ids_of(addresses))
 
 
 class Trust:
