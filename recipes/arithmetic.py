@@ -2,7 +2,8 @@
 
 Two rewards: ``correct`` (1.0 for the exact answer) and ``format`` (up to 0.5 for a bare number), so a randomly
 initialised model gets a first reward at once and the mean reward rises within a few epochs.
-Options: ``max_operand`` (default 9), ``operators`` (default "+").
+The reference answer is the row's ``answer``, so the recipe can be warm-started with SFT (the ``warm_start`` config
+section; the offline default does). Options: ``max_operand`` (default 9), ``operators`` (default "+").
 """
 
 import random
@@ -42,4 +43,5 @@ def build(options):
         reward_funcs=[correct, number_format],
         alphabet="0123456789+-*= ",
         max_completion_length=4,
+        warm_start_completion=lambda row: row["answer"],
     )

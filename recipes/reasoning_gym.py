@@ -129,6 +129,10 @@ def build(options: dict[str, Any]) -> Recipe:
         """Up to 0.1 for a short one-line answer, so a fresh model's completions already differ in reward."""
         return [0.1 if 0 < len(text := extract_answer(c)) <= 12 and "\n" not in text else 0.0 for c in completions]
 
+    def reference_answer(row: dict[str, Any]) -> str:
+        """reasoning-gym's own answer to the row's item: what an SFT warm start trains on."""
+        return str(datasets[row["task"]][row["index"]]["answer"])
+
     return Recipe(
         name="reasoning_gym",
         trainer="grpo",
@@ -136,5 +140,6 @@ def build(options: dict[str, Any]) -> Recipe:
         reward_funcs=[correct, short_answer],
         alphabet=None,
         max_completion_length=int(options.get("max_completion_length", 32)),
+        warm_start_completion=reference_answer,
         metadata={"tasks": dict(zip(names, weights)), "difficulty": difficulty, "seed": seed, "size": size},
     )

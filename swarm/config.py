@@ -67,6 +67,20 @@ class TrainingConfig(_Section):
     seed: int = 0
 
 
+class WarmStartConfig(_Section):
+    """An SFT warm start for a GRPO recipe: the swarm's first ``epochs`` epochs are SFT rounds on the recipe's rows
+    with its reference completion (``Recipe.warm_start_completion``), then GRPO takes over from the warmed model.
+
+    A model that cannot yet produce a right answer gets no GRPO signal from a correctness reward (every sample of a
+    group scores the same); a short SFT phase on reference answers gives it one. Warm-start rounds are averaged like
+    any other, but not audited or credited (verification replays GRPO rounds).
+    """
+
+    epochs: int = Field(0, ge=0)  # 0: no warm start
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
+    rows: int | None = Field(None, gt=0)  # rows per peer per round; None: prompts_per_round x num_generations
+
+
 class RecipeConfig(_Section):
     name: str = "arithmetic"
     options: dict[str, Any] = Field(default_factory=dict)  # recipe-specific knobs, validated by the recipe
@@ -186,6 +200,7 @@ class SwarmConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -263,7 +263,7 @@ FOUR_BIT_BYTES_PER_PARAM = 0.6  # NF4: 0.5 byte + double-quantised block constan
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34  # Korthikanti et al. 2022, 16-bit, no recomputation, no s^2 term
 LOGIT_BYTES_PER_TOKEN_VOCAB = 8  # 16-bit logits, their temperature-scaled copy, their gradient, log-softmax
 CUDA_RUNTIME_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
-CPU_RUNTIME_BYTES = GIB // 2  # Python, torch, transformers, hivemind and its p2p daemon
+CPU_RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch, transformers, TRL, hivemind: a tiny-model peer peaked at 578 MiB
 DEFAULT_ROW_TOKENS = 512  # prompt + completion tokens per training row when the caller does not say
 DEFAULT_ROWS = 8
 
@@ -282,6 +282,7 @@ def estimate_breakdown(
     kv_size: int = 0,
     generation_tokens: int | None = None,
     device: str = "cuda",
+    audit_window: int = 0,
 ) -> dict[str, int]:
     """The parts of :func:`estimate_training_memory` in bytes, by name (for messages and tests)."""
     if dtype not in DTYPE_BYTES:
@@ -310,6 +311,8 @@ def estimate_breakdown(
     }
     if device != "cuda":  # gradient averaging copies the gradients to host memory (sent and received)
         parts["averaging"] = 2 * trainable * 4
+        if audit_window:  # on the host too, so on a GPU they are not VRAM: the verifier's states and replay model
+            parts["audit_states"] = audit_window * trainable * trainable_width + int(weights)
     return parts
 
 
@@ -331,10 +334,17 @@ def estimate_training_memory(
       with LoRA too, since gradients flow through the frozen layers to the adapters — plus 12 bytes per token per
       vocabulary entry for the logits and loss (TRL computes them for completion tokens only: generous), plus the
       KV cache of generating ``generation_tokens`` (default ``batch_tokens``) at once;
-    * runtime: 1 GiB on CUDA (context, workspaces, fragmentation), 0.5 GiB on CPU; on CPU/MPS also two fp32
-      copies of the trainable parameters for gradient averaging.
+    * runtime: 1 GiB on CUDA (context, workspaces, fragmentation), 0.6 GiB on CPU; on CPU/MPS also two fp32
+      copies of the trainable parameters for gradient averaging and, with verification (``audit_window`` > 0),
+      the verifier's copies of the trainable parameters for each epoch of the window plus the model it replays on.
     """
     return sum(estimate_breakdown(num_params, dtype, lora, four_bit, **sizes).values())
+
+
+def row_tokens_of(rows: list[dict[str, Any]], completion_tokens: int) -> int:
+    """Tokens per row for the memory check: the longest row's prompt and completion in characters (at least as many
+    as tokens for the tokenizers in use) plus the ``completion_tokens`` a GRPO round generates."""
+    return max(len(row["prompt"]) + len(row.get("completion") or "") for row in rows) + completion_tokens
 
 
 def batch_tokens_for(training: TrainingConfig | None, row_tokens: int | None = None) -> tuple[int, int]:
@@ -375,7 +385,8 @@ def training_device(hw: Hardware) -> tuple[str, int | None, str]:
 
 
 def estimate_for(
-    model_config: ModelConfig, hw: Hardware, batch_tokens: int, generation_tokens: int | None = None
+    model_config: ModelConfig, hw: Hardware, batch_tokens: int, generation_tokens: int | None = None,
+    audit_window: int = 0,
 ) -> tuple[Architecture, int] | None:
     """(architecture, estimated bytes) for ``model_config`` on ``hw``; None when the model's size is unknown."""
     arch = model_architecture(model_config)
@@ -396,6 +407,7 @@ def estimate_for(
         kv_size=arch.num_kv_heads * arch.head_dim,
         generation_tokens=generation_tokens,
         device=device,
+        audit_window=audit_window,
     )
     return arch, estimate
 
@@ -406,6 +418,7 @@ def check_fits(
     training: TrainingConfig | None = None,
     batch_tokens: int | None = None,
     row_tokens: int | None = None,
+    audit_window: int = 0,
 ) -> None:
     """Refuse, before any download or allocation, a model that cannot train in this machine's memory.
 
@@ -414,6 +427,7 @@ def check_fits(
     :param batch_tokens: overrides the batch size derived from ``training``
     :param row_tokens: (prompt + completion) tokens per row when known (the trainer measures its recipe's rows);
         default: ``max_completion_length`` + 256, or 512
+    :param audit_window: ``verify.audit_window`` when this peer verifies (it keeps that many states), else 0
     :raises UserError: one line naming the model, the estimate and the memory available; also when
         ``model.load_in_4bit`` is set without CUDA or bitsandbytes. Unknown models pass with a logged warning.
     """
@@ -422,7 +436,7 @@ def check_fits(
     tokens, generated = batch_tokens_for(training, row_tokens)
     if batch_tokens is not None:
         tokens, generated = batch_tokens, max(batch_tokens, generated if training is not None else 0)
-    sized = estimate_for(model_config, hw, tokens, generated)
+    sized = estimate_for(model_config, hw, tokens, generated, audit_window)
     if sized is None:
         return
     arch, estimate = sized

@@ -43,6 +43,8 @@ class Recipe:
     :param max_completion_length: default completion length in tokens (``training.max_completion_length``)
     :param eval_examples: held-out rows for the evaluation (``monitor.eval_every``); None: rows of
       ``make_example`` drawn from seeds training never uses (:meth:`eval_rows`)
+    :param warm_start_completion: a GRPO recipe's reference completion of a row (e.g. its answer), which the
+      SFT warm start (the ``warm_start`` config section) trains on; None: the recipe cannot be warm-started
     """
 
     name: str
@@ -53,6 +55,7 @@ class Recipe:
     max_completion_length: int = 16
     metadata: dict[str, Any] = field(default_factory=dict)
     eval_examples: Sequence[dict[str, Any]] | None = None
+    warm_start_completion: Callable[[dict[str, Any]], str] | None = None
 
     def tokenizer_alphabet(self) -> str:
         return self.alphabet if self.alphabet is not None else string.printable
@@ -96,6 +99,31 @@ class Recipe:
                 json.dumps(value)
             except (TypeError, ValueError) as error:
                 raise UserError(f"{where}: field {key!r} is not JSON-serialisable ({error})") from None
+
+    def warm_start_rows(self, run_id: str, peer_id: str, epoch: int, count: int) -> list[dict[str, Any]]:
+        """A warm-start round's SFT rows: the assigned rows (:meth:`assigned_rows`), each with ``completion`` set to
+        :attr:`warm_start_completion` of the row (an SFT recipe's rows keep their own).
+
+        :raises UserError: naming the recipe and the row when the recipe has no reference completion, or it raises
+          or returns something other than a non-empty string
+        """
+        rows = self.assigned_rows(run_id, peer_id, epoch, count)
+        if self.trainer == "sft":
+            return rows
+        if self.warm_start_completion is None:
+            raise UserError(f"recipe {self.name}: warm_start.epochs needs the recipe's warm_start_completion (the "
+                            f"reference answer SFT trains on); this recipe defines none — set warm_start.epochs=0")
+        for index, row in enumerate(rows):
+            try:
+                completion = self.warm_start_completion(dict(row))
+            except Exception as error:
+                raise UserError(f"recipe {self.name}: warm_start_completion raised {type(error).__name__} on row "
+                                f"{index} of epoch {epoch}: {_one_line(error)}") from None
+            if not isinstance(completion, str) or not completion:
+                raise UserError(f"recipe {self.name}: warm_start_completion must return a non-empty string, got "
+                                f"{type(completion).__name__} {completion!r:.40} on row {index} of epoch {epoch}")
+            row["completion"] = completion
+        return rows
 
     def eval_rows(self, count: int) -> list[dict[str, Any]]:
         """The held-out rows: the recipe's ``eval_examples`` (up to ``count``), else ``count`` rows of its

@@ -28,6 +28,7 @@ SHARED: dict[str, frozenset[str] | None] = {
     "run_id": None,
     "model": None,
     "recipe": None,
+    "warm_start": None,
     "training": frozenset({"trainer", "learning_rate", "weight_decay", "max_grad_norm", "prompts_per_round",
                            "num_generations", "max_completion_length", "temperature", "seed"}),
     "averaging": frozenset({"compression", "aggregation", "clip_tau", "clip_iterations", "max_weight"}),

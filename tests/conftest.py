@@ -16,10 +16,18 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def clean_env() -> dict[str, str]:
-    """The environment for peer processes: no SWARM_* settings leaking in from the developer's shell."""
+# The protocol tests (averaging, audits, ledger, attacks) need GRPO rounds from epoch 0, and a from-scratch GRPO
+# rate whose reward moves within a few epochs; the shipped default starts with a 150-epoch SFT warm start instead
+# (configs/default.yaml). test_warm_start.py runs that schedule.
+PROTOCOL_SCHEDULE = {"SWARM_WARM_START__EPOCHS": "0", "SWARM_TRAINING__LEARNING_RATE": "0.01"}
+
+
+def clean_env(schedule: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for peer processes: no SWARM_* settings leaking in from the developer's shell, and the
+    protocol tests' training schedule (``schedule``: others, ``{}`` for the shipped one)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    env.update(PROTOCOL_SCHEDULE if schedule is None else schedule)
     return env
 
 

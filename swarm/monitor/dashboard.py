@@ -31,6 +31,7 @@ class DashboardState:
     samples_per_s: float | None = None
     reward: float | None = None
     loss: float | None = None
+    trainer: str = "grpo"  # what the last round ran (EpochRecord.trainer)
     last_round: str = ""
     group_size: int = 0
     my_samples: int = 0
@@ -62,7 +63,8 @@ def render(state: DashboardState) -> Table:
         ("epoch", str(state.epoch)),
         ("peers online", str(state.peers_online)),
         ("my samples/s", "…" if state.samples_per_s is None else f"{state.samples_per_s:.1f}"),
-        ("mean reward", "…" if state.reward is None else f"{state.reward:.3f}"),
+        ("mean reward", "— (SFT round: no rewards)" if state.trainer == "sft" and state.reward is None
+         else "…" if state.reward is None else f"{state.reward:.3f}"),
         ("loss", "…" if state.loss is None else f"{state.loss:.4f}"),
         ("last round", f"{state.last_round} (group of {state.group_size})" if state.last_round else "…"),
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
@@ -159,7 +161,7 @@ class DashboardCallback(SwarmCallback):
         state.my_samples = trainer.peer.samples
         wall = record.compute_s + record.sync_s
         state.samples_per_s = record.samples / wall if wall > 0 else None
-        state.reward, state.loss = record.reward, record.loss
+        state.reward, state.loss, state.trainer = record.reward, record.loss, record.trainer
         state.last_round, state.group_size = record.outcome, record.group_size
         state.last_compute_s = record.compute_s
         state.audits = trainer.verifier.figures() if trainer.verifier is not None else None

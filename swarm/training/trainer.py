@@ -32,12 +32,18 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from swarm.config import SwarmConfig, dump_config
 from swarm.errors import UserError
-from swarm.hardware import check_fits, detect_hardware
+from swarm.hardware import check_fits, detect_hardware, row_tokens_of
 from swarm.identity import Identity
 from swarm.ledger.balances import Balance
 from swarm.ledger.config import LEDGER_FILE
 from swarm.ledger.recorder import LedgerRecorder
-from swarm.monitor.summary import COMPLETIONS_FILE, METRICS_FILE, STATUS_FILE, write_json_atomic
+from swarm.monitor.summary import (
+    COMPLETIONS_FILE,
+    EVALUATIONS_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    write_json_atomic,
+)
 from swarm.network.dht import PEER_ADDR_FILE, check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
 from swarm.network.storage import install_sweeper, run_windows
@@ -80,16 +86,18 @@ class EpochRecord:
     audit_s: float = 0.0  # replaying other peers' contributions (verification)
     bytes_sent: int = 0  # all-reduce payload bytes this peer sent, failed attempts included
     rewards: dict[str, float] = field(default_factory=dict)  # mean of each reward function over this peer's rollouts
+    trainer: str = "grpo"  # what the round ran: "grpo", or "sft" (an SFT recipe, or a GRPO recipe's warm start)
 
     def as_summary(self) -> dict[str, Any]:
-        return dict(epoch=self.epoch, reward=self.reward, loss=self.loss)
+        return dict(epoch=self.epoch, reward=self.reward, loss=self.loss, trainer=self.trainer)
 
     def metrics(self) -> dict[str, Any]:
         """Numeric figures for trackers (W&B): the outcome becomes one 0/1 flag per kind, each reward function's
         mean ``rewards/<function>/mean`` (TRL's name for it)."""
         figures = {key: value for key, value in vars(self).items()
-                   if key not in ("outcome", "rewards") and value is not None}
+                   if key not in ("outcome", "rewards", "trainer") and value is not None}
         figures.update({f"round/{kind.value}": int(self.outcome == kind.value) for kind in Outcome})
+        figures["round/sft"] = int(self.trainer == "sft")
         figures.update({f"rewards/{name}/mean": value for name, value in self.rewards.items()})
         return figures
 
@@ -145,6 +153,8 @@ class SwarmTrainer:
         check_multiaddrs(config.network.initial_peers, "initial peer")  # fail before minutes of model loading
         self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
         self.trainer_kind = config.training.trainer or self.recipe.trainer
+        # an SFT warm start only means something for GRPO: an SFT recipe trains on its own completions throughout
+        self.warm_start_epochs = config.warm_start.epochs if self.trainer_kind == "grpo" else 0
         self.expected_peers = expected_peers
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -153,14 +163,18 @@ class SwarmTrainer:
         # as many as tokens for the tokenizers in use) and completion length, not a 512-token guess
         first_rows = self.recipe.assigned_rows(config.run_id, str(self.identity.peer_id), 0,
                                                config.training.prompts_per_round)
-        row_tokens = max(len(row["prompt"]) + len(row.get("completion") or "") for row in first_rows) + (
-            config.training.max_completion_length or self.recipe.max_completion_length)
-        check_fits(config.model, detect_hardware(), config.training, row_tokens=row_tokens)
+        row_tokens = row_tokens_of(first_rows, config.training.max_completion_length or self.recipe.max_completion_length)
+        verifies = config.verify.enabled and self.trainer_kind == "grpo"
+        check_fits(config.model, detect_hardware(), config.training, row_tokens=row_tokens,
+                   audit_window=config.verify.audit_window if verifies else 0)
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
         )
         # a prompt character the tokenizer cannot encode would silently train as padding: refuse it at start
         self.recipe.check_encodable(self.tokenizer, first_rows)
+        if self.warm_start_epochs:  # a recipe without a reference answer fails now, not after the model loaded
+            self.recipe.check_encodable(self.tokenizer, self.recipe.warm_start_rows(
+                config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round))
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.training.learning_rate,
@@ -361,16 +375,23 @@ class SwarmTrainer:
             metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
 
     def run_epoch(self) -> EpochRecord:
-        """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round."""
+        """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round: an
+        SFT round during the warm start (epochs below ``warm_start.epochs``) and for SFT recipes, GRPO otherwise."""
         epoch = self.peer.epoch
         self.trust.refresh(epoch)
+        warm = epoch < self.warm_start_epochs
+        kind = "sft" if warm else self.trainer_kind
+        self._set_learning_rate(self._learning_rate(warm))
         shared: list[ExternalGroup] = []
-        if self.sharing is not None:
+        if self.sharing is not None and not warm:
             self._emit("on_phase", f"picking shared rollouts for epoch {epoch}")
             shared = self.sharing.select(epoch, external_count(self.config))
-        rows = self.recipe.assigned_rows(
-            self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round - len(shared)
-        )
+        if warm:
+            rows = self.recipe.warm_start_rows(self.config.run_id, self.peer.peer_id, epoch, self._warm_start_rows())
+        else:
+            rows = self.recipe.assigned_rows(
+                self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round - len(shared)
+            )
         seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
         sync_seconds = 0.0
 
@@ -386,19 +407,20 @@ class SwarmTrainer:
         if self.verifier is not None:
             self.verifier.remember_state(epoch)
         bytes_before = self.peer.averager.bytes_sent.value
-        self._emit("on_phase", f"computing epoch {epoch}")
+        self._emit("on_phase", f"computing epoch {epoch}" + (" (SFT warm start)" if warm else ""))
         started = time.perf_counter()
         autocast = self.attack.autocast_dtype() if self.attack is not None else None
         with keeps_forward(self.model):
-            if self.trainer_kind == "grpo":
+            if kind == "grpo":
                 trl_trainer, swarm_optimizer, claimed = self._grpo_epoch(epoch, rows, seed, finish_round, shared)
             else:
                 samples = len(rows)
                 swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
-                trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed)
+                trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed,
+                                                     learning_rate=self._learning_rate(warm))
             with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
                 trl_trainer.train()
-            if self.trainer_kind == "grpo":
+            if kind == "grpo":
                 samples = claimed[0]  # what the peer committed to (set when TRL reached the optimizer step)
         elapsed = time.perf_counter() - started
         result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
@@ -413,7 +435,7 @@ class SwarmTrainer:
         reward = logs[-1].get("reward") if logs else None
         loss = logs[-1].get("loss") if logs else None
         self.peer.last_reward = reward
-        rollouts = rollout_samples(trl_trainer, self.tokenizer) if self.trainer_kind == "grpo" else []
+        rollouts = rollout_samples(trl_trainer, self.tokenizer) if kind == "grpo" else []
         self._log_completions(epoch, rollouts)
         return EpochRecord(
             epoch=epoch,
@@ -427,7 +449,22 @@ class SwarmTrainer:
             audit_s=round(audit_seconds, 4),
             bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
             rewards=reward_means(rollouts),
+            trainer=kind,
         )
+
+    def _learning_rate(self, warm: bool) -> float:
+        training = self.config.training
+        return (self.config.warm_start.learning_rate or training.learning_rate) if warm else training.learning_rate
+
+    def _warm_start_rows(self) -> int:
+        training = self.config.training
+        return self.config.warm_start.rows or training.prompts_per_round * training.num_generations
+
+    def _set_learning_rate(self, learning_rate: float) -> None:
+        """The rate the swarm's next step applies, on every peer alike (TRL's constant scheduler multiplies the
+        ``initial_lr`` it recorded the first time, so that is set too)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = learning_rate
 
     def _log_completions(self, epoch: int, rollouts: list[dict[str, Any]]) -> None:
         """Every ``monitor.completions_every`` epochs: a few of this epoch's rollouts with their rewards, appended
@@ -509,7 +546,8 @@ class SwarmTrainer:
             precision=self.config.precision,
         )
 
-    def _make_sft_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int):
+    def _make_sft_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int,
+                          learning_rate: float):
         from trl import SFTConfig, SFTTrainer
 
         training = self.config.training
@@ -522,7 +560,7 @@ class SwarmTrainer:
             per_device_train_batch_size=micro,
             gradient_accumulation_steps=total // micro,
             max_steps=1,
-            learning_rate=training.learning_rate,
+            learning_rate=learning_rate,
             lr_scheduler_type="constant",
             max_grad_norm=0.0,  # clipping happens on the averaged gradient, identically on every peer
             logging_steps=1,
@@ -575,6 +613,9 @@ class SwarmTrainer:
             self.model, self.tokenizer, self.recipe, self.recipe.eval_rows(self.config.monitor.eval_rows),
             training.max_completion_length or self.recipe.max_completion_length, training.temperature)
         self.evaluation = dict(epoch=self.peer.epoch, figures=figures, examples=examples)
+        with open(self.workdir / EVALUATIONS_FILE, "a") as out:  # the learning curve, for plots and bench/learning.py
+            out.write(json.dumps(dict(epoch=self.peer.epoch, samples=self.peer.samples, time=time.time(),
+                                      figures=figures)) + "\n")
         logger.info(f"{self.identity.name} held-out at epoch {self.peer.epoch}: "
                     + ", ".join(f"{key.removeprefix('eval/')}={value:.3f}" for key, value in figures.items()
                                 if key != "eval/rows"))
