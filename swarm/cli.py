@@ -156,6 +156,18 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _raised_by_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` was raised while a KeyboardInterrupt was being handled (anywhere in its context chain)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def _interrupt_on_sigint_and_sigterm() -> None:
     """Ctrl+C and SIGTERM both mean "stop cleanly" — even if this process was started with SIGINT ignored, as
     background jobs of a non-interactive shell are."""
@@ -247,6 +259,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         report = trainer.train()
     except KeyboardInterrupt:
+        interrupted = True
+        report = trainer.report()
+    except Exception as error:
+        if not _INTERRUPTED.is_set() or not _raised_by_interrupt(error):
+            raise
+        # e.g. torch.save's cleanup failing on the file the KeyboardInterrupt cut short: the stop, not a bug
+        logging.getLogger("swarm").info("stopped by Ctrl+C while busy", exc_info=error)  # peer.log only
         interrupted = True
         report = trainer.report()
     finally:

@@ -59,7 +59,10 @@ def test_launch_sh_dashboard_updates_and_ctrl_c_exits_cleanly(tmp_path: Path) ->
         assert "peers online" in screen
         assert re.search(r"no CUDA GPU, \d+ CPU cores?.*: cpu, ", screen), "the tier choice was not explained"
         os.write(fd, b"\x03")  # Ctrl+C: the terminal sends SIGINT to the whole foreground process group
+        before_stop = len(seen)
         read_until(fd, re.compile(r"checkpoint saved"), 60, seen)
+        after = ANSI.sub(b"", bytes(seen[before_stop:])).decode(errors="replace")
+        assert "stopping…" in after, "Ctrl+C showed no 'stopping…'"
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
         wait_until(lambda: not processes_mentioning(str(workdir)), 15, "every process (p2pd included) to exit")

@@ -296,7 +296,8 @@ class SwarmTrainer:
                     f" reward={_fmt(record.reward)} loss={_fmt(record.loss)}"
                 )
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
-                    self.save_checkpoint()
+                    with _signals_held():  # Ctrl+C stops the peer once the checkpoint is written
+                        self.save_checkpoint()
                 self._write_status(record)
                 self._emit("on_epoch_end", record)
                 if self._evaluation_due(config.monitor.eval_every):
@@ -317,7 +318,7 @@ class SwarmTrainer:
         finally:
             stopping = time.perf_counter()
             try:
-                with _sigint_deferred():  # a second Ctrl+C must not cut the final checkpoint short
+                with _signals_held(deliver=False):  # a second Ctrl+C must not cut the final checkpoint short
                     self.save_checkpoint()
             finally:
                 saved = time.perf_counter()
@@ -635,17 +636,28 @@ class SwarmTrainer:
 
 
 @contextlib.contextmanager
-def _sigint_deferred():
-    """Ignore SIGINT (main thread only) while the body runs: it runs while the peer is already stopping, so a
-    Ctrl+C pressed meanwhile asks for what is happening anyway."""
+def _signals_held(deliver: bool = True):
+    """Hold Ctrl+C and SIGTERM (main thread only) while the body runs — writing a checkpoint, which an exception
+    raised in the middle of torch.save would leave unfinished and turn into a traceback — and then deliver the
+    first one that came to the handler that was in place (``deliver``), or drop it (the peer is already stopping,
+    which is what it asked for)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held and deliver:
+        handler = previous[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL and held[0] == signal.SIGINT:
+            raise KeyboardInterrupt
 
 
 def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
