@@ -271,3 +271,14 @@ def test_a_member_of_equal_weight_claiming_a_far_epoch_is_not_followed_but_an_in
     late.trust.roots.add("bootstrap")
     board.add("bootstrap", 500, "swarm")
     assert late.swarm_target(late.other_peers()) == (500, "swarm")
+
+
+def test_slash_entries_signed_by_fresh_identities_take_nobodys_weight(people) -> None:
+    """Anybody can sign slash (and ban) entries on an attested commitment: two fresh identities doing so against
+    alice's work would, counted by the ledger's rules alone, zero her weight. Only slashes by trusted peers count."""
+    entries = rounds(people, ["me", "alice", "bob"], range(4))
+    entries += [slash(people["sybil1"], people["alice"], 2), slash(people["sybil2"], people["alice"], 2)]
+    found = weights(entries, people, current_epoch=10)
+    assert found["alice"] > 0
+    entries += [slash(people["me"], people["alice"], 2), slash(people["bob"], people["alice"], 2)]
+    assert "alice" not in weights(entries, people, current_epoch=10)

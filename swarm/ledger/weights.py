@@ -9,7 +9,8 @@ who are already trusted saw and that survived its audit window:
   itself attested (listed it in the ``refs[1:]`` of its own contribution entry of that epoch);
 * a peer whose credit reaches ``min_credit`` becomes trusted, and its attestations then count for others; this is
   repeated until nothing changes (a fixpoint, so the order of entries does not matter);
-* a peer that was slashed (a slash that counts under the ledger rules) or banned has no weight at all.
+* a peer that was slashed has no weight at all — by a slash that counts under the ledger rules among the peers
+  trusted before any slash counts (fresh identities signing slash entries slash nobody's weight).
 
 So a swarm of fresh identities that only attest each other never gains weight, however many they are: their
 attestations never reach a trusted peer. What weighted liars could still do is bounded by the work they did in
@@ -20,17 +21,37 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from swarm.ledger.balances import Rules, balances
+from swarm.ledger.balances import Rules
 from swarm.ledger.entries import LedgerEntry
+
+
+def _slashed_by(entries: set[LedgerEntry], rules: Rules, judges: set[str]) -> set[str]:
+    """The peers with a slash that counts when only ``judges`` may slash or pass: at least ``slash_quorum`` of them
+    (other than the subject) slashed one commitment, outnumbering those of them that passed it plus the subject."""
+    slashers: dict[tuple[str, str], set[str]] = {}
+    auditors: dict[tuple[str, str], set[str]] = {}
+    for entry in entries:
+        if entry.kind in ("slash", "audit") and entry.refs and entry.author in judges:
+            book = slashers if entry.kind == "slash" else auditors
+            book.setdefault((entry.subject, entry.refs[0]), set()).add(entry.author)
+    slashed = set()
+    for (subject, commitment), against in slashers.items():
+        against = against - {subject}
+        passed = auditors.get((subject, commitment), set()) - against - {subject}
+        if len(against) >= rules.slash_quorum and len(against) > len(passed) + 1:
+            slashed.add(subject)
+    return slashed
 
 
 def trusted_weights(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int, roots: Iterable[str],
                     min_credit: int) -> dict[str, int]:
     """Peer id → weight in micro-credits, for every trusted peer that earned attested, final credit (roots included,
-    possibly with 0); peers that are not trusted are absent. Deterministic in the *set* of entries."""
+    possibly with 0); peers that are not trusted are absent. Deterministic in the *set* of entries.
+
+    A slash takes a peer's weight only when trusted peers wrote it (:func:`_slashed_by` over the peers trusted
+    before any slash counts): anybody can sign slash entries, and two fresh identities slashing every honest
+    peer must not zero the swarm's weight."""
     entries = set(entries)
-    ledger = balances(entries, rules, current_epoch)
-    excluded = {peer for peer, balance in ledger.items() if balance.banned or balance.penalties > 0}
     attesters: dict[tuple[int, str], set[str]] = {}
     work: dict[str, dict[tuple[int, str], int]] = {}  # peer -> (epoch, commitment) -> micro-credits
     for entry in entries:
@@ -40,17 +61,22 @@ def trusted_weights(entries: Iterable[LedgerEntry], rules: Rules, current_epoch:
             attesters.setdefault((entry.epoch, ref), set()).add(entry.author)
         if entry.epoch + rules.provisional_epochs <= current_epoch:
             work.setdefault(entry.subject, {})[(entry.epoch, entry.refs[0])] = entry.samples * rules.credit_per_sample
-    trusted = set(roots) - excluded
 
-    def credit(peer: str) -> int:
+    def credit(peer: str, trusted: set[str]) -> int:
         return sum(amount for key, amount in work.get(peer, {}).items()
                    if (attesters.get(key, set()) - {peer}) & trusted)
 
-    changed = True
-    while changed:
-        changed = False
-        for peer in sorted(set(work) - trusted - excluded):
-            if credit(peer) >= max(1, min_credit):
-                trusted.add(peer)
-                changed = True
-    return {peer: credit(peer) for peer in sorted(trusted)}
+    def spread(excluded: set[str]) -> set[str]:
+        trusted = set(roots) - excluded
+        changed = True
+        while changed:
+            changed = False
+            for peer in sorted(set(work) - trusted - excluded):
+                if credit(peer, trusted) >= max(1, min_credit):
+                    trusted.add(peer)
+                    changed = True
+        return trusted
+
+    excluded = _slashed_by(entries, rules, spread(set()))
+    trusted = spread(excluded)
+    return {peer: credit(peer, trusted) for peer in sorted(trusted)}
