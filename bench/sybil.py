@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = "swarm-default"
 SETTINGS = ["training.prompts_per_round=4", "training.num_generations=4", "averaging.peer_timeout=8",
-            "averaging.round_timeout=40"]
+            "averaging.round_timeout=40",
+            "warm_start.epochs=0", "training.learning_rate=0.01"]  # GRPO rounds from epoch 0: audits, credit, weight
 
 
 def _env() -> dict[str, str]:

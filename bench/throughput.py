@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from swarm.config import SwarmConfig
 
 COMPRESSIONS = ("none", "fp16", "8bit")
+# the protocol's figures are measured on GRPO rounds from epoch 0 (the shipped default starts with SFT warm-start
+# rounds, which bench/learning.py measures), at the from-scratch GRPO rate
+PROTOCOL_SCHEDULE = ["warm_start.epochs=0", "training.learning_rate=0.01"]
 TAG_VARIABLE = "SWARM_BENCH_TAG"  # set in every subprocess, so daemons they leave behind can be told apart
 DEFAULT_PEERS, DEFAULT_EPOCHS = 3, 4
 QUICK_PEERS, QUICK_EPOCHS = 2, 2
@@ -194,7 +197,7 @@ class Runner:
         return workdir
 
     def _sets(self, name: str, overrides: Sequence[str] = ()) -> list[str]:
-        pairs = [f"run_id=bench-{self.tag}-{name}", *overrides]
+        pairs = [f"run_id=bench-{self.tag}-{name}", *PROTOCOL_SCHEDULE, *overrides]
         return [item for pair in pairs for item in ("--set", pair)]
 
     def _run(self, name: str, arguments: list[str], workdir: Path, timeout: float) -> None:

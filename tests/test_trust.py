@@ -179,12 +179,30 @@ def test_ready_sybils_are_expected_in_a_group_only_until_their_budget_is_spent(m
     groups = []
     for _ in range(3):
         groups.append(barrier(strategy)[:2])
-        strategy._charge_no_shows({"member": {}})  # the round: only the member came
+        strategy._charge_no_shows({"member": {}}, 0.0)  # the round: only the member came
     assert groups == [("go", 12), ("go", 12), ("go", 2)]
     board.add("honest-newcomer", 5, peer.state_hash)  # one that does come is expected, and becomes a member
     assert barrier(strategy)[:2] == ("go", 3)
-    strategy._charge_no_shows({"member": {}, "honest-newcomer": {}})
+    strategy._charge_no_shows({"member": {}, "honest-newcomer": {}}, 0.0)
     assert strategy._newcomer_budget("honest-newcomer") == peer.config.trust.newcomer_budget
+
+
+def test_ready_sybils_that_never_come_stop_holding_the_first_peer_of_a_swarm(make_peer) -> None:
+    """Sybils present from a swarm's first epoch, announcing 'ready' and never joining: the founding peer (nobody
+    has weight yet) expected them in every round and never stepped (bench/sybil.py: stuck at epoch 0, 15 skipped
+    rounds). Each no-show now costs at least a quarter of the identity's budget, founding or not."""
+    peer, board = make_peer(epoch=0, newcomer_wait=1.0, newcomer_budget=120.0)
+    for index in range(10):
+        board.add(f"ready{index}", 0, peer.state_hash)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+    rounds = []
+    for _ in range(5):
+        rounds.append(barrier(strategy))
+        strategy._charge_no_shows({}, 0.5)  # nobody came
+    assert [verdict[:2] for verdict in rounds[:4]] == [("go", 11)] * 4
+    assert rounds[4][0] == "alone" and rounds[4][2] < 1.0  # stepped on its own at once, not at the round's end
+    board.add("honest-newcomer", 0, peer.state_hash)  # a newcomer that does come is still expected
+    assert barrier(strategy)[:2] == ("go", 2)
 
 
 def test_a_round_member_is_waited_for_but_a_stranger_is_not(make_peer) -> None:

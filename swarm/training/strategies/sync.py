@@ -91,8 +91,9 @@ class SyncGradientAveraging:
                 if verdict == "alone":
                     self._apply(local, epoch, samples)
                     return RoundResult(Outcome.SOLO, epoch)
+                averaging_started = time.monotonic()
                 gathered = self._average(local, epoch, weight, commitment)
-                self._charge_no_shows(gathered or {})
+                self._charge_no_shows(gathered or {}, time.monotonic() - averaging_started)
                 if gathered is not None:
                     consensus = self._consensus(gathered)
                     if consensus != (epoch, peer.state_hash):
@@ -131,11 +132,11 @@ class SyncGradientAveraging:
         behind are catching up (they download this epoch's state), and are waited for ``catch_up_grace`` seconds
         at most. Peers without weight — any fresh identity — are waited for ``trust.newcomer_wait`` seconds at most
         per epoch and ``trust.newcomer_budget`` seconds in all per identity (a round it was expected in but did not
-        join costs it ``matchmaking_time``: see :meth:`_charge_no_shows`), so that announcing 'busy', 'lagging' or 'ready' from free identities
+        join costs it the round, at least a quarter of the budget: see :meth:`_charge_no_shows`), so that announcing 'busy', 'lagging' or 'ready' from free identities
         cannot stall the swarm for long, while an honest newcomer still gets its first rounds in which to become a
         member. Once that wait is over, newcomers that are ready still go into the group; only those that are not
         are left behind. A peer that sees nobody with weight at all (the first peer of a new swarm) charges no
-        budget and does not step alone while newcomers at its epoch may still get ready (until ``deadline``): it
+        budget for waiting (only no-shows spend it there) and does not step alone while newcomers at its epoch may still get ready (until ``deadline``): it
         costs only its own time, and a first peer that ran ahead of the newcomers would be left outside the group
         they form. On 'go', ``self.expected_group`` is the number of peers expected in the group, this one
         included."""
@@ -166,7 +167,9 @@ class SyncGradientAveraging:
             if not lagging and (not same or not can_reduce):
                 # the first peer of a swarm steps alone only when no newcomer at its epoch gets ready in the round:
                 # stepping ahead of them would leave it outside the group they then form without it
-                if not (founding and now < deadline and any(status.epoch == epoch for status in others.values())):
+                if not (founding and now < deadline and any(
+                        status.epoch == epoch and self._newcomer_budget(status.peer_id) > POLL_INTERVAL
+                        for status in others.values())):
                     return "alone"
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
@@ -182,7 +185,7 @@ class SyncGradientAveraging:
         founding) that is ready at ``epoch``, or that is still waited for (``patient``)."""
         if self.peer.trust.known(status.peer_id):
             return True
-        if not (founding or self._newcomer_budget(status.peer_id) > POLL_INTERVAL):
+        if self._newcomer_budget(status.peer_id) <= POLL_INTERVAL:  # founding too: no-shows spend it
             return False
         return patient or (status.epoch == epoch and status.ready_epoch == epoch)
 
@@ -190,12 +193,16 @@ class SyncGradientAveraging:
         """Seconds the barrier may still wait for ``peer_id`` while it has no weight (see :meth:`_barrier`)."""
         return self.peer.config.trust.newcomer_budget - self._newcomer_wait.get(peer_id, 0.0)
 
-    def _charge_no_shows(self, gathered: dict) -> None:
+    def _charge_no_shows(self, gathered: dict, seconds: float) -> None:
         """Matchmaking waits for the group size the barrier expected: every peer without weight that was expected
-        but did not join (it announced 'ready' and never came, or the round failed) is charged that wait."""
+        but did not join (it announced 'ready' and never came, or the round failed) is charged the ``seconds`` the
+        round took, and at least a quarter of its budget — four no-shows and the barrier stops counting it, also
+        while this peer is founding a swarm (a free identity that announces 'ready' and never comes must not hold
+        a swarm's first epoch forever). It can still join a group it finds, and then it is a member."""
         joined = {str(peer_id) for peer_id in gathered}
+        charge = max(seconds, self.peer.config.averaging.matchmaking_time, self.peer.config.trust.newcomer_budget / 4)
         for peer_id in self._expected - joined:
-            self._charge(peer_id, self.peer.config.averaging.matchmaking_time)
+            self._charge(peer_id, charge)
         self._expected = set()
 
     def _charge(self, peer_id: str, seconds: float) -> None:
