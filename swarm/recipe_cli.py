@@ -161,6 +161,9 @@ are for ``arithmetic``), so read the keys you know with ``options.get(key, defau
 * ``alphabet``: the characters of the offline tiny model's character tokenizer (None: printable ASCII). Every
   character of your prompts and answers must be in it. Ignored for hub models.
 * ``max_completion_length``: default completion length in tokens (characters for the tiny model).
+* ``warm_start_completion(row) -> str`` (GRPO): the row's reference answer. With ``warm_start.epochs: N`` (the
+  shipped configs set 150) the swarm's first N epochs are SFT on it, so that GRPO starts from a model that can
+  already answer; without it there is no warm start.
 
 A reward function that raises, returns NaN/inf or the wrong number of values, or a row without a prompt,
 stops the peer with one line naming this recipe and the function or row.
@@ -212,6 +215,7 @@ def build(options):
         reward_funcs=[exact, closeness],
         alphabet=letters + "> ",
         max_completion_length=max_length + 1,
+        warm_start_completion=lambda row: row["target"],
     )
 '''
 

@@ -38,12 +38,13 @@ class Processes:
         self.started: list[subprocess.Popen] = []
         self.scope = scope  # every process whose command line mentions this directory is killed at the end
 
-    def start(self, args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, args: list[str], log: Path, cwd: Path | None = None,
+              schedule: dict[str, str] | None = None) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd or PROJECT_ROOT, env=clean_env(), start_new_session=True,
+                cwd=cwd or PROJECT_ROOT, env=clean_env(schedule), start_new_session=True,
             )
         self.started.append(process)
         return process

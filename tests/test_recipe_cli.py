@@ -129,7 +129,7 @@ def test_scaffolded_recipe_runs_in_a_local_swarm(tmp_path: Path, processes: Proc
     local = processes.start(
         [sys.executable, "-m", "swarm.cli", "local", "--peers", "2", "--recipe", "demo", "--max-epochs", "3",
          "--workdir", str(workdir), "--plain"],
-        log=log, cwd=tmp_path,
+        log=log, cwd=tmp_path, schedule={},  # the shipped config, as the user runs it: it starts with a warm start
     )
     try:
         code = local.wait(timeout=300)
@@ -144,5 +144,8 @@ def test_scaffolded_recipe_runs_in_a_local_swarm(tmp_path: Path, processes: Proc
     for index in range(2):  # the peers really trained the scaffolded recipe
         config = (workdir / f"peer_{index}" / "config.yaml").read_text()
         assert "name: demo" in config
-    assert any(entry["reward"] is not None for entry in peers[0]["history"])
+    # the template's reference answers drive the shipped SFT warm start; its reward functions score the evaluation
+    assert [entry["trainer"] for entry in peers[0]["history"]] == ["sft"] * 3
+    assert all(entry["loss"] is not None for entry in peers[0]["history"])
+    assert "eval/greedy/exact" in peers[0]["eval"]["figures"]
     wait_until(lambda: not processes_mentioning(str(tmp_path)), 15, "every peer process and p2pd to exit")

@@ -86,6 +86,20 @@ def test_a_swarm_warm_starts_with_sft_then_trains_and_audits_grpo_in_lockstep(tm
     assert all(m["samples"] == 128 for m in read_metrics(tmp_path / "w" / "peer_0"))
 
 
+def test_a_recipe_without_a_reference_answer_runs_no_warm_start(tmp_path: Path, caplog) -> None:
+    """The shipped configs ask for a warm start; a researcher's GRPO recipe without a reference answer must still
+    run with them (GRPO from the first epoch, said once), not fail."""
+    from swarm.config import SwarmConfig
+
+    config = SwarmConfig.model_validate(dict(workdir=str(tmp_path), warm_start=dict(epochs=5)))
+    recipe = _recipe(None)
+    recipe.alphabet = "0123456789="
+    with caplog.at_level("WARNING"):
+        trainer = SwarmTrainer(config, recipe=recipe)
+    assert trainer.warm_start_epochs == 0
+    assert "recipe sums has no warm_start_completion" in caplog.text and "warm_start.epochs=5 is ignored" in caplog.text
+
+
 def test_the_shipped_default_warm_starts_the_arithmetic_recipe() -> None:
     """configs/default.yaml (what launch.sh and swarm local run) trains a model that can answer before GRPO starts:
     the warm start is on, and GRPO then runs at a rate that keeps what it taught."""

@@ -155,6 +155,10 @@ class SwarmTrainer:
         self.trainer_kind = config.training.trainer or self.recipe.trainer
         # an SFT warm start only means something for GRPO: an SFT recipe trains on its own completions throughout
         self.warm_start_epochs = config.warm_start.epochs if self.trainer_kind == "grpo" else 0
+        if self.warm_start_epochs and self.recipe.warm_start_completion is None:  # the same on every peer of the run
+            logger.warning(f"recipe {self.recipe.name} has no warm_start_completion (a reference answer to train on): "
+                           f"no SFT warm start, warm_start.epochs={self.warm_start_epochs} is ignored")
+            self.warm_start_epochs = 0
         self.expected_peers = expected_peers
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
