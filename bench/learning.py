@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from throughput import (
+    PROTOCOL_SCHEDULE,
     STOP_GRACE_S,
     TAG_VARIABLE,
     BenchError,
@@ -56,7 +57,7 @@ from swarm.monitor.summary import EVALUATIONS_FILE, METRICS_FILE
 
 SCHEDULES: dict[str, list[str]] = {
     "default": [],  # configs/default.yaml as shipped
-    "grpo-only": ["warm_start.epochs=0", "training.learning_rate=0.01"],
+    "grpo-only": PROTOCOL_SCHEDULE,  # the schedule before the warm start
 }
 FIGURE = "eval/greedy/correct"
 CHECKPOINTS_MIN = (2.5, 5.0, 7.5, 10.0)

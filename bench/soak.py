@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from throughput import BenchError, log, stop_group
+from throughput import PROTOCOL_SCHEDULE, BenchError, log, stop_group
 
 DEFAULT_PEERS, DEFAULT_EPOCHS, DEFAULT_EVERY = 3, 5000, 1000
 QUICK_PEERS, QUICK_EPOCHS, QUICK_EVERY = 2, 600, 200
@@ -292,9 +292,7 @@ def run_training(root: Path, peers: int, epochs: int, every: int, timeout: float
                  overrides: Sequence[str]) -> list[Checkpoint]:
     run_id = f"soak-{uuid.uuid4().hex[:8]}"
     workdir = root / "swarm"
-    # GRPO rounds from epoch 0, as the protocol runs them (the shipped default starts with SFT warm-start rounds)
-    schedule = ["warm_start.epochs=0", "training.learning_rate=0.01"]
-    sets = [item for pair in [f"run_id={run_id}", *schedule, *overrides] for item in ("--set", pair)]
+    sets = [item for pair in [f"run_id={run_id}", *PROTOCOL_SCHEDULE, *overrides] for item in ("--set", pair)]
     command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(peers), "--max-epochs", str(epochs),
                "--workdir", str(workdir), "--plain", "--timeout", str(timeout), *sets]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")

@@ -25,11 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from throughput import PROTOCOL_SCHEDULE
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = "swarm-default"
 SETTINGS = ["training.prompts_per_round=4", "training.num_generations=4", "averaging.peer_timeout=8",
-            "averaging.round_timeout=40",
-            "warm_start.epochs=0", "training.learning_rate=0.01"]  # GRPO rounds from epoch 0: audits, credit, weight
+            "averaging.round_timeout=40", *PROTOCOL_SCHEDULE]  # GRPO rounds from epoch 0: audits, credit, weight
 
 
 def _env() -> dict[str, str]:
