@@ -2,7 +2,7 @@
 # launch.sh - one-command entry point for swarm: sets up a virtual environment, then starts a peer.
 #
 #   ./launch.sh                  detect the hardware, pick a tier config, start a peer (swarm run --tier auto)
-#   ./launch.sh test [ARGS...]   ruff + pytest
+#   ./launch.sh test [ARGS...]   ruff check + ruff format --check + lint-imports + pytest
 #   ./launch.sh SUBCOMMAND ...   any swarm subcommand (run, local, ledger, recipe, doctor, config, export)
 #   ./launch.sh ARGS...          anything else is passed to `swarm run ARGS...`
 #
@@ -30,7 +30,7 @@ usage: ./launch.sh [test [PYTEST_ARGS...] | SUBCOMMAND [ARGS...] | RUN_ARGS... |
 
   (no arguments)          detect the hardware, pick a tier (no CUDA GPU: configs/cpu.yaml, the tiny offline model), start a
                           peer (= swarm run --tier auto)
-  test [PYTEST_ARGS...]   run ruff, then the test suite (python -m pytest PYTEST_ARGS..., run in the project
+  test [PYTEST_ARGS...]   run ruff (check, format), lint-imports, then the test suite (python -m pytest PYTEST_ARGS..., run in the project
                           directory, so paths are relative to it)
   SUBCOMMAND [ARGS...]    run 'swarm SUBCOMMAND ARGS...'; SUBCOMMAND is one of: ${SWARM_SUBCOMMANDS[*]}
   ARGS...                 anything else is passed on as 'swarm run ARGS...'
@@ -106,7 +106,17 @@ run_tests() {
     if ((${#dirs[@]})); then
         log "ruff check ${dirs[*]}"
         "$VENV/bin/python" -m ruff check "${dirs[@]}" || die "ruff check failed"
+        log "ruff format --check ${dirs[*]}"
+        "$VENV/bin/python" -m ruff format --check "${dirs[@]}" >/dev/null || {
+            "$VENV/bin/python" -m ruff format --check "${dirs[@]}" | tail -n 20
+            die "ruff format: run '.venv/bin/ruff format ${dirs[*]}'"
+        }
     fi
+    log "lint-imports (the layers in pyproject.toml)"
+    "$VENV/bin/lint-imports" --no-cache >/dev/null || {
+        "$VENV/bin/lint-imports" --no-cache | tail -n 30
+        die "lint-imports: a module imports from a layer above its own (docs/design.md §1)"
+    }
     log "python -m pytest $*"
     exec "$VENV/bin/python" -m pytest "$@"
 }

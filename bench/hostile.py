@@ -68,11 +68,29 @@ from tests.test_hostile_records import (  # noqa: E402
     valid_records,
 )
 
-RECORD_FAMILIES = ["random bytes", "truncated msgpack", "wrong types", "mixed-type subkeys", "bad expirations",
-                   "oversized", "wipe", "forged", "dictionary junk"]
+RECORD_FAMILIES = [
+    "random bytes",
+    "truncated msgpack",
+    "wrong types",
+    "mixed-type subkeys",
+    "bad expirations",
+    "oversized",
+    "wipe",
+    "forged",
+    "dictionary junk",
+]
 HANDLERS = ("rpc_join_group", "rpc_aggregate_part", "rpc_download_state", "rpc_download_contribution")
-FRAME_FAMILIES = ["random bytes", "bad marker", "undecodable protobuf", "wrong protobuf type", "request count",
-                  "oversized frame", "truncated frame", "error frame", "random frames"]
+FRAME_FAMILIES = [
+    "random bytes",
+    "bad marker",
+    "undecodable protobuf",
+    "wrong protobuf type",
+    "request count",
+    "oversized frame",
+    "truncated frame",
+    "error frame",
+    "random frames",
+]
 
 
 def log(message: str) -> None:
@@ -105,7 +123,7 @@ class Row:
 def _random_object(rng: random.Random, depth: int = 0):
     choice = rng.randrange(8 if depth < 2 else 5)
     if choice == 0:
-        return rng.randrange(-2**63, 2**63)
+        return rng.randrange(-(2**63), 2**63)
     if choice == 1:
         return rng.choice([math.nan, math.inf, -1.5, 0.0, 1e308])
     if choice == 2:
@@ -117,8 +135,10 @@ def _random_object(rng: random.Random, depth: int = 0):
     if choice == 5:
         return [_random_object(rng, depth + 1) for _ in range(rng.randrange(5))]
     if choice == 6:
-        return {rng.choice(["peer_id", "epoch", "author", "seq", "data", "x", 1]): _random_object(rng, depth + 1)
-                for _ in range(rng.randrange(6))}
+        return {
+            rng.choice(["peer_id", "epoch", "author", "seq", "data", "x", 1]): _random_object(rng, depth + 1)
+            for _ in range(rng.randrange(6))
+        }
     return tuple(_random_object(rng, depth + 1) for _ in range(rng.randrange(3)))
 
 
@@ -129,7 +149,9 @@ def _dumps_any(value) -> bytes:
         return dumps(repr(value))
 
 
-def fuzz_records(family: str, count: int, rng: random.Random, own: str, marker: bytes, victim: str) -> list[RawRecord]:
+def fuzz_records(
+    family: str, count: int, rng: random.Random, own: str, marker: bytes, victim: str
+) -> list[RawRecord]:
     valid = valid_records(own, marker, victim)
     forged = forged_records(own, marker, victim)
     records = []
@@ -148,12 +170,26 @@ def fuzz_records(family: str, count: int, rng: random.Random, own: str, marker: 
             subkey = rng.choice([rng.randrange(1000), "text", 1.5, None, [1, 2], True])
             records.append(RawRecord(key, _dumps_any(subkey), value, ok, family))
         elif family == "bad expirations":
-            expiration = rng.choice([math.nan, math.inf, -math.inf, -5.0, 0.0, get_dht_time() - 10,
-                                     get_dht_time() + 1e9, get_dht_time() + rng.uniform(1e6, 3e8), 1e300])
+            expiration = rng.choice(
+                [
+                    math.nan,
+                    math.inf,
+                    -math.inf,
+                    -5.0,
+                    0.0,
+                    get_dht_time() - 10,
+                    get_dht_time() + 1e9,
+                    get_dht_time() + rng.uniform(1e6, 3e8),
+                    1e300,
+                ]
+            )
             records.append(RawRecord(key, tag, value, expiration, family))
         elif family == "oversized":
-            size = rng.randrange(3 << 20, (3 << 20) + (1 << 19)) if rng.random() < 0.01 else rng.randrange(
-                8 << 10, 192 << 10)
+            size = (
+                rng.randrange(3 << 20, (3 << 20) + (1 << 19))
+                if rng.random() < 0.01
+                else rng.randrange(8 << 10, 192 << 10)
+            )
             records.append(RawRecord(key, tag, size, ok, family))
         elif family == "wipe":
             records.append(RawRecord(key, REGULAR, _dumps_any(_random_object(rng)), ok + 60, family))
@@ -177,9 +213,14 @@ def fuzz_streams(family: str, count: int, rng: random.Random) -> list[bytes]:
         elif family == "undecodable protobuf":
             data = frame(b"\xff\xff\xff\xff\x0f" + os.urandom(rng.randrange(0, 200))) + END
         elif family == "wrong protobuf type":
-            other = rng.choice([dht_pb2.FindRequest(keys=[os.urandom(20)]), dht_pb2.PingRequest(validate=True),
-                                averaging_pb2.DownloadData(metadata=os.urandom(50)),
-                                averaging_pb2.MessageFromLeader(code=rng.randrange(20), group_id=os.urandom(8))])
+            other = rng.choice(
+                [
+                    dht_pb2.FindRequest(keys=[os.urandom(20)]),
+                    dht_pb2.PingRequest(validate=True),
+                    averaging_pb2.DownloadData(metadata=os.urandom(50)),
+                    averaging_pb2.MessageFromLeader(code=rng.randrange(20), group_id=os.urandom(8)),
+                ]
+            )
             data = frame(other.SerializeToString() + os.urandom(rng.randrange(0, 3))) + END
         elif family == "request count":
             one = averaging_pb2.JoinRequest(schema_hash=os.urandom(4)).SerializeToString()
@@ -192,7 +233,9 @@ def fuzz_streams(family: str, count: int, rng: random.Random) -> list[bytes]:
         elif family == "error frame":
             data = frame(os.urandom(rng.randrange(0, 50)), b"\x01")
         elif family == "random frames":
-            data = b"".join(frame(os.urandom(rng.randrange(0, 300))) for _ in range(rng.randrange(1, 6))) + END
+            data = (
+                b"".join(frame(os.urandom(rng.randrange(0, 300))) for _ in range(rng.randrange(1, 6))) + END
+            )
         else:
             raise ValueError(family)
         streams.append(data)
@@ -252,7 +295,9 @@ def timed_reads(alice: Honest, bob: Honest, hostile: str, deadline: float, row: 
         row.notes.append(f"a round of reads took {elapsed:.1f}s")
 
 
-def run(records_per_family: int, streams_per_family: int, deadline: float, seed: int, work: Path) -> list[Row]:
+def run(
+    records_per_family: int, streams_per_family: int, deadline: float, seed: int, work: Path
+) -> list[Row]:
     rng = random.Random(seed)
     stderr_path = work / "stderr.log"
     global _progress
@@ -265,11 +310,14 @@ def run(records_per_family: int, streams_per_family: int, deadline: float, seed:
     counter = Counter(logs, stderr_path)
     try:
         identities = {name: Identity.load_or_create(work / f"{name}.key") for name in ("alice", "bob")}
-        alice_dht = start_dht(NetworkConfig(client_mode=False), identities["alice"], work / "alice", run_id=RUN)
+        alice_dht = start_dht(
+            NetworkConfig(client_mode=False), identities["alice"], work / "alice", run_id=RUN
+        )
         nodes.append(alice_dht)
         peers = [str(addr) for addr in alice_dht.get_visible_maddrs()]
-        bob_dht = start_dht(NetworkConfig(client_mode=False, initial_peers=peers), identities["bob"], work / "bob",
-                            run_id=RUN)
+        bob_dht = start_dht(
+            NetworkConfig(client_mode=False, initial_peers=peers), identities["bob"], work / "bob", run_id=RUN
+        )
         nodes.append(bob_dht)
         for index, dht in enumerate(nodes):
             averagers.append(start_retrying(_averager(dht, float(index + 1)), 60, what="averager"))
@@ -283,11 +331,13 @@ def run(records_per_family: int, streams_per_family: int, deadline: float, seed:
             row, before, started = Row(family, "records"), counter.tracebacks(), time.monotonic()
             records = fuzz_records(family, records_per_family, rng, own, hostile.marker, alice.id)
             for offset in range(0, len(records), 500):
-                batch = records[offset: offset + 500]
+                batch = records[offset : offset + 500]
                 answers = hostile.store_raw(batch, [alice_dht.peer_id, bob_dht.peer_id], timeout=120)
                 for position, record in enumerate(batch):
-                    stored = [a[position] if isinstance(a, list) and position < len(a) else None
-                              for a in answers.values()]
+                    stored = [
+                        a[position] if isinstance(a, list) and position < len(a) else None
+                        for a in answers.values()
+                    ]
                     row.sent += 1
                     if any(stored) and well_formed_by_chance(record):
                         row.well_formed += 1
@@ -300,12 +350,18 @@ def run(records_per_family: int, streams_per_family: int, deadline: float, seed:
             row.crashes = sum(not process.is_alive() for process in [*nodes, *averagers])
             row.seconds = time.monotonic() - started
             rows.append(row)
-            log(f"records / {family}: {row.sent} sent, {row.refused} refused, {row.reached_reader} reached a reader,"
-                f" {row.tracebacks} tracebacks, {row.hangs} hangs ({row.seconds:.0f}s)")
+            log(
+                f"records / {family}: {row.sent} sent, {row.refused} refused, {row.reached_reader} reached a reader,"
+                f" {row.tracebacks} tracebacks, {row.hangs} hangs ({row.seconds:.0f}s)"
+            )
 
         target = alice_dht.peer_id
         for family in FRAME_FAMILIES:
-            row, before, refused_before = Row(family, "handlers"), counter.tracebacks(), counter.handler_refusals()
+            row, before, refused_before = (
+                Row(family, "handlers"),
+                counter.tracebacks(),
+                counter.handler_refusals(),
+            )
             started = time.monotonic()
             streams = fuzz_streams(family, streams_per_family, rng)
             asyncio.run(_send_streams(hostile, target, streams, row))
@@ -316,8 +372,10 @@ def run(records_per_family: int, streams_per_family: int, deadline: float, seed:
             row.crashes = sum(not process.is_alive() for process in [*nodes, *averagers])
             row.seconds = time.monotonic() - started
             rows.append(row)
-            log(f"handlers / {family}: {row.sent} sent, {row.refused} refusals logged, {row.tracebacks} tracebacks"
-                f" ({row.seconds:.0f}s)")
+            log(
+                f"handlers / {family}: {row.sent} sent, {row.refused} refusals logged, {row.tracebacks} tracebacks"
+                f" ({row.seconds:.0f}s)"
+            )
 
         final = Row("honest round after", "averaging")
         started = time.monotonic()
@@ -345,8 +403,14 @@ def run(records_per_family: int, streams_per_family: int, deadline: float, seed:
 
 def _averager(dht, value: float) -> Callable[[], SwarmAverager]:
     return lambda: SwarmAverager(
-        [torch.full((1000,), value)], dht, state_provider=lambda: ({"epoch": 0}, [torch.zeros(3)]), prefix=GRADS,
-        start=False, target_group_size=2, min_matchmaking_time=4.0, request_timeout=3.0,
+        [torch.full((1000,), value)],
+        dht,
+        state_provider=lambda: ({"epoch": 0}, [torch.zeros(3)]),
+        prefix=GRADS,
+        start=False,
+        target_group_size=2,
+        min_matchmaking_time=4.0,
+        request_timeout=3.0,
     )
 
 
@@ -355,8 +419,9 @@ def _average(averagers: list[SwarmAverager]) -> list:
 
     def step(index: int) -> None:
         try:
-            results[index] = averagers[index].step(gather=dict(epoch=1, state_hash="h", samples=1), weight=1.0,
-                                                   timeout=40)
+            results[index] = averagers[index].step(
+                gather=dict(epoch=1, state_hash="h", samples=1), weight=1.0, timeout=40
+            )
         except Exception as error:
             results[index] = None
             log(f"averaging failed: {error!r}")
@@ -385,17 +450,23 @@ async def _send_streams(hostile: HostileClient, target, streams: list[bytes], ro
 
 
 def table(rows: list[Row]) -> str:
-    header = (f"{'target':<9} {'family':<22} {'sent':>6} {'refused':>8} {'reached':>8} {'w-formed':>8}"
-              f" {'tracebk':>8} {'hangs':>6} {'crashes':>8} {'slowest read':>13} {'secs':>5}")
+    header = (
+        f"{'target':<9} {'family':<22} {'sent':>6} {'refused':>8} {'reached':>8} {'w-formed':>8}"
+        f" {'tracebk':>8} {'hangs':>6} {'crashes':>8} {'slowest read':>13} {'secs':>5}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         slowest = f"{row.slowest_read_s:.2f}s" if row.reads else "-"
-        lines.append(f"{row.target:<9} {row.family:<22} {row.sent:>6} {row.refused:>8} {row.reached_reader:>8}"
-                     f" {row.well_formed:>8} {row.tracebacks:>8} {row.hangs:>6} {row.crashes:>8} {slowest:>13} {row.seconds:>5.0f}")
+        lines.append(
+            f"{row.target:<9} {row.family:<22} {row.sent:>6} {row.refused:>8} {row.reached_reader:>8}"
+            f" {row.well_formed:>8} {row.tracebacks:>8} {row.hangs:>6} {row.crashes:>8} {slowest:>13} {row.seconds:>5.0f}"
+        )
     total = sum(row.sent for row in rows)
-    lines.append(f"total inputs: {total}; tracebacks {sum(r.tracebacks for r in rows)}, hangs"
-                 f" {sum(r.hangs for r in rows)}, crashes {max(r.crashes for r in rows)},"
-                 f" reached a reader {sum(r.reached_reader for r in rows)}")
+    lines.append(
+        f"total inputs: {total}; tracebacks {sum(r.tracebacks for r in rows)}, hangs"
+        f" {sum(r.hangs for r in rows)}, crashes {max(r.crashes for r in rows)},"
+        f" reached a reader {sum(r.reached_reader for r in rows)}"
+    )
     for row in rows:
         for note in row.notes[:3]:
             lines.append(f"  {row.target}/{row.family}: {note}")
@@ -418,8 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(records, streams, args.deadline, args.seed, Path(work))
         elapsed = time.monotonic() - started
     if args.json:
-        print(json.dumps(dict(seconds=round(elapsed, 1), inputs=sum(r.sent for r in rows),
-                              rows=[asdict(row) for row in rows])))
+        print(
+            json.dumps(
+                dict(
+                    seconds=round(elapsed, 1),
+                    inputs=sum(r.sent for r in rows),
+                    rows=[asdict(row) for row in rows],
+                )
+            )
+        )
     else:
         print(table(rows))
         print(f"({elapsed:.0f}s)")

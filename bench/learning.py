@@ -53,6 +53,7 @@ from throughput import (
     stop_group,
 )
 
+from swarm.local import local_argv
 from swarm.monitor.summary import EVALUATIONS_FILE, METRICS_FILE
 
 SCHEDULES: dict[str, list[str]] = {
@@ -109,49 +110,81 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def run_schedule(root: Path, tag: str, schedule: str, peers: int, minutes: float, eval_every: int,
-                 eval_rows: int) -> LearningRun:
+def run_schedule(
+    root: Path, tag: str, schedule: str, peers: int, minutes: float, eval_every: int, eval_rows: int
+) -> LearningRun:
     """One ``swarm local`` for ``minutes`` of wall time; its curve read back from the peers' files."""
     workdir = root / schedule
     workdir.mkdir(parents=True)
-    sets = [f"run_id=bench-{tag}-{schedule}", f"monitor.eval_every={eval_every}", f"monitor.eval_rows={eval_rows}",
-            *SCHEDULES[schedule]]
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(peers), "--plain", "--workdir",
-               str(workdir), "--timeout", str(minutes * 60), *[item for pair in sets for item in ("--set", pair)]]
+    sets = [
+        f"run_id=bench-{tag}-{schedule}",
+        f"monitor.eval_every={eval_every}",
+        f"monitor.eval_rows={eval_rows}",
+        *SCHEDULES[schedule],
+    ]
+    argv = local_argv(workdir, peers, None, sets, "--timeout", str(minutes * 60))
+    command = [sys.executable, "-m", "swarm.cli", *argv]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
-    environment = {key: value for key, value in environment.items()
-                   if not key.startswith("SWARM_") or key == TAG_VARIABLE}
+    environment = {
+        key: value
+        for key, value in environment.items()
+        if not key.startswith("SWARM_") or key == TAG_VARIABLE
+    }
     environment[TAG_VARIABLE] = tag
-    log(f"{schedule}: {peers} peers for {minutes:g} minutes ({' '.join(SCHEDULES[schedule]) or 'as shipped'})")
+    log(
+        f"{schedule}: {peers} peers for {minutes:g} minutes ({' '.join(SCHEDULES[schedule]) or 'as shipped'})"
+    )
     launched = time.time()
     log_path = workdir / "bench.log"
     with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=environment, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            start_new_session=True,
+        )
         try:
             code = process.wait(timeout=minutes * 60 + STOP_GRACE_S + 30)
         except subprocess.TimeoutExpired:
             stop_group(process)
-            raise BenchError(f"run {schedule!r} did not stop after its --timeout: {last_line(log_path)}") from None
+            raise BenchError(
+                f"run {schedule!r} did not stop after its --timeout: {last_line(log_path)}"
+            ) from None
         except BaseException:
             stop_group(process)
             raise
     # swarm local exits 1 when it stops the peers at --timeout, which is how this run ends
     if code != 0 and "stopped after the --timeout" not in log_path.read_text(errors="replace"):
         raise BenchError(f"run {schedule!r} failed (exit {code}): {last_line(log_path)}")
-    metrics = [record for index in range(peers)
-               for record in read_jsonl(workdir / f"peer_{index}" / METRICS_FILE)]
-    run = LearningRun(schedule, minutes, peers,
-                      epochs=max((int(record["epoch"]) for record in metrics), default=0),
-                      samples=sum(int(record.get("samples", 0)) for record in metrics))
+    metrics = [
+        record for index in range(peers) for record in read_jsonl(workdir / f"peer_{index}" / METRICS_FILE)
+    ]
+    run = LearningRun(
+        schedule,
+        minutes,
+        peers,
+        epochs=max((int(record["epoch"]) for record in metrics), default=0),
+        samples=sum(int(record.get("train", {}).get("samples", 0)) for record in metrics),
+    )
     for record in read_jsonl(workdir / "peer_0" / EVALUATIONS_FILE):
         figure = record.get("figures", {}).get(FIGURE)
         if figure is None:
             continue
         when = float(record["time"])
-        run.curve.append(Point(
-            minutes=round((when - launched) / 60, 2), epoch=int(record["epoch"]), exact=float(figure),
-            samples=sum(int(item.get("samples", 0)) for item in metrics if float(item.get("time", 0)) <= when)))
+        run.curve.append(
+            Point(
+                minutes=round((when - launched) / 60, 2),
+                epoch=int(record["epoch"]),
+                exact=float(figure),
+                samples=sum(
+                    int(item.get("train", {}).get("samples", 0))
+                    for item in metrics
+                    if float(item.get("time", 0)) <= when
+                ),
+            )
+        )
     log(f"{schedule}: epoch {run.epochs}, last {FIGURE} {run.last}, best {run.best}")
     return run
 
@@ -166,7 +199,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-rows", type=int, default=64, help="monitor.eval_rows")
     parser.add_argument("--target", type=float, default=0.5, help="the held-out exact share to reach")
     parser.add_argument("--only", choices=sorted(SCHEDULES), action="append", help="run only this schedule")
-    parser.add_argument("--workdir", type=Path, help="keep the runs' files here (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the runs' files here (default: a temporary directory)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes = 2.0
@@ -178,15 +213,28 @@ def table(runs: list[LearningRun], target: float):
 
     checkpoints = [minutes for minutes in CHECKPOINTS_MIN if minutes <= max(run.minutes for run in runs)]
     out = Table(title=f"held-out exact answers ({FIGURE}), {runs[0].peers}-peer swarm local, offline default")
-    for column in ("schedule", *[f"at {minutes:g} min" for minutes in checkpoints], "best", "last",
-                   f"minutes to {target:.0%}", "epochs", "samples"):
+    for column in (
+        "schedule",
+        *[f"at {minutes:g} min" for minutes in checkpoints],
+        "best",
+        "last",
+        f"minutes to {target:.0%}",
+        "epochs",
+        "samples",
+    ):
         out.add_column(column, justify="right")
     for run in runs:
         cells = [run.at(minutes) for minutes in checkpoints]
         reached = run.minutes_to(target)
-        out.add_row(run.schedule, *["…" if cell is None else f"{cell:.1%}" for cell in cells],
-                    "…" if run.best is None else f"{run.best:.1%}", "…" if run.last is None else f"{run.last:.1%}",
-                    "not reached" if reached is None else f"{reached:.1f}", str(run.epochs), str(run.samples))
+        out.add_row(
+            run.schedule,
+            *["…" if cell is None else f"{cell:.1%}" for cell in cells],
+            "…" if run.best is None else f"{run.best:.1%}",
+            "…" if run.last is None else f"{run.last:.1%}",
+            "not reached" if reached is None else f"{reached:.1f}",
+            str(run.epochs),
+            str(run.samples),
+        )
     return out
 
 
@@ -195,11 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="swarm-bench-learning-"))
     tag = uuid.uuid4().hex[:8]
     daemons_before = len(p2pd_pids())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops the swarm it started
+    # a killed benchmark still stops the swarm it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         root.mkdir(parents=True, exist_ok=True)
-        runs = [run_schedule(root, tag, schedule, args.peers, args.minutes, args.eval_every, args.eval_rows)
-                for schedule in (args.only or list(SCHEDULES))]
+        runs = [
+            run_schedule(root, tag, schedule, args.peers, args.minutes, args.eval_every, args.eval_rows)
+            for schedule in (args.only or list(SCHEDULES))
+        ]
         check_leftover_daemons(daemons_before, tag)
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
@@ -211,9 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     by_name = {run.schedule: run for run in runs}
-    result: dict = dict(peers=args.peers, minutes=args.minutes, target=args.target, figure=FIGURE,
-                        runs=[dict(asdict(run), best=run.best, last=run.last,
-                                   minutes_to_target=run.minutes_to(args.target)) for run in runs])
+    result: dict = dict(
+        peers=args.peers,
+        minutes=args.minutes,
+        target=args.target,
+        figure=FIGURE,
+        runs=[
+            dict(asdict(run), best=run.best, last=run.last, minutes_to_target=run.minutes_to(args.target))
+            for run in runs
+        ],
+    )
     if "default" in by_name and "grpo-only" in by_name and (by_name["grpo-only"].last or 0) > 0:
         result["last_exact_ratio"] = (by_name["default"].last or 0) / by_name["grpo-only"].last
     if args.json:

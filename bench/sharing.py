@@ -38,10 +38,10 @@ from throughput import BenchError, Runner, check_leftover_daemons, log, p2pd_pid
 
 from swarm.config import ModelConfig
 from swarm.monitor.summary import METRICS_FILE, STATUS_FILE, read_json
+from swarm.node.state import TrainingState
 from swarm.recipe import Recipe, load_recipe
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from swarm.training.model import load_model_and_tokenizer
-from swarm.training.state import TrainingState
 
 SETTINGS = ["training.prompts_per_round=8", "training.num_generations=8"]
 
@@ -72,9 +72,15 @@ def evaluate(model: torch.nn.Module, tokenizer, recipe: Recipe, prompts: int, sa
     for row in rows:
         encoded = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            output = model.generate(**encoded, do_sample=True, temperature=1.0, max_new_tokens=recipe.max_completion_length,
-                                    num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            output = model.generate(
+                **encoded,
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=recipe.max_completion_length,
+                num_return_sequences=samples,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         fields = {key: [value] * samples for key, value in row.items() if key != "prompt"}
         scores = [0.0] * samples
         for func in recipe.reward_funcs:
@@ -96,26 +102,52 @@ def final_model(workdir: Path, recipe: Recipe, cache: Path):
     return model, tokenizer
 
 
-def run_pair(runner: Runner, recipe: Recipe, cache: Path, repeat: int, peers: int, epochs: int, fraction: float,
-             prompts: int, samples: int) -> list[SwarmRun]:
+def run_pair(
+    runner: Runner,
+    recipe: Recipe,
+    cache: Path,
+    repeat: int,
+    peers: int,
+    epochs: int,
+    fraction: float,
+    prompts: int,
+    samples: int,
+) -> list[SwarmRun]:
     runs = []
     for sharing in (False, True):
         name = f"r{repeat}-{'sharing' if sharing else 'solo-data'}"
-        overrides = [*SETTINGS, f"sharing.enabled={str(sharing).lower()}", f"sharing.external_fraction={fraction}"]
+        overrides = [
+            *SETTINGS,
+            f"sharing.enabled={str(sharing).lower()}",
+            f"sharing.external_fraction={fraction}",
+        ]
         log(f"{name}: {peers} peers, {epochs} epochs")
         workdirs = runner.swarm(name, peers, epochs, overrides)
         model, tokenizer = final_model(workdirs[0], recipe, cache)
-        metrics = [json.loads(line) for workdir in workdirs
-                   for line in (workdir / METRICS_FILE).read_text().splitlines() if line.strip()]
+        metrics = [
+            json.loads(line)
+            for workdir in workdirs
+            for line in (workdir / METRICS_FILE).read_text().splitlines()
+            if line.strip()
+        ]
         statuses = [read_json(workdir / STATUS_FILE) or {} for workdir in workdirs]
-        runs.append(SwarmRun(
-            sharing=sharing, repeat=repeat,
-            held_out=evaluate(model, tokenizer, recipe, prompts, samples),
-            compute_s_per_epoch=statistics.fmean(item["compute_s"] for item in metrics if item["epoch"] > 0),
-            shared_groups_used=sum(int(status.get("sharing/used_groups", 0)) for status in statuses),
-            audits_failed=sum(int(status.get("my_audits_failed", 0)) for status in statuses),
-            banned=sum(len(status.get("banned", [])) for status in statuses),
-        ))
+        runs.append(
+            SwarmRun(
+                sharing=sharing,
+                repeat=repeat,
+                held_out=evaluate(model, tokenizer, recipe, prompts, samples),
+                compute_s_per_epoch=statistics.fmean(
+                    item["train"]["compute_s"] for item in metrics if item["epoch"] > 0
+                ),
+                shared_groups_used=sum(
+                    int(status.get("sharing", {}).get("used_groups", 0)) for status in statuses
+                ),
+                audits_failed=sum(
+                    int(status.get("verify", {}).get("my_audits_failed", 0)) for status in statuses
+                ),
+                banned=sum(len(status.get("verify", {}).get("banned", [])) for status in statuses),
+            )
+        )
     return runs
 
 
@@ -130,7 +162,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts")
     parser.add_argument("--samples", type=int, default=8, help="completions per held-out prompt")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per swarm run")
-    parser.add_argument("--workdir", type=Path, help="keep the runs' files here (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the runs' files here (default: a temporary directory)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.peers, args.epochs, args.repeats, args.prompts = 2, 3, 1, 16
@@ -148,9 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = root / "models"
         model, tokenizer = load_model_and_tokenizer(ModelConfig(), recipe.tokenizer_alphabet(), cache)
         baseline = evaluate(model, tokenizer, recipe, args.prompts, args.samples)
-        runs = [run for repeat in range(args.repeats) for run in
-                run_pair(runner, recipe, cache, repeat, args.peers, args.epochs, args.fraction, args.prompts,
-                         args.samples)]
+        runs = [
+            run
+            for repeat in range(args.repeats)
+            for run in run_pair(
+                runner,
+                recipe,
+                cache,
+                repeat,
+                args.peers,
+                args.epochs,
+                args.fraction,
+                args.prompts,
+                args.samples,
+            )
+        ]
         check_leftover_daemons(daemons_before, runner.tag)
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
@@ -172,26 +218,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             audits_failed=sum(run.audits_failed for run in chosen),
             banned=sum(run.banned for run in chosen),
         )
-    summary["reward_ratio"] = summary["sharing"]["held_out_reward"] / max(summary["local_only"]["held_out_reward"], 1e-9)
-    result = dict(peers=args.peers, epochs=args.epochs, repeats=args.repeats, fraction=args.fraction,
-                  before_training=asdict(baseline), **summary, runs=[asdict(run) for run in runs])
+    summary["reward_ratio"] = summary["sharing"]["held_out_reward"] / max(
+        summary["local_only"]["held_out_reward"], 1e-9
+    )
+    result = dict(
+        peers=args.peers,
+        epochs=args.epochs,
+        repeats=args.repeats,
+        fraction=args.fraction,
+        before_training=asdict(baseline),
+        **summary,
+        runs=[asdict(run) for run in runs],
+    )
     if args.json:
         print(json.dumps(result))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"rollout sharing: {args.peers} peers x {args.epochs} epochs, fraction {args.fraction}"
-                        f" (held-out: {args.prompts} prompts x {args.samples} samples)")
-    for column in ("run", "held-out reward", "exact answers", "compute s/epoch", "shared groups used",
-                   "audits failed", "bans"):
+    table = Table(
+        title=f"rollout sharing: {args.peers} peers x {args.epochs} epochs, fraction {args.fraction}"
+        f" (held-out: {args.prompts} prompts x {args.samples} samples)"
+    )
+    for column in (
+        "run",
+        "held-out reward",
+        "exact answers",
+        "compute s/epoch",
+        "shared groups used",
+        "audits failed",
+        "bans",
+    ):
         table.add_column(column, justify="right")
     table.add_row("before training", f"{baseline.mean_reward:.3f}", f"{baseline.correct:.1%}", "", "", "", "")
     for run in runs:
-        table.add_row(f"repeat {run.repeat}, {'sharing' if run.sharing else 'local only'}",
-                      f"{run.held_out.mean_reward:.3f}", f"{run.held_out.correct:.1%}",
-                      f"{run.compute_s_per_epoch:.3f}", str(run.shared_groups_used), str(run.audits_failed),
-                      str(run.banned))
+        table.add_row(
+            f"repeat {run.repeat}, {'sharing' if run.sharing else 'local only'}",
+            f"{run.held_out.mean_reward:.3f}",
+            f"{run.held_out.correct:.1%}",
+            f"{run.compute_s_per_epoch:.3f}",
+            str(run.shared_groups_used),
+            str(run.audits_failed),
+            str(run.banned),
+        )
     Console(width=None if sys.stdout.isatty() else 120).print(table)
     print(f"held-out reward, sharing / local only: {result['reward_ratio']:.2f}")
     return 0

@@ -8,7 +8,7 @@ Two modes:
   barrier), publishes its commitment and reads the epoch's (after the round), declares itself under the averager's
   matchmaking key and its state-sharing key (as hivemind's averager does), reads every verdict (the verifier's
   ``_finalize``) and, with ``--audit-probability``, one auditor publishes a verdict. Every peer runs a real
-  :class:`~swarm.ledger.recorder.LedgerRecorder` (SQLite, replication thread): a contribution entry per round, an
+  :class:`~swarm.training.ledger_recorder.LedgerRecorder` (SQLite, replication thread): a contribution entry per round, an
   audit entry per verdict. What is not simulated: training, all-reduce traffic, contributions on disk.
 * **training** (``--training``) — a real ``swarm local`` of ``--peers`` peers for ``--epochs`` epochs.
 
@@ -52,6 +52,8 @@ from typing import Any
 import psutil
 from throughput import PROTOCOL_SCHEDULE, BenchError, log, stop_group
 
+from swarm.local import local_argv
+
 DEFAULT_PEERS, DEFAULT_EPOCHS, DEFAULT_EVERY = 3, 5000, 1000
 QUICK_PEERS, QUICK_EPOCHS, QUICK_EVERY = 2, 600, 200
 TARGET_GROWTH = 0.05
@@ -82,17 +84,26 @@ class Results:
         if len(self.checkpoints) < 2:
             return {}
         first, last = self.checkpoints[0].rss_mb, self.checkpoints[-1].rss_mb
-        return {role: (last[role] - first[role]) / first[role] for role in first if role in last and first[role]}
+        return {
+            role: (last[role] - first[role]) / first[role] for role in first if role in last and first[role]
+        }
 
     def flat(self) -> bool:
         return all(value <= TARGET_GROWTH for value in self.growth().values())
 
     def as_json(self) -> dict[str, Any]:
-        return dict(mode=self.mode, peers=self.peers, epochs=self.epochs, sweep=self.sweep,
-                    checkpoints=[asdict(checkpoint) for checkpoint in self.checkpoints],
-                    growth={role: round(value, 4) for role, value in self.growth().items()},
-                    target_growth=TARGET_GROWTH, flat=self.flat(), runtime_s=round(self.runtime_s, 1),
-                    load_average=self.load_average)
+        return dict(
+            mode=self.mode,
+            peers=self.peers,
+            epochs=self.epochs,
+            sweep=self.sweep,
+            checkpoints=[asdict(checkpoint) for checkpoint in self.checkpoints],
+            growth={role: round(value, 4) for role, value in self.growth().items()},
+            target_growth=TARGET_GROWTH,
+            flat=self.flat(),
+            runtime_s=round(self.runtime_s, 1),
+            load_average=self.load_average,
+        )
 
 
 def rss_mb(pid: int) -> float | None:
@@ -116,9 +127,9 @@ class SimulatedPeer:
         from swarm.config import NetworkConfig, SwarmConfig
         from swarm.identity import Identity
         from swarm.ledger.config import LedgerConfig
-        from swarm.ledger.recorder import LedgerRecorder
         from swarm.network.dht import start_dht
         from swarm.network.records import CommitmentBoard, StatusBoard, VerdictBoard
+        from swarm.training.ledger_recorder import LedgerRecorder
 
         self.workdir = root / f"peer_{index}"
         self.identity = Identity.load_or_create(self.workdir / "identity.key")
@@ -130,7 +141,9 @@ class SimulatedPeer:
         self.status = StatusBoard(self.dht, run_id, self.identity, ttl=self.config.averaging.peer_timeout)
         self.commitments = CommitmentBoard(self.dht, run_id, self.identity, ttl)
         self.verdicts = VerdictBoard(self.dht, run_id, self.identity, ttl)
-        self.recorder = LedgerRecorder(self.config, self.identity, self.dht, settings=LedgerConfig(anchor="none"))
+        self.recorder = LedgerRecorder(
+            self.config, self.identity, self.dht, settings=LedgerConfig(anchor="none")
+        )
         self.recorder.start()
         self.averager_key = f"{run_id}_grads.0b"  # hivemind's matchmaking key with no group bits
         self.state_key = f"{run_id}_grads.all_averagers"
@@ -147,12 +160,26 @@ def make_commitment(peer_id: str, epoch: int):
     from swarm.network.records import Commitment
 
     digest = hashlib.sha256(f"{peer_id}:{epoch}".encode()).hexdigest()
-    return Commitment(peer_id=peer_id, epoch=epoch, state_hash=digest, data_seed=digest[::-1], samples=128,
-                      tokens=128 * 12, rollouts_hash=digest, gradient_hash=digest[::-1], precision="fp32")
+    return Commitment(
+        peer_id=peer_id,
+        epoch=epoch,
+        state_hash=digest,
+        data_seed=digest[::-1],
+        samples=128,
+        tokens=128 * 12,
+        rollouts_hash=digest,
+        gradient_hash=digest[::-1],
+        precision="fp32",
+    )
 
 
-def run_epoch(peers: list[SimulatedPeer], epoch: int, rng: random.Random, audit_probability: float,
-              pool: ThreadPoolExecutor) -> None:
+def run_epoch(
+    peers: list[SimulatedPeer],
+    epoch: int,
+    rng: random.Random,
+    audit_probability: float,
+    pool: ThreadPoolExecutor,
+) -> None:
     """What one epoch of every peer does to the DHT (module docstring); the peers' DHT calls run in parallel, the
     ledger hooks in this thread (the recorders' SQLite connections belong to it)."""
     from hivemind.utils import get_dht_time
@@ -160,10 +187,21 @@ def run_epoch(peers: list[SimulatedPeer], epoch: int, rng: random.Random, audit_
     from swarm.network.records import AuditVerdict, PeerStatus
 
     def publish(peer: SimulatedPeer) -> None:
-        peer.status.publish(PeerStatus(peer_id=peer.peer_id, name=f"sim-{peer.peer_id[-6:]}", epoch=epoch,
-                                       state_hash="0" * 64, ready_epoch=epoch, samples=128 * epoch, reward=0.5))
+        peer.status.publish(
+            PeerStatus(
+                peer_id=peer.peer_id,
+                name=f"sim-{peer.peer_id[-6:]}",
+                epoch=epoch,
+                state_hash="0" * 64,
+                ready_epoch=epoch,
+                samples=128 * epoch,
+                reward=0.5,
+            )
+        )
         peer.dht.store(peer.averager_key, True, get_dht_time() + 15, subkey=peer.identity.peer_id.to_bytes())
-        peer.dht.store(peer.state_key, float(epoch), get_dht_time() + 15, subkey=peer.identity.peer_id.to_bytes())
+        peer.dht.store(
+            peer.state_key, float(epoch), get_dht_time() + 15, subkey=peer.identity.peer_id.to_bytes()
+        )
         peer.commitments.publish(make_commitment(peer.peer_id, epoch))
 
     def read_round(peer: SimulatedPeer) -> dict:
@@ -179,8 +217,15 @@ def run_epoch(peers: list[SimulatedPeer], epoch: int, rng: random.Random, audit_
         if len(peers) > 1 and rng.random() < audit_probability:
             auditor = peers[(index + 1) % len(peers)]
             commitment = found[0].get(audited.peer_id) or make_commitment(audited.peer_id, epoch)
-            verdict = AuditVerdict(auditor=auditor.peer_id, audited=audited.peer_id, epoch=epoch,
-                                   commitment=commitment.digest(), verdict="pass", error=0.0, role="primary")
+            verdict = AuditVerdict(
+                auditor=auditor.peer_id,
+                audited=audited.peer_id,
+                epoch=epoch,
+                commitment=commitment.digest(),
+                verdict="pass",
+                error=0.0,
+                role="primary",
+            )
             published.append((auditor, verdict))
     list(pool.map(lambda item: item[0].verdicts.publish(item[1]), published))
     for auditor, verdict in published:
@@ -194,14 +239,29 @@ def node_figures(peer: SimulatedPeer, run_id: str) -> dict[str, Any]:
     from swarm.network.records import commitments_key, verdicts_key
     from swarm.network.storage import storage_report
 
-    names = [f"{run_id}.peers", commitments_key(run_id), verdicts_key(run_id), f"{run_id}.ledger.heads",
-             f"{run_id}.ledger.{peer.peer_id}", peer.averager_key, peer.state_key]
+    names = [
+        f"{run_id}.peers",
+        commitments_key(run_id),
+        verdicts_key(run_id),
+        f"{run_id}.ledger.heads",
+        f"{run_id}.ledger.{peer.peer_id}",
+        peer.averager_key,
+        peer.state_key,
+    ]
     report = storage_report(peer.dht, names)
-    return dict(keys=report.keys["storage"], subkeys=report.subkeys["storage"], heap=report.heap["storage"],
-                kb=round(report.bytes["storage"] / 1024, 1), cache_keys=report.keys["cache"],
-                cache_kb=round(report.bytes["cache"] / 1024, 1),
-                named={name.split(":", 1)[1].replace(run_id, "<run>").replace(peer.peer_id, "<me>"): vars(figures)
-                       for name, figures in report.named.items() if name.startswith("storage:")})
+    return dict(
+        keys=report.keys["storage"],
+        subkeys=report.subkeys["storage"],
+        heap=report.heap["storage"],
+        kb=round(report.bytes["storage"] / 1024, 1),
+        cache_keys=report.keys["cache"],
+        cache_kb=round(report.bytes["cache"] / 1024, 1),
+        named={
+            name.split(":", 1)[1].replace(run_id, "<run>").replace(peer.peer_id, "<me>"): vars(figures)
+            for name, figures in report.named.items()
+            if name.startswith("storage:")
+        },
+    )
 
 
 def sample_records(peers: list[SimulatedPeer]) -> dict[str, list[float]]:
@@ -220,8 +280,9 @@ def sample_records(peers: list[SimulatedPeer]) -> dict[str, list[float]]:
     return samples
 
 
-def run_records(root: Path, peers: int, epochs: int, every: int, sweep: bool, audit_probability: float,
-                audit_window: int) -> list[Checkpoint]:
+def run_records(
+    root: Path, peers: int, epochs: int, every: int, sweep: bool, audit_probability: float, audit_window: int
+) -> list[Checkpoint]:
     from swarm.network.storage import install_sweeper, run_windows
 
     run_id = f"soak-{uuid.uuid4().hex[:8]}"
@@ -233,7 +294,9 @@ def run_records(root: Path, peers: int, epochs: int, every: int, sweep: bool, au
             simulated.append(SimulatedPeer(index, root, run_id, initial, audit_window))
             if sweep:
                 install_sweeper(simulated[-1].dht, run_windows(run_id, audit_window))
-        log(f"{peers} DHT nodes up in {time.monotonic() - started:.0f}s; {epochs} epochs, checkpoint every {every}")
+        log(
+            f"{peers} DHT nodes up in {time.monotonic() - started:.0f}s; {epochs} epochs, checkpoint every {every}"
+        )
         rng = random.Random(0)
         checkpoints = []
         pool = ThreadPoolExecutor(max_workers=peers, thread_name_prefix="soak")
@@ -243,9 +306,13 @@ def run_records(root: Path, peers: int, epochs: int, every: int, sweep: bool, au
                 time.sleep(0.5)  # let replication threads finish what this epoch woke them for
                 mean, top = summarize(sample_records(simulated))
                 storage = node_figures(simulated[0], run_id)
-                checkpoints.append(Checkpoint(epoch + 1, round(time.monotonic() - started, 1), mean, top, storage))
-                log(f"epoch {epoch + 1}: {time.monotonic() - started:.0f}s, RSS {mean}, node 0 holds "
-                    f"{storage['subkeys']} entries / {storage['heap']} heap entries / {storage['kb']} KB")
+                checkpoints.append(
+                    Checkpoint(epoch + 1, round(time.monotonic() - started, 1), mean, top, storage)
+                )
+                log(
+                    f"epoch {epoch + 1}: {time.monotonic() - started:.0f}s, RSS {mean}, node 0 holds "
+                    f"{storage['subkeys']} entries / {storage['heap']} heap entries / {storage['kb']} KB"
+                )
         pool.shutdown()
         return checkpoints
     finally:
@@ -262,7 +329,9 @@ def classify(root_pid: int) -> dict[str, list[int]]:
     its forked DHT process (the one with a p2pd child), averager (the other forks) and p2p daemon."""
     roles: dict[str, list[int]] = {role: [] for role in ("train", "dht", "averager", "p2pd")}
     try:
-        peers = [child for child in psutil.Process(root_pid).children() if "swarm.cli" in " ".join(child.cmdline())]
+        peers = [
+            child for child in psutil.Process(root_pid).children() if "swarm.cli" in " ".join(child.cmdline())
+        ]
     except psutil.Error:
         return roles
     for peer in peers:
@@ -288,20 +357,31 @@ def peer_epoch(workdir: Path) -> int:
         return 0
 
 
-def run_training(root: Path, peers: int, epochs: int, every: int, timeout: float,
-                 overrides: Sequence[str]) -> list[Checkpoint]:
+def run_training(
+    root: Path, peers: int, epochs: int, every: int, timeout: float, overrides: Sequence[str]
+) -> list[Checkpoint]:
     run_id = f"soak-{uuid.uuid4().hex[:8]}"
     workdir = root / "swarm"
-    sets = [item for pair in [f"run_id={run_id}", *PROTOCOL_SCHEDULE, *overrides] for item in ("--set", pair)]
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(peers), "--max-epochs", str(epochs),
-               "--workdir", str(workdir), "--plain", "--timeout", str(timeout), *sets]
+    settings = [f"run_id={run_id}", *PROTOCOL_SCHEDULE, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "swarm.cli",
+        *local_argv(workdir, peers, epochs, settings, "--timeout", str(timeout)),
+    ]
     environment = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
     started = time.monotonic()
     checkpoints: list[Checkpoint] = []
     workdir.mkdir(parents=True)
     with open(root / "local.log", "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=environment, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+            start_new_session=True,
+        )
     try:
         target = every
         while process.poll() is None and target <= epochs:
@@ -312,8 +392,10 @@ def run_training(root: Path, peers: int, epochs: int, every: int, timeout: float
             if epoch < target:
                 continue
             roles = classify(process.pid)
-            samples = {role: [value for pid in pids if (value := rss_mb(pid)) is not None]
-                       for role, pids in roles.items()}
+            samples = {
+                role: [value for pid in pids if (value := rss_mb(pid)) is not None]
+                for role, pids in roles.items()
+            }
             mean, top = summarize(samples)
             checkpoints.append(Checkpoint(epoch, round(time.monotonic() - started, 1), mean, top))
             log(f"epoch {epoch}: {time.monotonic() - started:.0f}s, RSS {mean}")
@@ -337,8 +419,10 @@ def print_tables(results: Results) -> None:
     from rich.table import Table
 
     roles = [role for role in ROLES if any(role in c.rss_mb for c in results.checkpoints)]
-    table = Table(title=f"RSS per process, mean over {results.peers} peers (MB); {results.mode} mode"
-                        f"{'' if results.sweep or results.mode == 'training' else ', no sweep'}")
+    table = Table(
+        title=f"RSS per process, mean over {results.peers} peers (MB); {results.mode} mode"
+        f"{'' if results.sweep or results.mode == 'training' else ', no sweep'}"
+    )
     table.add_column("epoch", justify="right")
     table.add_column("s", justify="right")
     for role in roles:
@@ -347,17 +431,27 @@ def print_tables(results: Results) -> None:
         for column in ("DHT entries", "heap", "KB"):
             table.add_column(column, justify="right")
     for checkpoint in results.checkpoints:
-        row = [str(checkpoint.epoch), f"{checkpoint.seconds:.0f}",
-               *(f"{checkpoint.rss_mb.get(role, 0):.1f}" for role in roles)]
+        row = [
+            str(checkpoint.epoch),
+            f"{checkpoint.seconds:.0f}",
+            *(f"{checkpoint.rss_mb.get(role, 0):.1f}" for role in roles),
+        ]
         if results.mode == "records":
-            row += [str(checkpoint.storage.get("subkeys")), str(checkpoint.storage.get("heap")),
-                    f"{checkpoint.storage.get('kb', 0):.0f}"]
+            row += [
+                str(checkpoint.storage.get("subkeys")),
+                str(checkpoint.storage.get("heap")),
+                f"{checkpoint.storage.get('kb', 0):.0f}",
+            ]
         table.add_row(*row)
     growth = results.growth()
     if growth:
         first, last = results.checkpoints[0].epoch, results.checkpoints[-1].epoch
-        table.add_row(f"{first}→{last}", "", *(f"{growth.get(role, 0) * 100:+.1f}%" for role in roles),
-                      *([""] * 3 if results.mode == "records" else []))
+        table.add_row(
+            f"{first}→{last}",
+            "",
+            *(f"{growth.get(role, 0) * 100:+.1f}%" for role in roles),
+            *([""] * 3 if results.mode == "records" else []),
+        )
     console = Console()
     console.print(table)
     if results.mode == "records" and results.checkpoints:
@@ -368,27 +462,46 @@ def print_tables(results: Results) -> None:
             named.add_row(name, str(figures["subkeys"]), str(figures["heap"]), str(figures["bytes"]))
         console.print(named)
     verdict = "flat" if results.flat() else "NOT flat"
-    console.print(f"growth target ≤ {TARGET_GROWTH:.0%} per role: {verdict}; load average at start "
-                  f"{results.load_average:.2f} on {os.cpu_count()} CPUs; took {results.runtime_s:.0f}s")
+    console.print(
+        f"growth target ≤ {TARGET_GROWTH:.0%} per role: {verdict}; load average at start "
+        f"{results.load_average:.2f} on {os.cpu_count()} CPUs; took {results.runtime_s:.0f}s"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--training", action="store_true", help="run a real swarm local instead of the records")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {QUICK_PEERS} peers, {QUICK_EPOCHS} epochs, every {QUICK_EVERY}")
+    parser.add_argument(
+        "--training", action="store_true", help="run a real swarm local instead of the records"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_PEERS} peers, {QUICK_EPOCHS} epochs, every {QUICK_EVERY}",
+    )
     parser.add_argument("--peers", type=int, help=f"peers (default {DEFAULT_PEERS})")
     parser.add_argument("--epochs", type=int, help=f"epochs (default {DEFAULT_EPOCHS}; training: 300)")
     parser.add_argument("--every", type=int, help=f"epochs between checkpoints (default {DEFAULT_EVERY})")
-    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
-                        help="records mode: do not install the DHT storage sweep (the state before the fix)")
+    parser.add_argument(
+        "--no-sweep",
+        dest="sweep",
+        action="store_false",
+        help="records mode: do not install the DHT storage sweep (the state before the fix)",
+    )
     parser.add_argument("--audit-probability", type=float, default=0.09, help="records mode (default 0.09)")
     parser.add_argument("--audit-window", type=int, default=3, help="records mode: verify.audit_window (3)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="training mode: config override for swarm local (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training mode: config override for swarm local (repeatable)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="training mode: seconds (default 1800)")
-    parser.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary dir, removed)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the files here (default: a temporary dir, removed)"
+    )
     args = parser.parse_args(argv)
     if args.peers is None:
         args.peers = QUICK_PEERS if args.quick else DEFAULT_PEERS
@@ -409,10 +522,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         root.mkdir(parents=True, exist_ok=True)
         if args.training:
-            checkpoints = run_training(root, args.peers, args.epochs, args.every, args.timeout, args.overrides)
+            checkpoints = run_training(
+                root, args.peers, args.epochs, args.every, args.timeout, args.overrides
+            )
         else:
-            checkpoints = run_records(root, args.peers, args.epochs, args.every, args.sweep,
-                                      args.audit_probability, args.audit_window)
+            checkpoints = run_records(
+                root,
+                args.peers,
+                args.epochs,
+                args.every,
+                args.sweep,
+                args.audit_probability,
+                args.audit_window,
+            )
     except BenchError as error:
         print(f"bench: error: {error}", file=sys.stderr)
         return 1
@@ -422,8 +544,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    results = Results("training" if args.training else "records", args.peers, args.epochs,
-                      args.sweep, checkpoints, time.monotonic() - started, round(load, 2))
+    results = Results(
+        "training" if args.training else "records",
+        args.peers,
+        args.epochs,
+        args.sweep,
+        checkpoints,
+        time.monotonic() - started,
+        round(load, 2),
+    )
     if args.json:
         print(json.dumps(results.as_json()))
     else:

@@ -27,10 +27,18 @@ from pathlib import Path
 
 from throughput import PROTOCOL_SCHEDULE
 
+from swarm.local import local_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = "swarm-default"
-SETTINGS = ["training.prompts_per_round=4", "training.num_generations=4", "averaging.peer_timeout=8",
-            "averaging.round_timeout=40", *PROTOCOL_SCHEDULE]  # GRPO rounds from epoch 0: audits, credit, weight
+# GRPO rounds from epoch 0: audits, credit, weight
+SETTINGS = [
+    "training.prompts_per_round=4",
+    "training.num_generations=4",
+    "averaging.peer_timeout=8",
+    "averaging.round_timeout=40",
+    *PROTOCOL_SCHEDULE,
+]
 
 
 def _env() -> dict[str, str]:
@@ -41,13 +49,17 @@ def _env() -> dict[str, str]:
 
 def run_swarm(root: Path, peers: int, epochs: int, sybils: int) -> dict:
     """One ``swarm local`` run (with ``sybils`` identities announcing from the start when > 0); its figures."""
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(peers), "--max-epochs", str(epochs),
-               "--plain", "--workdir", str(root), "--timeout", str(30 * epochs + 300)]
-    for setting in SETTINGS:
-        command += ["--set", setting]
+    argv = local_argv(root, peers, epochs, SETTINGS, "--timeout", str(30 * epochs + 300))
+    command = [sys.executable, "-m", "swarm.cli", *argv]
     started = time.monotonic()
-    swarm = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    swarm = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     client = None
     try:
         if sybils:
@@ -56,9 +68,24 @@ def run_swarm(root: Path, peers: int, epochs: int, sybils: int) -> dict:
                 if swarm.poll() is not None or time.monotonic() - started > 180:
                     raise SystemExit(f"bench/sybil.py: peer_0 did not start (see {root})")
                 time.sleep(0.3)
-            client = subprocess.Popen([sys.executable, "-m", "tests.sybil_client", address_file.read_text().split()[0],
-                                       RUN_ID, "--identities", str(sybils), "--mode", "mixed"], cwd=ROOT, env=_env(),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            client = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.sybil_client",
+                    address_file.read_text().split()[0],
+                    RUN_ID,
+                    "--identities",
+                    str(sybils),
+                    "--mode",
+                    "mixed",
+                ],
+                cwd=ROOT,
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         code = swarm.wait(timeout=30 * epochs + 360)
     finally:
         for process in (client, swarm):
@@ -75,36 +102,65 @@ def run_swarm(root: Path, peers: int, epochs: int, sybils: int) -> dict:
         ids.add(summary["peer_id"])
         for line in (workdir / "metrics.jsonl").read_text().splitlines():
             record = json.loads(line)
-            durations.append(record["compute_s"] + record["sync_s"] + record["audit_s"])
-            averaged += record["outcome"] == "averaged"
+            durations.append(
+                record["train"]["compute_s"]
+                + record["swarm"]["sync_s"]
+                + record.get("verify", {}).get("audit_s", 0)
+            )
+            averaged += record["swarm"]["outcome"] == "averaged"
             rounds += 1
-        loads += re.findall(r"loaded epoch \d+ from (\w+)", (workdir / "stdout.log").read_text(errors="replace"))
-    return dict(median_epoch_s=round(statistics.median(durations), 3), mean_epoch_s=round(statistics.mean(durations), 3),
-                averaged_share=round(averaged / max(1, rounds), 3), one_checksum=len(checksums) == 1,
-                foreign_loads=sum(peer not in ids for peer in loads), wall_s=round(time.monotonic() - started, 1))
+        loads += re.findall(
+            r"loaded epoch \d+ from (\w+)", (workdir / "stdout.log").read_text(errors="replace")
+        )
+    return dict(
+        median_epoch_s=round(statistics.median(durations), 3),
+        mean_epoch_s=round(statistics.mean(durations), 3),
+        averaged_share=round(averaged / max(1, rounds), 3),
+        one_checksum=len(checksums) == 1,
+        foreign_loads=sum(peer not in ids for peer in loads),
+        wall_s=round(time.monotonic() - started, 1),
+    )
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still kills the swarms it started
+    # a killed benchmark still kills the swarms it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--sybils", type=int, default=30, help="Sybil identities (default 30: 10 per honest peer)")
+    parser.add_argument(
+        "--sybils", type=int, default=30, help="Sybil identities (default 30: 10 per honest peer)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="swarm-bench-sybil-") as folder:
         baseline = run_swarm(Path(folder) / "baseline", args.peers, args.epochs, 0)
         attacked = run_swarm(Path(folder) / "sybils", args.peers, args.epochs, args.sybils)
-    figures = dict(peers=args.peers, epochs=args.epochs, sybils=args.sybils, baseline=baseline, sybil=attacked,
-                   median_added_s=round(attacked["median_epoch_s"] - baseline["median_epoch_s"], 3),
-                   median_ratio=round(attacked["median_epoch_s"] / max(1e-9, baseline["median_epoch_s"]), 3))
+    figures = dict(
+        peers=args.peers,
+        epochs=args.epochs,
+        sybils=args.sybils,
+        baseline=baseline,
+        sybil=attacked,
+        median_added_s=round(attacked["median_epoch_s"] - baseline["median_epoch_s"], 3),
+        median_ratio=round(attacked["median_epoch_s"] / max(1e-9, baseline["median_epoch_s"]), 3),
+    )
     if args.json:
         print(json.dumps(figures, indent=2))
         return
-    print(f"{args.peers} honest peers, {args.epochs} epochs, {args.sybils} Sybil identities (mixed: ahead, busy, "
-          "lagging)")
+    print(
+        f"{args.peers} honest peers, {args.epochs} epochs, {args.sybils} Sybil identities (mixed: ahead, busy, "
+        "lagging)"
+    )
     print(f"{'figure':<28}{'baseline':>12}{'with Sybils':>14}")
-    for key in ("median_epoch_s", "mean_epoch_s", "averaged_share", "one_checksum", "foreign_loads", "wall_s"):
+    for key in (
+        "median_epoch_s",
+        "mean_epoch_s",
+        "averaged_share",
+        "one_checksum",
+        "foreign_loads",
+        "wall_s",
+    ):
         print(f"{key:<28}{baseline[key]!s:>12}{attacked[key]!s:>14}")
     print(f"median epoch: +{figures['median_added_s']} s (ratio {figures['median_ratio']})")
 

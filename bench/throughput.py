@@ -182,8 +182,17 @@ class Runner:
         """``swarm local`` with ``peers`` peers; returns the peers' work directories."""
         workdir = self._fresh_dir(name)
         command = [
-            "local", "--peers", str(peers), "--max-epochs", str(epochs), "--workdir", str(workdir), "--plain",
-            "--timeout", str(self.timeout), *self._sets(name, overrides),
+            "local",
+            "--peers",
+            str(peers),
+            "--max-epochs",
+            str(epochs),
+            "--workdir",
+            str(workdir),
+            "--plain",
+            "--timeout",
+            str(self.timeout),
+            *self._sets(name, overrides),
         ]
         # swarm local stops its own peers at --timeout, and needs some grace to do so before it is stopped
         self._run(name, command, workdir, self.timeout + STOP_GRACE_S)
@@ -208,7 +217,10 @@ class Runner:
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "swarm.cli", *arguments],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
                 start_new_session=True,  # its own process group, to stop it with everything it started
             )
             try:
@@ -281,16 +293,20 @@ def check_leftover_daemons(count_before: int, tag: str) -> None:
         time.sleep(0.5)
     count_after = len(p2pd_pids())
     if ours:
-        log(f"WARNING: {len(ours)} p2pd daemon(s) started by this benchmark outlived their peers "
-            f"(pids {', '.join(map(str, ours))}); killing them")
+        log(
+            f"WARNING: {len(ours)} p2pd daemon(s) started by this benchmark outlived their peers "
+            f"(pids {', '.join(map(str, ours))}); killing them"
+        )
         for pid in ours:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     elif count_after > count_before:
-        log(f"WARNING: {count_after} p2pd processes now, {count_before} before the benchmark "
-            f"(none of them started by it: another swarm is running on this machine)")
+        log(
+            f"WARNING: {count_after} p2pd processes now, {count_before} before the benchmark "
+            f"(none of them started by it: another swarm is running on this machine)"
+        )
 
 
 # ---- reading the figures -----------------------------------------------------------------------------------
@@ -312,11 +328,11 @@ def read_metrics(workdir: Path) -> list[EpochMetrics]:
 def _epoch_metrics(item: dict[str, Any]) -> EpochMetrics:
     return EpochMetrics(
         epoch=int(item["epoch"]),
-        outcome=str(item["outcome"]),
-        samples=int(item["samples"]),
-        compute_s=float(item["compute_s"]),
-        sync_s=float(item["sync_s"]),
-        bytes_sent=int(item["bytes_sent"]),
+        outcome=str(item["swarm"]["outcome"]),
+        samples=int(item["train"]["samples"]),
+        compute_s=float(item["train"]["compute_s"]),
+        sync_s=float(item["swarm"]["sync_s"]),
+        bytes_sent=int(item["swarm"]["bytes_sent"]),
     )
 
 
@@ -345,8 +361,10 @@ def averaged_payload(peers: Sequence[list[EpochMetrics]], compression: str) -> P
     sent = [record.bytes_sent for records in peers for record in records if record.outcome == "averaged"]
     if not sent:
         outcomes = sorted({record.outcome for records in peers for record in records})
-        raise BenchError(f"compression {compression}: no round was averaged "
-                         f"(outcomes: {', '.join(outcomes)}), so there is no payload to measure")
+        raise BenchError(
+            f"compression {compression}: no round was averaged "
+            f"(outcomes: {', '.join(outcomes)}), so there is no payload to measure"
+        )
     return Payload(mean=round(sum(sent) / len(sent)), smallest=min(sent), largest=max(sent), rounds=len(sent))
 
 
@@ -406,8 +424,10 @@ def measure_swarm(runner: Runner, peers: int, epochs: int) -> SwarmMeasurement:
     log(f"swarm: {peers} peers, {epochs} epochs")
     workdirs = runner.swarm("swarm", peers, epochs)
     per_peer = [read_metrics(workdir) for workdir in workdirs]
-    rates = [samples_per_s(measured(records, epochs), f"swarm {workdir.name}")
-             for records, workdir in zip(per_peer, workdirs)]
+    rates = [
+        samples_per_s(measured(records, epochs), f"swarm {workdir.name}")
+        for records, workdir in zip(per_peer, workdirs)
+    ]
     everything = [record for records in per_peer for record in measured(records, epochs)]
     return SwarmMeasurement(
         samples_per_s_per_peer=sum(rates) / len(rates),
@@ -427,8 +447,9 @@ def measure_bytes(runner: Runner, uncompressed: list[list[EpochMetrics]] | None)
             log("bytes-none: the swarm run already was one (2 peers, 2 epochs, no compression)")
         else:
             log(f"bytes-{compression}: {BYTES_PEERS} peers, {BYTES_EPOCHS} epochs, compression {compression}")
-            workdirs = runner.swarm(f"bytes-{compression}", BYTES_PEERS, BYTES_EPOCHS,
-                                    [f"averaging.compression={compression}"])
+            workdirs = runner.swarm(
+                f"bytes-{compression}", BYTES_PEERS, BYTES_EPOCHS, [f"averaging.compression={compression}"]
+            )
             per_peer = [read_metrics(workdir) for workdir in workdirs]
             count_outcomes(per_peer, f"bytes-{compression}")
         payloads[compression] = averaged_payload(per_peer, compression)
@@ -454,9 +475,15 @@ def run_benchmark(root: Path, peers: int, epochs: int, timeout: float) -> Result
     finally:
         check_leftover_daemons(p2pd_before, runner.tag)
     return Results(
-        params=params, solo_samples_per_s=solo, peers=peers, epochs=epochs,
-        samples_per_s_per_peer=swarm.samples_per_s_per_peer, compute_fraction=swarm.compute_fraction,
-        outcomes=swarm.outcomes, payloads=payloads, load_average=load_average,
+        params=params,
+        solo_samples_per_s=solo,
+        peers=peers,
+        epochs=epochs,
+        samples_per_s_per_peer=swarm.samples_per_s_per_peer,
+        compute_fraction=swarm.compute_fraction,
+        outcomes=swarm.outcomes,
+        payloads=payloads,
+        load_average=load_average,
         runtime_s=round(time.monotonic() - started, 1),
     )
 
@@ -471,10 +498,18 @@ def throughput_table(results: Results) -> Table:
     for column in ("run", "samples/s", "vs solo", "compute fraction"):
         table.add_column(column, justify="left" if column == "run" else "right")
     table.add_row("solo (1 peer)", f"{results.solo_samples_per_s:.1f}", "1.00", "")
-    table.add_row(f"swarm, per peer ({results.peers} peers)", f"{results.samples_per_s_per_peer:.1f}",
-                  f"{ratios['per_peer_vs_solo']:.2f}", f"{results.compute_fraction:.1%}")
-    table.add_row(f"swarm, aggregate ({results.peers} peers)", f"{results.aggregate_samples_per_s:.1f}",
-                  f"{ratios['aggregate_vs_solo']:.2f}", "")
+    table.add_row(
+        f"swarm, per peer ({results.peers} peers)",
+        f"{results.samples_per_s_per_peer:.1f}",
+        f"{ratios['per_peer_vs_solo']:.2f}",
+        f"{results.compute_fraction:.1%}",
+    )
+    table.add_row(
+        f"swarm, aggregate ({results.peers} peers)",
+        f"{results.aggregate_samples_per_s:.1f}",
+        f"{ratios['aggregate_vs_solo']:.2f}",
+        "",
+    )
     outcomes = ", ".join(f"{count} {outcome}" for outcome, count in sorted(results.outcomes.items()))
     table.caption = f"swarm peer-rounds: {outcomes}"
     return table
@@ -489,11 +524,22 @@ def payload_table(results: Results) -> Table:
         table.add_column(column, justify="left" if column == "compression" else "right")
     for name in COMPRESSIONS:
         stats = results.payloads[name]
-        table.add_row(name, f"{stats.mean:,}", f"{ratios[f'{name}_vs_none']:.3f}",
-                      f"{stats.smallest:,}-{stats.largest:,}", str(stats.rounds))
+        table.add_row(
+            name,
+            f"{stats.mean:,}",
+            f"{ratios[f'{name}_vs_none']:.3f}",
+            f"{stats.smallest:,}-{stats.largest:,}",
+            str(stats.rounds),
+        )
     theory = results.theoretical_fp32_bytes
-    table.add_row("fp32 theory, 4 B/param", f"{theory:,}", f"{theory / results.payloads['none'].mean:.3f}",
-                  "", "", style="dim")
+    table.add_row(
+        "fp32 theory, 4 B/param",
+        f"{theory:,}",
+        f"{theory / results.payloads['none'].mean:.3f}",
+        "",
+        "",
+        style="dim",
+    )
     if any(stats.largest > stats.smallest for stats in results.payloads.values()):
         table.caption = "max > min: some all-reduce was retried, and every attempt's bytes count"
     return table
@@ -505,10 +551,14 @@ def print_tables(results: Results) -> None:
     console = Console()
     console.print(throughput_table(results))
     console.print(payload_table(results))
-    console.print(f"model: {results.params:,} parameters; measured none / fp32 theory = "
-                  f"{results.ratios()['none_vs_theoretical']:.3f}")
-    console.print(f"load average at start {results.load_average:.2f} on {os.cpu_count()} CPUs; "
-                  f"benchmark took {results.runtime_s:.0f}s")
+    console.print(
+        f"model: {results.params:,} parameters; measured none / fp32 theory = "
+        f"{results.ratios()['none_vs_theoretical']:.3f}"
+    )
+    console.print(
+        f"load average at start {results.load_average:.2f} on {os.cpu_count()} CPUs; "
+        f"benchmark took {results.runtime_s:.0f}s"
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -516,14 +566,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--peers", type=int, help=f"peers in the swarm run (default {DEFAULT_PEERS})")
-    parser.add_argument("--epochs", type=int,
-                        help=f"epochs of the solo and swarm runs (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: {QUICK_PEERS} peers, {QUICK_EPOCHS} epochs unless given")
-    parser.add_argument("--workdir", type=Path,
-                        help="keep the runs' files here (default: a temporary dir, removed at the end)")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds each run may take (default 600)")
+    parser.add_argument(
+        "--epochs", type=int, help=f"epochs of the solo and swarm runs (default {DEFAULT_EPOCHS})"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_PEERS} peers, {QUICK_EPOCHS} epochs unless given",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the runs' files here (default: a temporary dir, removed at the end)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds each run may take (default 600)"
+    )
     args = parser.parse_args(argv)
     if args.peers is None:
         args.peers = QUICK_PEERS if args.quick else DEFAULT_PEERS

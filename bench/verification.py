@@ -145,14 +145,18 @@ class World:
         return self.recipe.assigned_rows(RUN_ID, self.peer(peer), epoch, ROWS_PER_PEER[peer % 2])
 
     def unassigned_rows(self, epoch: int, peer: int) -> list[dict[str, Any]]:
-        return self.recipe.assigned_rows(RUN_ID, f"{self.peer(peer)}/unassigned", epoch, ROWS_PER_PEER[peer % 2])
+        return self.recipe.assigned_rows(
+            RUN_ID, f"{self.peer(peer)}/unassigned", epoch, ROWS_PER_PEER[peer % 2]
+        )
 
     def at(self, epoch: int) -> torch.nn.Module:
         """The model, loaded with the shared state of ``epoch``."""
         self.model.load_state_dict(self.states[epoch])
         return self.model
 
-    def replay(self, contribution: Contribution, rows: list[dict[str, Any]], tolerance: float) -> ReplayResult:
+    def replay(
+        self, contribution: Contribution, rows: list[dict[str, Any]], tolerance: float
+    ) -> ReplayResult:
         """An audit as a peer runs it: a :class:`~swarm.verify.replay.Replayer` on the model (one per world)."""
         if self.replayer is None:
             self.replayer = Replayer(self.model, self.tokenizer, self.recipe)
@@ -222,9 +226,13 @@ def measure_attack(world: World, name: str) -> AttackFigures:
             generator=torch.Generator().manual_seed(seed),
         )
         settings = GRPOSettings(
-            num_generations=NUM_GENERATIONS, seed=seed, micro_batch_size=ATTACK_SPLITS[index % len(ATTACK_SPLITS)]
+            num_generations=NUM_GENERATIONS,
+            seed=seed,
+            micro_batch_size=ATTACK_SPLITS[index % len(ATTACK_SPLITS)],
         )
-        contribution = cheating_contribution(attack, world.at(epoch), world.tokenizer, world.recipe, context, settings)
+        contribution = cheating_contribution(
+            attack, world.at(epoch), world.tokenizer, world.recipe, context, settings
+        )
         figures.captures += 1
         for count in AUDIT_THREADS:
             with threads(count):
@@ -266,8 +274,9 @@ def measure_honest(world: World) -> HonestFigures:
         choice = random.Random(stable_seed("honest", index))
         epoch, peer = choice.randrange(sizes.epochs), choice.randrange(sizes.peers)
         split = HONEST_SPLITS[index % len(HONEST_SPLITS)]
-        settings = GRPOSettings(num_generations=NUM_GENERATIONS, seed=stable_seed("honest-seed", index),
-                                micro_batch_size=split)
+        settings = GRPOSettings(
+            num_generations=NUM_GENERATIONS, seed=stable_seed("honest-seed", index), micro_batch_size=split
+        )
         rows = world.rows(epoch, peer)
         model = world.at(epoch)
         with threads(AUDIT_THREADS[index % len(AUDIT_THREADS)]):  # the peer's own thread count
@@ -304,11 +313,16 @@ def measure_precision(world: World) -> dict[str, list[float]]:
     for dtype, label in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for index in range(sizes.precision_captures):
             epoch, peer = index % sizes.epochs, index % sizes.peers
-            settings = GRPOSettings(num_generations=NUM_GENERATIONS, seed=stable_seed(label, index),
-                                    micro_batch_size=HONEST_SPLITS[index % len(HONEST_SPLITS)])
+            settings = GRPOSettings(
+                num_generations=NUM_GENERATIONS,
+                seed=stable_seed(label, index),
+                micro_batch_size=HONEST_SPLITS[index % len(HONEST_SPLITS)],
+            )
             rows = world.rows(epoch, peer)
             with threads(AUDIT_THREADS[index % len(AUDIT_THREADS)]), autocast(dtype):
-                contribution = capture_contribution(world.at(epoch), world.tokenizer, world.recipe, rows, settings)
+                contribution = capture_contribution(
+                    world.at(epoch), world.tokenizer, world.recipe, rows, settings
+                )
             for replay_dtype, replay_label in ((None, "fp32"), (dtype, label)):
                 for count in AUDIT_THREADS:
                     with threads(count), autocast(replay_dtype):
@@ -331,7 +345,9 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
         settings = GRPOSettings(
             num_generations=training.num_generations,
             max_completion_length=completion_length or world.recipe.max_completion_length,
-            temperature=training.temperature, seed=stable_seed("timing", index), learning_rate=training.learning_rate,
+            temperature=training.temperature,
+            seed=stable_seed("timing", index),
+            learning_rate=training.learning_rate,
         )
         started = time.perf_counter()
         contribution = capture_contribution(model, world.tokenizer, world.recipe, rows, settings)
@@ -339,15 +355,23 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
         result = world.replay(contribution, rows, GRADIENT_TOLERANCE["fp32"])
         ended = time.perf_counter()
         if not result.passed:
-            raise BenchError(f"an honest timing step failed its replay: {result.verdict.value} {result.error:.3e}")
+            raise BenchError(
+                f"an honest timing step failed its replay: {result.verdict.value} {result.error:.3e}"
+            )
         if index:  # the first pair is a warm-up
             train.append(middle - started)
             audit.append(ended - middle)
-    return {"train_s": statistics.mean(train), "replay_s": statistics.mean(audit),
-            "train_median_s": statistics.median(train), "replay_median_s": statistics.median(audit),
-            "steps": len(train), "replays": len(audit), "rows": len(rows),
-            "completions": len(rows) * training.num_generations,
-            "completion_length": completion_length or world.recipe.max_completion_length}
+    return {
+        "train_s": statistics.mean(train),
+        "replay_s": statistics.mean(audit),
+        "train_median_s": statistics.median(train),
+        "replay_median_s": statistics.median(audit),
+        "steps": len(train),
+        "replays": len(audit),
+        "rows": len(rows),
+        "completions": len(rows) * training.num_generations,
+        "completion_length": completion_length or world.recipe.max_completion_length,
+    }
 
 
 def steps_to_catch(p: float, detection: float, confidence: float = 0.99) -> float:
@@ -387,7 +411,9 @@ class Results:
         precision = {"fp32 capture, fp32 replay": distribution(self.honest.errors)}
         precision.update({name: distribution(errors) for name, errors in self.precision.items()})
         return {
-            "attacks": {name: {"audits": f.audits, "detected": f.detected} for name, f in self.attacks.items()},
+            "attacks": {
+                name: {"audits": f.audits, "detected": f.detected} for name, f in self.attacks.items()
+            },
             "honest": {"audits": self.honest.audits, "false_positives": self.honest.false_positives},
             "overhead_fraction": self.p * self.raw_ratio,
             "contributions_to_catch_p99": steps_to_catch(self.p, self.lowest_detection),
@@ -400,7 +426,8 @@ class Results:
                 "timing_before_gc_freeze": self.timing_unfrozen,
                 "honest_phase_timing": self.honest.timing(),
                 "timing_longer_completions": self.timing_longer,
-                "overhead_fraction_longer_completions": self.p * self.timing_longer["replay_s"]
+                "overhead_fraction_longer_completions": self.p
+                * self.timing_longer["replay_s"]
                 / self.timing_longer["train_s"],
                 "attacks": {name: f.as_json() for name, f in self.attacks.items()},
                 "honest": {
@@ -444,14 +471,24 @@ def run_benchmark(root: Path, sizes: Sizes, p: float, attacks: Sequence[str]) ->
     log(f"honest: {honest.false_positives}/{honest.audits} false positives in {phase_s['honest']}s")
     timing = phase("timing", lambda: measure_timing(world, sizes.timing_steps))
     longer = phase("timing_longer", lambda: measure_timing(world, sizes.timing_steps, LONGER_COMPLETIONS))
-    log(f"timing: train {timing['train_s'] * 1e3:.0f} ms, replay {timing['replay_s'] * 1e3:.0f} ms per step"
-        f" (before gc.freeze: {unfrozen['train_s'] * 1e3:.0f} / {unfrozen['replay_s'] * 1e3:.0f} ms)")
+    log(
+        f"timing: train {timing['train_s'] * 1e3:.0f} ms, replay {timing['replay_s'] * 1e3:.0f} ms per step"
+        f" (before gc.freeze: {unfrozen['train_s'] * 1e3:.0f} / {unfrozen['replay_s'] * 1e3:.0f} ms)"
+    )
     precision = phase("precision", lambda: measure_precision(world))
     log(f"precision: done in {phase_s['precision']}s")
     return Results(
-        p=p, sizes=sizes, attacks=figures, honest=honest, precision=precision, timing=timing,
-        timing_unfrozen=unfrozen, timing_longer=longer, runtime_s=round(time.monotonic() - started, 1),
-        load_average=load_average, phase_s=phase_s,
+        p=p,
+        sizes=sizes,
+        attacks=figures,
+        honest=honest,
+        precision=precision,
+        timing=timing,
+        timing_unfrozen=unfrozen,
+        timing_longer=longer,
+        runtime_s=round(time.monotonic() - started, 1),
+        load_average=load_average,
+        phase_s=phase_s,
     )
 
 
@@ -468,30 +505,54 @@ def print_tables(results: Results) -> None:
     data = results.as_json()
     per_capture = len(AUDIT_THREADS)
     table = Table(title=f"Attacks: detection by replay ({per_capture} audits per capture: 1 and 2 threads)")
-    for column in ("attack", "expected verdict", "captures", "audits", "detected", "rate", "verdicts",
-                   "min error"):
-        table.add_column(column, justify="left" if column in ("attack", "expected verdict", "verdicts") else "right")
+    for column in (
+        "attack",
+        "expected verdict",
+        "captures",
+        "audits",
+        "detected",
+        "rate",
+        "verdicts",
+        "min error",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("attack", "expected verdict", "verdicts") else "right"
+        )
     for name, figures in results.attacks.items():
         verdicts = ", ".join(f"{count} {kind}" for kind, count in sorted(figures.verdicts.items()))
-        table.add_row(name, figures.expected, str(figures.captures), str(figures.audits), str(figures.detected),
-                      f"{figures.detected / figures.audits:.1%}", verdicts,
-                      _error(min(figures.errors) if figures.errors else None))
+        table.add_row(
+            name,
+            figures.expected,
+            str(figures.captures),
+            str(figures.audits),
+            str(figures.detected),
+            f"{figures.detected / figures.audits:.1%}",
+            verdicts,
+            _error(min(figures.errors) if figures.errors else None),
+        )
     console.print(table)
 
     honest = results.honest
     table = Table(title="Honest peers (threads 1/2, micro-batch split none/8/4/2, recorded order)")
     for column in ("captures", "audits", "false positives", "verdicts"):
         table.add_column(column, justify="right")
-    table.add_row(str(honest.captures), str(honest.audits), str(honest.false_positives),
-                  ", ".join(f"{count} {kind}" for kind, count in sorted(honest.verdicts.items())))
+    table.add_row(
+        str(honest.captures),
+        str(honest.audits),
+        str(honest.false_positives),
+        ", ".join(f"{count} {kind}" for kind, count in sorted(honest.verdicts.items())),
+    )
     console.print(table)
 
-    table = Table(title="Honest relative L2 error by precision (fp32 tolerance: "
-                        f"{GRADIENT_TOLERANCE['fp32']:.0e})")
+    table = Table(
+        title=f"Honest relative L2 error by precision (fp32 tolerance: {GRADIENT_TOLERANCE['fp32']:.0e})"
+    )
     for column in ("capture, replay", "replays", "max", "p99", "median"):
         table.add_column(column, justify="left" if column == "capture, replay" else "right")
     for name, stats in data["details"]["relative_error"].items():
-        table.add_row(name, str(stats["n"]), _error(stats["max"]), _error(stats["p99"]), _error(stats["median"]))
+        table.add_row(
+            name, str(stats["n"]), _error(stats["max"]), _error(stats["p99"]), _error(stats["median"])
+        )
     console.print(table)
 
     timing = results.timing
@@ -521,8 +582,10 @@ def print_tables(results: Results) -> None:
         f"before gc.freeze: training step {before['train_s'] * 1e3:.0f} ms, replay {before['replay_s'] * 1e3:.0f} ms"
         " (accelerate's gc.collect per Trainer.train)"
     )
-    console.print(f"load average at start {results.load_average:.2f} on {os.cpu_count()} CPUs; "
-                  f"benchmark took {results.runtime_s:.0f}s")
+    console.print(
+        f"load average at start {results.load_average:.2f} on {os.cpu_count()} CPUs; "
+        f"benchmark took {results.runtime_s:.0f}s"
+    )
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -531,9 +594,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--quick", action="store_true", help="smoke run: a few audits of each kind")
     default_p = VerifyConfig().audit_probability
-    parser.add_argument("--p", type=float, default=default_p,
-                        help=f"audit probability (default: the config's verify.audit_probability, {default_p:g})")
-    parser.add_argument("--captures", type=int, help=f"cheating captures per attack (default {FULL.captures})")
+    parser.add_argument(
+        "--p",
+        type=float,
+        default=default_p,
+        help=f"audit probability (default: the config's verify.audit_probability, {default_p:g})",
+    )
+    parser.add_argument(
+        "--captures", type=int, help=f"cheating captures per attack (default {FULL.captures})"
+    )
     parser.add_argument("--honest", type=int, help=f"honest captures (default {FULL.honest})")
     parser.add_argument("--attacks", help="comma-separated attack names (default: all)")
     args = parser.parse_args(argv)

@@ -12,7 +12,9 @@ from swarm.recipe import Recipe
 
 
 def correct(prompts, completions, answer, **_):
-    return [1.0 if completion.strip() == expected else 0.0 for completion, expected in zip(completions, answer)]
+    return [
+        1.0 if completion.strip() == expected else 0.0 for completion, expected in zip(completions, answer)
+    ]
 
 
 def number_format(prompts, completions, **_):

@@ -51,10 +51,14 @@ def read_pairs(path: Path, prompt_field: str, completion_field: str) -> list[tup
             raise UserError(f"{path} line {number}: expected a JSON object, got {type(item).__name__}")
         for field in (prompt_field, completion_field):
             if field not in item:
-                raise UserError(f"{path} line {number}: missing field {field!r} (has: {', '.join(item) or 'none'})")
+                raise UserError(
+                    f"{path} line {number}: missing field {field!r} (has: {', '.join(item) or 'none'})"
+                )
             if not isinstance(item[field], str):
-                raise UserError(f"{path} line {number}: field {field!r} must be a string, "
-                                f"got {type(item[field]).__name__}")
+                raise UserError(
+                    f"{path} line {number}: field {field!r} must be a string, "
+                    f"got {type(item[field]).__name__}"
+                )
         pairs.append((item[prompt_field], item[completion_field]))
     if not pairs:
         raise UserError(f"JSONL file {path} has no rows")
@@ -63,13 +67,18 @@ def read_pairs(path: Path, prompt_field: str, completion_field: str) -> list[tup
 
 def exact_match(prompts, completions, answer, **_):
     """1.0 when the completion equals the file's completion (spaces around either ignored), else 0.0."""
-    return [1.0 if completion.strip() == expected.strip() else 0.0 for completion, expected in zip(completions, answer)]
+    return [
+        1.0 if completion.strip() == expected.strip() else 0.0
+        for completion, expected in zip(completions, answer)
+    ]
 
 
 def build(options: dict[str, Any]) -> Recipe:
     if not options.get("path"):
-        raise UserError("option 'path' is required: the JSONL file to train on "
-                        "(--set recipe.options='{path: FILE}')", exit_code=2)
+        raise UserError(
+            "option 'path' is required: the JSONL file to train on (--set recipe.options='{path: FILE}')",
+            exit_code=2,
+        )
     path = Path(str(options["path"])).expanduser()
     prompt_field = str(options.get("prompt_field", "prompt"))
     completion_field = str(options.get("completion_field", "completion"))
@@ -81,14 +90,18 @@ def build(options: dict[str, Any]) -> Recipe:
     max_completion_length = int(options.get("max_completion_length", min(256, max(16, longest + 1))))
 
     if trainer == "sft":
+
         def make_example(rng: random.Random) -> dict[str, Any]:
             prompt, completion = pairs[rng.randrange(len(pairs))]
             return {"prompt": prompt, "completion": completion}
+
         reward_funcs = []
     else:
+
         def make_example(rng: random.Random) -> dict[str, Any]:
             prompt, completion = pairs[rng.randrange(len(pairs))]
             return {"prompt": prompt, "answer": completion}  # TRL keeps "completion" for its own use
+
         reward_funcs = [exact_match]
 
     return Recipe(
@@ -98,5 +111,9 @@ def build(options: dict[str, Any]) -> Recipe:
         reward_funcs=reward_funcs,
         alphabet=None,
         max_completion_length=max_completion_length,
-        metadata={"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": len(pairs)},
+        metadata={
+            "path": str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "rows": len(pairs),
+        },
     )

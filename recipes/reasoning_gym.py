@@ -127,7 +127,9 @@ def build(options: dict[str, Any]) -> Recipe:
 
     def short_answer(prompts, completions, **_):
         """Up to 0.1 for a short one-line answer, so a fresh model's completions already differ in reward."""
-        return [0.1 if 0 < len(text := extract_answer(c)) <= 12 and "\n" not in text else 0.0 for c in completions]
+        return [
+            0.1 if 0 < len(text := extract_answer(c)) <= 12 and "\n" not in text else 0.0 for c in completions
+        ]
 
     def reference_answer(row: dict[str, Any]) -> str:
         """reasoning-gym's own answer to the row's item: what an SFT warm start trains on."""

@@ -13,23 +13,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from swarm.arguments import add_config_options, config_from_args, explicit_keys
 from swarm.doctor import add_doctor_parser, run_doctor
 from swarm.errors import UserError
 from swarm.export import add_export_parser, run_export
 from swarm.ledger.cli import add_ledger_parser, run_ledger
 from swarm.recipe_cli import add_recipe_parser, run_recipe
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file (default: configs/default.yaml)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)",
-    )
-    parser.add_argument("--recipe", help="recipe name or path to a recipe .py file (recipe.name)")
-    parser.add_argument("--max-epochs", type=int, help="stop after this swarm epoch (training.max_epochs)")
-    parser.add_argument("--workdir", type=Path, help="work directory: identity, checkpoints, logs (workdir)")
-    parser.add_argument("--summary", type=Path, help="write the run summary JSON here at the end")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="start a peer: join a swarm, or start one")
-    _add_config_options(run)
+    add_config_options(run)
     run.add_argument(
-        "--join", action="append", default=[], metavar="MULTIADDR",
+        "--join",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
         help="multiaddress of a peer to join (repeatable; also SWARM_INITIAL_PEERS, network.initial_peers)",
     )
     run.add_argument(
-        "--tier", choices=["auto", "cpu", "gpu-8gb", "gpu-12gb", "gpu-24gb"],
+        "--tier",
+        choices=["auto", "cpu", "gpu-8gb", "gpu-12gb", "gpu-24gb"],
         help="use configs/TIER.yaml; auto: detect the hardware and pick one (what ./launch.sh does)",
     )
     run.add_argument("--expected-peers", type=int, default=1, help="wait for this many peers before epoch 0")
@@ -55,59 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plain", action="store_true", help="log lines instead of the live dashboard")
     run.add_argument("--quiet", action="store_true", help="only warnings and errors on the terminal")
 
-    local = commands.add_parser("local", help="simulate a swarm: N peers as separate processes on this machine")
-    _add_config_options(local)
+    local = commands.add_parser(
+        "local", help="simulate a swarm: N peers as separate processes on this machine"
+    )
+    add_config_options(local)
     local.add_argument("--peers", type=int, default=3, help="number of peers (default 3)")
-    local.add_argument("--cheaters", type=int, default=1,
-                       help="with verify.attack: how many peers (the last ones) cheat (default 1)")
+    local.add_argument(
+        "--cheaters",
+        type=int,
+        default=1,
+        help="with verify.attack: how many peers (the last ones) cheat (default 1)",
+    )
     local.add_argument("--timeout", type=float, help="kill the simulation after this many seconds")
     local.add_argument("--plain", action="store_true", help="print progress lines instead of a live table")
 
     config = commands.add_parser("config", help="print the effective configuration as YAML")
-    _add_config_options(config)
+    add_config_options(config)
     add_ledger_parser(commands)
     add_doctor_parser(commands)
     add_recipe_parser(commands)
     add_export_parser(commands)
     return parser
-
-
-def config_from_args(args: argparse.Namespace):
-    from swarm.config import load_config
-
-    overrides = list(args.overrides)
-    if args.recipe:
-        overrides.append(f"recipe.name={args.recipe}")
-        if load_config(args.config, []).recipe.name != args.recipe:
-            # the config file's options are its own recipe's, not this one's (options set with --set still apply)
-            overrides.insert(0, "recipe.options={}")
-    if args.max_epochs is not None:
-        overrides.append(f"training.max_epochs={args.max_epochs}")
-    if args.workdir is not None:
-        overrides.append(f"workdir={args.workdir}")
-    if getattr(args, "join", None):
-        overrides.append(f"network.initial_peers=[{', '.join(repr(a) for a in args.join)}]")
-    return load_config(args.config, overrides)
-
-
-def explicit_keys(args: argparse.Namespace) -> list[str]:
-    """The dotted config keys the user chose on purpose: ``--set``, ``--recipe``, ``SWARM_*`` variables, and every
-    key of a ``--config`` file it named (a file picked by ``--tier`` is a default, not a choice)."""
-    from swarm.config import _read_yaml, env_overrides
-
-    keys = [item.partition("=")[0].strip() for item in args.overrides]
-    if args.recipe:
-        keys.append("recipe.name")
-    keys += [key for key, _, _ in env_overrides(os.environ)]
-    if args.config is not None and not getattr(args, "tier", None):
-        def walk(tree: dict, prefix: str) -> None:
-            for key, value in tree.items():
-                if isinstance(value, dict) and f"{prefix}{key}" != "recipe.options":
-                    walk(value, f"{prefix}{key}.")
-                else:
-                    keys.append(f"{prefix}{key}")
-        walk(_read_yaml(Path(args.config)), "")
-    return keys
 
 
 def join_swarm_settings(config, explicit: list[str]):
@@ -116,23 +77,40 @@ def join_swarm_settings(config, explicit: list[str]):
 
     :raises UserError: one line naming each explicitly chosen setting that differs from the swarm's
     """
-    from swarm.network.run_records import discover
+    from swarm.network.discovery import discover
     from swarm.shared_settings import describe, reconcile
 
     if not config.network.initial_peers:
         return config
     found = discover(config.network.initial_peers, timeout=config.network.startup_timeout / 4)
     if found is None:
-        print("swarm: warning: no initial peer announced its swarm's settings; starting with this peer's own (peers "
-              "with other settings do not average with it)", file=sys.stderr)
+        print(
+            "swarm: warning: no initial peer announced its swarm's settings; starting with this peer's own (peers "
+            "with other settings do not average with it)",
+            file=sys.stderr,
+        )
         return config
-    recipe = found.settings.get("recipe", {}).get("name") if isinstance(found.settings.get("recipe"), dict) else None
-    if isinstance(recipe, str) and (recipe.endswith(".py") or "/" in recipe) and "recipe.name" not in explicit:
-        raise UserError(f"the swarm at initial peer {found.peer_id} runs the recipe file {recipe!r}: pass --recipe "
-                        f"with your copy of it", exit_code=2)
+    recipe = (
+        found.settings.get("recipe", {}).get("name")
+        if isinstance(found.settings.get("recipe"), dict)
+        else None
+    )
+    if (
+        isinstance(recipe, str)
+        and (recipe.endswith(".py") or "/" in recipe)
+        and "recipe.name" not in explicit
+    ):
+        raise UserError(
+            f"the swarm at initial peer {found.peer_id} runs the recipe file {recipe!r}: pass --recipe "
+            f"with your copy of it",
+            exit_code=2,
+        )
     joined, taken = reconcile(config, found.settings, explicit, f"initial peer {found.peer_id}")
     if taken:
-        print(f"swarm: joining run {joined.run_id!r} with the swarm's settings ({describe(taken)})", file=sys.stderr)
+        print(
+            f"swarm: joining run {joined.run_id!r} with the swarm's settings ({describe(taken)})",
+            file=sys.stderr,
+        )
     return joined
 
 
@@ -240,8 +218,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     live = console.is_terminal and not (args.plain or args.quiet)
     # under the live dashboard only warnings print above it; peer.log keeps every line
-    setup_logging(config.log_level, Path(config.workdir) / "peer.log", console=console if live else None,
-                  quiet=args.quiet or live)
+    setup_logging(
+        config.log_level,
+        Path(config.workdir) / "peer.log",
+        console=console if live else None,
+        quiet=args.quiet or live,
+    )
     _interrupt_on_sigint_and_sigterm()
     if args.exit_with_parent:
         _stop_when_parent_dies()
@@ -254,7 +236,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = DashboardState(name=trainer.identity.name, run_id=config.run_id, epoch=trainer.peer.epoch)
         trainer.callbacks.append(DashboardCallback(state))
         dashboard = Dashboard(state, console).start()
-        _ON_INTERRUPT.insert(0, lambda: state.set_phase("stopping… (finishing the epoch's work, saving the checkpoint)"))
+        _ON_INTERRUPT.insert(
+            0, lambda: state.set_phase("stopping… (finishing the epoch's work, saving the checkpoint)")
+        )
     interrupted = False
     try:
         report = trainer.train()
@@ -287,9 +271,22 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.peers < 1:
         raise UserError(f"--peers must be at least 1, got {args.peers}", exit_code=2)
     if args.cheaters < 0 or args.cheaters > max(1, args.peers - 1):
-        raise UserError(f"--cheaters must be between 0 and {max(1, args.peers - 1)} (fewer than --peers), got "
-                        f"{args.cheaters}", exit_code=2)
-    return run_local(args, config)
+        raise UserError(
+            f"--cheaters must be between 0 and {max(1, args.peers - 1)} (fewer than --peers), got "
+            f"{args.cheaters}",
+            exit_code=2,
+        )
+    return run_local(args, config, main=run_forked_peer)
+
+
+def run_forked_peer(argv: list[str]) -> int:
+    """``swarm ARGV`` in a process forked from ``swarm local``: this module's stop handling starts afresh (the
+    fork inherited the parent's pid, flags and callbacks), then :func:`main` runs."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    _INTERRUPTED.clear()
+    _ON_INTERRUPT.clear()
+    return main(argv)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -301,8 +298,15 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = dict(run=cmd_run, local=cmd_local, config=cmd_config, ledger=run_ledger, doctor=run_doctor, recipe=run_recipe,
-                    export=run_export)
+    handlers = dict(
+        run=cmd_run,
+        local=cmd_local,
+        config=cmd_config,
+        ledger=run_ledger,
+        doctor=run_doctor,
+        recipe=run_recipe,
+        export=run_export,
+    )
     try:
         return handlers[args.command](args)
     except UserError as error:

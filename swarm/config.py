@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
-from swarm.ledger.config import LedgerConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configs" / "default.yaml"
 ENV_PREFIX = "SWARM_"
 COMPRESSIONS = ("none", "fp16", "8bit")
+LEDGER_ROOTS_FILE = "ledger_roots.jsonl"  # the file anchor's default, in the work directory
 
 
 class _Section(BaseModel):
@@ -48,7 +48,8 @@ class ModelConfig(_Section):
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
     )
-    load_in_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 (CUDA + bitsandbytes only; needs lora_r > 0)
+    # QLoRA: base weights in 4-bit NF4 (CUDA + bitsandbytes only; needs lora_r > 0)
+    load_in_4bit: bool = False
 
 
 class TrainingConfig(_Section):
@@ -60,7 +61,8 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0)  # applied to the averaged gradient; 0 disables clipping
     prompts_per_round: int = Field(16, gt=0)  # prompts (GRPO) or examples (SFT) per peer per epoch
     num_generations: int = Field(8, ge=2)  # GRPO completions per prompt
-    micro_batch_size: int | None = Field(None, gt=0)  # rows per forward/backward; None: the whole round at once
+    # rows per forward/backward; None: the whole round at once
+    micro_batch_size: int | None = Field(None, gt=0)
     max_completion_length: int | None = Field(None, gt=0)  # None: the recipe's default
     temperature: float = Field(1.0, gt=0)
     max_epochs: int | None = Field(None, gt=0)  # stop after this swarm epoch; None: run until stopped
@@ -87,10 +89,12 @@ class RecipeConfig(_Section):
 
 
 class NetworkConfig(_Section):
-    initial_peers: list[str] = Field(default_factory=list)  # multiaddrs of peers to join; empty: start a swarm
+    # multiaddrs of peers to join; empty: start a swarm
+    initial_peers: list[str] = Field(default_factory=list)
     host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_maddrs: list[str] = Field(default_factory=list)
-    client_mode: bool | Literal["auto"] = "auto"  # auto: client mode when behind a NAT (swarm/network/reachability.py)
+    # auto: client mode when behind a NAT (swarm/network/reachability.py)
+    client_mode: bool | Literal["auto"] = "auto"
     use_relay: bool = True
     use_auto_relay: bool = False
     bootstrap_attempts: int = Field(4, gt=0)
@@ -100,6 +104,10 @@ class NetworkConfig(_Section):
 
 
 class AveragingConfig(_Section):
+    # the averaging strategy (swarm/training/strategies): a registered name, an installed one (entry points
+    # swarm.strategies) or path/to/file.py:ClassName; options are its keyword arguments
+    strategy: str = "sync"
+    options: dict[str, Any] = Field(default_factory=dict)
     compression: Literal["none", "fp16", "8bit"] = "none"
     matchmaking_time: float = Field(4.0, gt=0)  # how long a leader gathers followers before all-reduce
     allreduce_timeout: float = Field(30.0, gt=0)
@@ -107,7 +115,7 @@ class AveragingConfig(_Section):
     peer_timeout: float = Field(15.0, gt=0)  # a peer silent for this long is considered gone
     max_weight: float = Field(1e6, gt=0)  # cap on the sample count any peer may claim in one round
     # mean: hivemind's weighted mean; centered_clip: each part is a CenteredClip of the members' parts (robust to
-    # a minority that sends huge or skewed gradients that no audit has caught yet; DESIGN §3 step 5)
+    # a minority that sends huge or skewed gradients that no audit has caught yet; docs/design.md §4)
     aggregation: Literal["mean", "centered_clip"] = "mean"
     clip_tau: float = Field(1.0, gt=0)  # CenteredClip radius, in gradient-norm units of one part
     clip_iterations: int = Field(20, gt=0)
@@ -121,7 +129,7 @@ class AveragingConfig(_Section):
 
 
 class VerifyConfig(_Section):
-    """Audits by replay (DESIGN §3 steps 4, 7): every contribution is committed before averaging; after the round
+    """Audits by replay (docs/design.md §2, steps 4 and 7): every contribution is committed before averaging; after the round
     a beacon nobody controls selects each one with probability ``audit_probability`` and assigns auditors among
     the other members of the group, who recompute its gradient from the same state and rollouts."""
 
@@ -136,21 +144,25 @@ class VerifyConfig(_Section):
     ban_epochs: int = Field(50, gt=0)  # how long a peer whose audit finally failed is kept out of averaging
     # the precision class this peer computes and declares its gradients in; None: follows model.dtype
     precision: Literal["fp32", "bf16", "fp16"] | None = None
-    tolerance: float | None = Field(None, gt=0)  # relative L2 error allowed; None: the declared class's default
-    fetch_timeout: float = Field(20.0, gt=0)  # an audited peer that does not serve its contribution in time fails
+    # relative L2 error allowed; None: the declared class's default
+    tolerance: float | None = Field(None, gt=0)
+    # an audited peer that does not serve its contribution in time fails
+    fetch_timeout: float = Field(20.0, gt=0)
     max_contribution_mb: float = Field(512.0, gt=0)  # larger contributions are refused by auditors
-    attack: str | None = None  # a cheating peer for tests and demos (swarm/verify/attacks.py); `swarm local` gives
-    # it to the last peer only
+    # a cheating peer for tests and demos (swarm/verify/attacks.py); `swarm local` gives it to the last peer only
+    attack: str | None = None
 
 
 class TrustConfig(_Section):
-    """Who counts (swarm/training/trust.py): identities cost nothing, so state adoption, the barrier and audit
+    """Who counts (swarm/node/trust.py): identities cost nothing, so state adoption, the barrier and audit
     re-checks go by *weight*, not by the number of identities. A peer's weight is its final ledger credit for
     contributions attested by peers already trusted (their audit window closed, never slashed), starting from this
     peer itself, its initial peers and ``peers``; members of this peer's recent averaged rounds count 1 meanwhile."""
 
-    peers: list[str] = Field(default_factory=list)  # peer ids trusted from the start, besides the initial peers
-    min_credit: float = Field(1.0, ge=0)  # credits of attested, final work before a peer has weight of its own
+    # peer ids trusted from the start, besides the initial peers
+    peers: list[str] = Field(default_factory=list)
+    # credits of attested, final work before a peer has weight of its own
+    min_credit: float = Field(1.0, ge=0)
     # the barrier waits at most newcomer_wait per epoch (by default as long as for anyone: newcomers of an honest
     # swarm average with it in their first round and become members) and at most newcomer_budget in all for each
     # identity without weight, so announcements from free identities stall the swarm once, for a bounded time
@@ -170,7 +182,8 @@ class SharingConfig(_Section):
     # assigned prompts, and so are any the swarm cannot fill
     external_fraction: float = Field(0.5, ge=0, le=1)
     publish: bool = True  # share this peer's own rollouts with the others
-    max_age_epochs: int = Field(1, gt=0)  # train on groups sampled at most this many epochs before the current one
+    # train on groups sampled at most this many epochs before the current one
+    max_age_epochs: int = Field(1, gt=0)
     skip_uninformative: bool = True  # skip groups whose rewards are all equal (zero advantage: no gradient)
     # larger bundles (compressed) are neither published nor read; DHT nodes store at most 4 MiB per entry
     max_record_kb: float = Field(512.0, gt=0, le=4096)
@@ -181,13 +194,60 @@ class CheckpointConfig(_Section):
 
 
 class MonitorConfig(_Section):
-    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
+    # auto: online with an API key, else offline
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "swarm"
     wandb_entity: str | None = None
     completions_every: int = Field(10, gt=0)  # epochs between two logs of sample completions
-    completions_samples: int = Field(8, ge=0)  # rollouts per log (WORKDIR/completions.jsonl, W&B table); 0: none
+    # rollouts per log (WORKDIR/completions.jsonl, W&B table); 0: none
+    completions_samples: int = Field(8, ge=0)
     eval_every: int = Field(20, ge=0)  # epochs between two held-out evaluations (and one at the end); 0: none
     eval_rows: int = Field(32, gt=0)  # held-out rows per evaluation (swarm/training/evaluation.py)
+
+
+class LedgerConfig(BaseModel):
+    """What the ledger credits, and how it replicates and anchors. The rules (the first block) must be the same on
+    every peer of a swarm, or their balances differ; they are stored in each peer's ledger so that
+    ``swarm ledger balance`` reads balances under the rules they were written with. Amounts are in credits
+    (floats); :func:`swarm.ledger.config.rules_of` turns them into the integer micro-credit :class:`Rules`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    # --- rules (credits) ---
+    credit_per_sample: float = Field(1.0, ge=0)  # per verified sample (prompt × generation) of a contribution
+    audit_credit: float = Field(10.0, ge=0)  # per audit an auditor performed
+    slash_amount: float = Field(100.0, ge=0)  # fixed penalty of a failed audit
+    slash_per_sample: float = Field(20.0, ge=0)  # further penalty per sample of the failed contribution
+    provisional_epochs: int | None = Field(None, ge=0)  # None: verify.audit_window
+    # distinct failing auditors a slash needs (and they must outnumber those that passed it); None: 2
+    slash_quorum: int | None = Field(None, ge=1)
+    require_attestation: bool = True  # credit only commitments another member of the round attested
+    # --- replication ---
+    # seconds between publishing this peer's entries and pulling others'
+    sync_interval: float = Field(5.0, gt=0)
+    record_ttl: float = Field(7 * 24 * 3600.0, gt=0)  # seconds a published chunk of entries stays in the DHT
+    # --- anchoring ---
+    anchor: Literal["none", "file", "evm"] = "file"  # evm: needs the evm extra (pip install '.[evm]')
+    anchor_path: Path | None = None  # file anchor; None: WORKDIR/ledger_roots.jsonl
+    anchor_every: int = Field(5, gt=0)  # epochs per period: one Merkle root per period
+    anchor_rpc_url: str | None = None  # evm: JSON-RPC endpoint (http(s)://, ws(s):// or an IPC socket path)
+    # evm: address of the root registry (swarm.ledger.evm.deploy_anchor_contract)
+    anchor_contract: str | None = None
+    anchor_key_env: str = "SWARM_ANCHOR_KEY"  # evm: env variable holding the owner's hex private key
+    anchor_key_file: Path | None = None  # evm: file holding that key instead (wins over anchor_key_env)
+    # evm: first block scanned for posted roots (the deployment block)
+    anchor_from_block: int = Field(0, ge=0)
+    anchor_timeout: float = Field(120.0, gt=0)  # evm: seconds to wait for a post's receipt
+
+    @model_validator(mode="after")
+    def _evm_settings(self) -> LedgerConfig:
+        if self.anchor == "evm" and not (self.anchor_rpc_url and self.anchor_contract):
+            raise ValueError("ledger.anchor: evm needs ledger.anchor_rpc_url and ledger.anchor_contract")
+        return self
+
+    def anchor_file(self, workdir: Path) -> Path:
+        return self.anchor_path if self.anchor_path is not None else Path(workdir) / LEDGER_ROOTS_FILE
 
 
 class SwarmConfig(_Section):
@@ -315,7 +375,11 @@ def load_config(
         first = error.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
         source = next(
-            (src for k, src in origins.items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+            (
+                src
+                for k, src in origins.items()
+                if key == k or key.startswith(k + ".") or k.startswith(key + ".")
+            ),
             str(path),
         )
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]

@@ -40,7 +40,9 @@ DISK_WARN_BYTES = 5 * GIB
 MEMORY_WARN_BYTES = 2 * GIB
 CLOCK_WARN_SECONDS = 60.0
 KEY_PACKAGES = ("hivemind", "transformers", "trl", "datasets", "accelerate", "numpy")
-INSTALL_HINT = "reinstall the project's dependencies: ./launch.sh, or pip install -e . in the virtual environment"
+INSTALL_HINT = (
+    "reinstall the project's dependencies: ./launch.sh, or pip install -e . in the virtual environment"
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class CheckResult:
 def add_doctor_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``doctor`` on the ``swarm`` command's ``subparsers``.
 
-    The options carry the attribute names :func:`swarm.cli.config_from_args` reads (config, overrides, recipe,
+    The options carry the attribute names :func:`swarm.arguments.config_from_args` reads (config, overrides, recipe,
     max_epochs, workdir, join), so the effective config is the one ``swarm run`` would use with the same options.
     """
     doctor = subparsers.add_parser(
@@ -62,16 +64,26 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     doctor.add_argument("--config", type=Path, help="YAML config file (default: configs/default.yaml)")
     doctor.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set network.host_maddrs=[/ip4/0.0.0.0/tcp/31337] (repeatable)",
     )
     doctor.add_argument(
-        "--join", action="append", default=[], metavar="MULTIADDR",
+        "--join",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
         help="multiaddress of a peer to check (repeatable; also SWARM_INITIAL_PEERS, network.initial_peers)",
     )
     doctor.add_argument("--workdir", type=Path, help="work directory to check (workdir)")
     doctor.add_argument(
-        "--timeout", type=float, default=5.0, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
         help="time limit of each network check in seconds (default 5)",
     )
     doctor.add_argument("--plain", action="store_true", help="print plain lines instead of a table")
@@ -91,15 +103,17 @@ def run_doctor(args: argparse.Namespace) -> int:
     if timeout <= 0:
         print(f"swarm: error: --timeout must be positive, got {timeout:g}", file=sys.stderr)
         return 2
-    from swarm.cli import explicit_keys
+    from swarm.arguments import explicit_keys
 
     results = run_checks(config, timeout, explicit_keys(args))
-    _print_results(results, plain=getattr(args, "plain", False), config_path=args.config, workdir=Path(config.workdir))
+    _print_results(
+        results, plain=getattr(args, "plain", False), config_path=args.config, workdir=Path(config.workdir)
+    )
     return 1 if any(result.status == FAIL for result in results) else 0
 
 
 def _load_config(args: argparse.Namespace) -> SwarmConfig:
-    from swarm.cli import config_from_args
+    from swarm.arguments import config_from_args
     from swarm.network.dht import check_multiaddrs
 
     config = config_from_args(args)
@@ -109,7 +123,9 @@ def _load_config(args: argparse.Namespace) -> SwarmConfig:
     return config
 
 
-def run_checks(config: SwarmConfig, timeout: float = 5.0, explicit: list[str] | None = None) -> list[CheckResult]:
+def run_checks(
+    config: SwarmConfig, timeout: float = 5.0, explicit: list[str] | None = None
+) -> list[CheckResult]:
     """Every check in order; a check that raises becomes a FAIL result naming it and the exception.
 
     :param explicit: the config keys the user chose on purpose (a difference there from the swarm's fails)"""
@@ -135,8 +151,12 @@ def run_checks(config: SwarmConfig, timeout: float = 5.0, explicit: list[str] | 
             results.extend([outcome] if isinstance(outcome, CheckResult) else outcome)
         except Exception as error:
             results.append(
-                CheckResult(name, FAIL, f"the check itself failed: {type(error).__name__}: {error}",
-                            "report this as a bug in swarm doctor, with the line above")
+                CheckResult(
+                    name,
+                    FAIL,
+                    f"the check itself failed: {type(error).__name__}: {error}",
+                    "report this as a bug in swarm doctor, with the line above",
+                )
             )
     return results
 
@@ -163,7 +183,9 @@ def check_torch() -> CheckResult:
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             devices.append(f"{props.name} ({props.total_memory / GIB:.1f} GiB)")
-        return CheckResult("torch", OK, f"torch {torch.__version__}, CUDA {torch.version.cuda}: {', '.join(devices)}")
+        return CheckResult(
+            "torch", OK, f"torch {torch.__version__}, CUDA {torch.version.cuda}: {', '.join(devices)}"
+        )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return CheckResult("torch", OK, f"torch {torch.__version__}, Apple MPS available, {cpus} CPU cores")
@@ -190,14 +212,22 @@ def read_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int] | None:
 def check_memory() -> CheckResult:
     info = read_meminfo()
     if not info or "MemTotal" not in info:
-        return CheckResult("memory", WARN, "unknown (no /proc/meminfo on this system)",
-                           "check free memory yourself: a peer needs the model, its gradients and optimizer state")
+        return CheckResult(
+            "memory",
+            WARN,
+            "unknown (no /proc/meminfo on this system)",
+            "check free memory yourself: a peer needs the model, its gradients and optimizer state",
+        )
     total = info["MemTotal"]
     available = info.get("MemAvailable", info.get("MemFree", 0))
     detail = f"{total / GIB:.1f} GiB total, {available / GIB:.1f} GiB available"
     if available < MEMORY_WARN_BYTES:
-        return CheckResult("memory", WARN, detail,
-                           "close other programs or pick a smaller model / the cpu tier; training may run out of memory")
+        return CheckResult(
+            "memory",
+            WARN,
+            detail,
+            "close other programs or pick a smaller model / the cpu tier; training may run out of memory",
+        )
     return CheckResult("memory", OK, detail)
 
 
@@ -213,11 +243,19 @@ def check_disk(workdir: Path) -> CheckResult:
     free = shutil.disk_usage(where).free
     detail = f"{free / GIB:.1f} GiB free in {where}"
     if free < DISK_FAIL_BYTES:
-        return CheckResult("disk", FAIL, detail,
-                           "free some space or point --workdir at a larger disk: checkpoints and models need room")
+        return CheckResult(
+            "disk",
+            FAIL,
+            detail,
+            "free some space or point --workdir at a larger disk: checkpoints and models need room",
+        )
     if free < DISK_WARN_BYTES:
-        return CheckResult("disk", WARN, detail,
-                           "checkpoints and downloaded models may not fit: free space or use a larger disk")
+        return CheckResult(
+            "disk",
+            WARN,
+            detail,
+            "checkpoints and downloaded models may not fit: free space or use a larger disk",
+        )
     return CheckResult("disk", OK, detail)
 
 
@@ -237,8 +275,11 @@ def check_packages() -> list[CheckResult]:
         try:
             module = importlib.import_module(name)
         except Exception as error:
-            results.append(CheckResult(name, FAIL, f"cannot import {name}: {type(error).__name__}: {error}",
-                                       INSTALL_HINT))
+            results.append(
+                CheckResult(
+                    name, FAIL, f"cannot import {name}: {type(error).__name__}: {error}", INSTALL_HINT
+                )
+            )
             continue
         results.append(CheckResult(name, OK, _package_version(name, module)))
     return results
@@ -247,11 +288,17 @@ def check_packages() -> list[CheckResult]:
 def check_p2pd() -> CheckResult:
     spec = importlib.util.find_spec("hivemind")
     if spec is None or not spec.submodule_search_locations:
-        return CheckResult("p2pd", FAIL, "hivemind is not installed, so neither is its p2p daemon", INSTALL_HINT)
+        return CheckResult(
+            "p2pd", FAIL, "hivemind is not installed, so neither is its p2p daemon", INSTALL_HINT
+        )
     binary = Path(next(iter(spec.submodule_search_locations))) / "hivemind_cli" / "p2pd"
     if not binary.is_file():
-        return CheckResult("p2pd", FAIL, f"{binary} is missing",
-                           "reinstall hivemind (pip install --force-reinstall hivemind==1.1.12); it builds p2pd")
+        return CheckResult(
+            "p2pd",
+            FAIL,
+            f"{binary} is missing",
+            "reinstall hivemind (pip install --force-reinstall hivemind==1.1.12); it builds p2pd",
+        )
     if not os.access(binary, os.X_OK):
         return CheckResult("p2pd", FAIL, f"{binary} is not executable", f"chmod +x {binary}")
     return CheckResult("p2pd", OK, str(binary))
@@ -259,15 +306,23 @@ def check_p2pd() -> CheckResult:
 
 def check_workdir(workdir: Path) -> CheckResult:
     if workdir.exists() and not workdir.is_dir():
-        return CheckResult("workdir", FAIL, f"{workdir} exists and is not a directory",
-                           "pick another --workdir or move the file away")
+        return CheckResult(
+            "workdir",
+            FAIL,
+            f"{workdir} exists and is not a directory",
+            "pick another --workdir or move the file away",
+        )
     target = workdir if workdir.is_dir() else _existing_ancestor(workdir)
     try:
         with tempfile.NamedTemporaryFile(dir=target, prefix=".swarm-doctor-"):
             pass
     except OSError as error:
-        return CheckResult("workdir", FAIL, f"cannot write in {target}: {error.strerror or error}",
-                           "fix its permissions or pick another --workdir")
+        return CheckResult(
+            "workdir",
+            FAIL,
+            f"cannot write in {target}: {error.strerror or error}",
+            "fix its permissions or pick another --workdir",
+        )
     if not workdir.is_dir():
         return CheckResult("workdir", OK, f"{workdir} does not exist yet; it can be created in {target}")
     return CheckResult("workdir", OK, f"{workdir} is writable")
@@ -281,8 +336,12 @@ def check_identity(key_path: Path) -> CheckResult:
     try:
         identity = Identity.load_or_create(key_path)
     except UserError as error:
-        return CheckResult("identity", FAIL, str(error),
-                           "move the file away to get a new identity (other peers will see a new peer id)")
+        return CheckResult(
+            "identity",
+            FAIL,
+            str(error),
+            "move the file away to get a new identity (other peers will see a new peer id)",
+        )
     return CheckResult("identity", OK, f"{identity.name} ({identity.peer_id}) from {key_path}")
 
 
@@ -297,9 +356,13 @@ def check_clock(workdir: Path) -> CheckResult:
     honest = "true skew against other peers is not measured (no network time source)"
     detail = f"system clock vs. file time in {target}: {difference:+.1f} s; {honest}"
     if abs(difference) > CLOCK_WARN_SECONDS:
-        return CheckResult("clock", WARN, detail,
-                           "enable time synchronisation (NTP, e.g. timedatectl set-ntp true): epochs and "
-                           "DHT record expiry rely on clocks that roughly agree")
+        return CheckResult(
+            "clock",
+            WARN,
+            detail,
+            "enable time synchronisation (NTP, e.g. timedatectl set-ntp true): epochs and "
+            "DHT record expiry rely on clocks that roughly agree",
+        )
     return CheckResult("clock", OK, detail)
 
 
@@ -350,16 +413,21 @@ def check_host_ports(config: SwarmConfig) -> list[CheckResult]:
         results.append(_check_bind(address))
     hosts = [endpoint.host for endpoint in map(_endpoint, network.host_maddrs) if endpoint is not None]
     remote_peers = [
-        peer for peer in network.initial_peers
+        peer
+        for peer in network.initial_peers
         if (endpoint := _endpoint(peer)) is not None and not _is_loopback(endpoint.host)
     ]
     if hosts and all(_is_loopback(host) for host in hosts) and remote_peers and network.client_mode is False:
-        results.append(CheckResult(
-            "listen", WARN, "listening on loopback only, but the initial peers are on other machines: "
-            "they cannot connect back to this peer",
-            "set network.host_maddrs=[/ip4/0.0.0.0/tcp/31337] (and open that port), or network.client_mode=true "
-            "behind NAT",
-        ))
+        results.append(
+            CheckResult(
+                "listen",
+                WARN,
+                "listening on loopback only, but the initial peers are on other machines: "
+                "they cannot connect back to this peer",
+                "set network.host_maddrs=[/ip4/0.0.0.0/tcp/31337] (and open that port), or network.client_mode=true "
+                "behind NAT",
+            )
+        )
     return results
 
 
@@ -367,8 +435,12 @@ def _check_bind(address: str) -> CheckResult:
     name = f"listen {address}"
     endpoint = _endpoint(address)
     if endpoint is None or endpoint.host_protocol not in ("ip4", "ip6"):
-        return CheckResult(name, WARN, "not checked: only /ip4 and /ip6 addresses with a port are checked",
-                           "use an /ip4/ADDRESS/tcp/PORT form to have it checked")
+        return CheckResult(
+            name,
+            WARN,
+            "not checked: only /ip4 and /ip6 addresses with a port are checked",
+            "use an /ip4/ADDRESS/tcp/PORT form to have it checked",
+        )
     if endpoint.port == 0:
         return CheckResult(name, OK, f"any free {endpoint.transport} port on {endpoint.host}")
     family = socket.AF_INET if endpoint.host_protocol == "ip4" else socket.AF_INET6
@@ -381,16 +453,28 @@ def _check_bind(address: str) -> CheckResult:
             if kind == socket.SOCK_STREAM:
                 sock.listen(1)
     except PermissionError:
-        return CheckResult(name, FAIL, f"{where}: permission denied",
-                           "ports below 1024 need privileges: pick a port above 1024")
+        return CheckResult(
+            name,
+            FAIL,
+            f"{where}: permission denied",
+            "ports below 1024 need privileges: pick a port above 1024",
+        )
     except OSError as error:
         reason = error.strerror or str(error)
         if error.errno in (98, 48, 10048):  # EADDRINUSE on Linux / macOS / Windows
-            return CheckResult(name, FAIL, f"{where} is already in use",
-                               "stop the program using it (another peer?) or pick another port (0: any free port)")
+            return CheckResult(
+                name,
+                FAIL,
+                f"{where} is already in use",
+                "stop the program using it (another peer?) or pick another port (0: any free port)",
+            )
         if error.errno in (99, 49, 10049):  # EADDRNOTAVAIL
-            return CheckResult(name, FAIL, f"{where}: {endpoint.host} is not an address of this machine",
-                               "use 0.0.0.0 (all interfaces) or one of this machine's addresses")
+            return CheckResult(
+                name,
+                FAIL,
+                f"{where}: {endpoint.host} is not an address of this machine",
+                "use 0.0.0.0 (all interfaces) or one of this machine's addresses",
+            )
         return CheckResult(name, FAIL, f"cannot bind {where}: {reason}", "pick another address or port")
     return CheckResult(name, OK, f"{where} is free")
 
@@ -404,23 +488,43 @@ def check_initial_peers(peers: list[str], timeout: float) -> list[CheckResult]:
 
 def _check_peer(address: str, timeout: float) -> CheckResult:
     name = f"peer {address}"
-    fix = "check the address (copy it from the peer's peer_addr.txt), that the peer is running, and that no " \
-          "firewall or NAT blocks the port"
+    fix = (
+        "check the address (copy it from the peer's peer_addr.txt), that the peer is running, and that no "
+        "firewall or NAT blocks the port"
+    )
     try:
         endpoint = _endpoint(address)
         if endpoint is None:
-            return CheckResult(name, WARN, "not checked: the address names no host and port (relay-only?)",
-                               "use an address with /ip4, /ip6 or /dns and /tcp")
+            return CheckResult(
+                name,
+                WARN,
+                "not checked: the address names no host and port (relay-only?)",
+                "use an address with /ip4, /ip6 or /dns and /tcp",
+            )
         if endpoint.transport != "tcp":
-            return CheckResult(name, WARN, f"not checked: {endpoint.transport} (QUIC) addresses are not probed",
-                               "add a /tcp address of the same peer to have it checked")
-        family = {"ip4": socket.AF_INET, "dns4": socket.AF_INET, "ip6": socket.AF_INET6, "dns6": socket.AF_INET6}
+            return CheckResult(
+                name,
+                WARN,
+                f"not checked: {endpoint.transport} (QUIC) addresses are not probed",
+                "add a /tcp address of the same peer to have it checked",
+            )
+        family = {
+            "ip4": socket.AF_INET,
+            "dns4": socket.AF_INET,
+            "ip6": socket.AF_INET6,
+            "dns6": socket.AF_INET6,
+        }
         try:
-            infos = socket.getaddrinfo(endpoint.host, endpoint.port, family.get(endpoint.host_protocol, 0),
-                                       socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(
+                endpoint.host, endpoint.port, family.get(endpoint.host_protocol, 0), socket.SOCK_STREAM
+            )
         except socket.gaierror as error:
-            return CheckResult(name, FAIL, f"cannot resolve {endpoint.host}: {error.strerror or error}",
-                               "check the host name and this machine's DNS")
+            return CheckResult(
+                name,
+                FAIL,
+                f"cannot resolve {endpoint.host}: {error.strerror or error}",
+                "check the host name and this machine's DNS",
+            )
         target = f"{endpoint.host}:{endpoint.port}"
         if endpoint.relayed:
             target += " (the relay)"
@@ -437,7 +541,9 @@ def _check_peer(address: str, timeout: float) -> CheckResult:
             except OSError as error:
                 return CheckResult(name, FAIL, f"{target}: {error.strerror or error}", fix)
         elapsed = (time.monotonic() - started) * 1000
-        return CheckResult(name, OK, f"tcp {target} answers ({elapsed:.0f} ms); its peer id is not verified here")
+        return CheckResult(
+            name, OK, f"tcp {target} answers ({elapsed:.0f} ms); its peer id is not verified here"
+        )
     except Exception as error:
         return CheckResult(name, FAIL, f"the check itself failed: {type(error).__name__}: {error}", fix)
 
@@ -445,25 +551,47 @@ def _check_peer(address: str, timeout: float) -> CheckResult:
 def check_swarm_settings(config: SwarmConfig, explicit: list[str], timeout: float) -> list[CheckResult]:
     """Compares this peer's shared settings (swarm/shared_settings.py) with those its first answering initial peer
     announces: what ``swarm run`` would take from the swarm, or refuse."""
-    from swarm.network.run_records import discover
+    from swarm.network.discovery import discover
     from swarm.shared_settings import chosen_differences, describe, differences, shared_settings
 
     if not config.network.initial_peers:
         return []
     found = discover(config.network.initial_peers, timeout=timeout)
     if found is None:
-        return [CheckResult("swarm settings", WARN, "no initial peer announced its swarm's settings",
-                            "check that the initial peers run and are reachable (see above)")]
+        return [
+            CheckResult(
+                "swarm settings",
+                WARN,
+                "no initial peer announced its swarm's settings",
+                "check that the initial peers run and are reachable (see above)",
+            )
+        ]
     found_differences = differences(shared_settings(config), found.settings)
     if not found_differences:
-        return [CheckResult("swarm settings", OK, f"the same as the swarm's (run {found.run_id!r}, fingerprint "
-                                                  f"{found.fingerprint})")]
+        return [
+            CheckResult(
+                "swarm settings",
+                OK,
+                f"the same as the swarm's (run {found.run_id!r}, fingerprint {found.fingerprint})",
+            )
+        ]
     chosen = chosen_differences(found_differences, explicit)
     if chosen:
-        return [CheckResult("swarm settings", FAIL, f"set here, different in the swarm: {describe(chosen)}",
-                            "drop those settings to use the swarm's")]
-    return [CheckResult("swarm settings", OK, f"run {found.run_id!r}: swarm run takes the swarm's settings "
-                                              f"({describe(found_differences)})")]
+        return [
+            CheckResult(
+                "swarm settings",
+                FAIL,
+                f"set here, different in the swarm: {describe(chosen)}",
+                "drop those settings to use the swarm's",
+            )
+        ]
+    return [
+        CheckResult(
+            "swarm settings",
+            OK,
+            f"run {found.run_id!r}: swarm run takes the swarm's settings ({describe(found_differences)})",
+        )
+    ]
 
 
 # -- output --------------------------------------------------------------------------------------------------

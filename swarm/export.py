@@ -16,15 +16,22 @@ from pathlib import Path
 
 from swarm.errors import UserError
 
-EXPORT_FILE = "swarm_export.json"  # what was exported: run, epoch, recipe, LoRA handling, the tokenizer's class
+# what was exported: run, epoch, recipe, LoRA handling, the tokenizer's class
+EXPORT_FILE = "swarm_export.json"
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("export", help="write a peer's current model in Hugging Face format")
-    parser.add_argument("--workdir", type=Path, default=Path("swarm_work"),
-                        help="the peer's work directory (default: swarm_work)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("swarm_work"),
+        help="the peer's work directory (default: swarm_work)",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: WORKDIR/export)")
-    parser.add_argument("--adapter", action="store_true", help="with LoRA: write the adapter alone, not merged")
+    parser.add_argument(
+        "--adapter", action="store_true", help="with LoRA: write the adapter alone, not merged"
+    )
     return parser
 
 
@@ -32,8 +39,10 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_model(args.workdir, args.out or args.workdir / "export", adapter=args.adapter)
     tokenizer = json.loads((out / EXPORT_FILE).read_text())["tokenizer_class"]
     loader = "peft.AutoPeftModelForCausalLM" if args.adapter else "transformers.AutoModelForCausalLM"
-    print(f"swarm export: wrote {out} (load it with {loader}.from_pretrained({str(out)!r}) and "
-          f"transformers.{tokenizer}.from_pretrained({str(out)!r}))")
+    print(
+        f"swarm export: wrote {out} (load it with {loader}.from_pretrained({str(out)!r}) and "
+        f"transformers.{tokenizer}.from_pretrained({str(out)!r}))"
+    )
     return 0
 
 
@@ -45,17 +54,19 @@ def export_model(workdir: Path, out: Path, adapter: bool = False) -> Path:
     import torch
 
     from swarm.config import load_config
+    from swarm.node.state import TrainingState
     from swarm.recipe import load_recipe
     from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint
     from swarm.training.model import load_model_and_tokenizer
-    from swarm.training.state import TrainingState
 
     config_path = workdir / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"{config_path}: not found (is {workdir} a peer's work directory?)")
     config = load_config(config_path, [], environ={})
     if adapter and config.model.lora_r <= 0:
-        raise UserError(f"--adapter: the model of {workdir} has no LoRA adapter (model.lora_r is 0)", exit_code=2)
+        raise UserError(
+            f"--adapter: the model of {workdir} has no LoRA adapter (model.lora_r is 0)", exit_code=2
+        )
     checkpoint = workdir / CHECKPOINT_FILE
     payload = load_checkpoint(checkpoint)
     if payload is None:
@@ -74,8 +85,18 @@ def export_model(workdir: Path, out: Path, adapter: bool = False) -> Path:
     tokenizer.save_pretrained(out)
     # the tiny model's character tokenizer says qwen2 in its config: AutoTokenizer would rebuild it as Qwen2's
     tokenizer_class = "PreTrainedTokenizerFast" if config.model.name_or_path is None else "AutoTokenizer"
-    (out / EXPORT_FILE).write_text(json.dumps(dict(
-        run_id=config.run_id, epoch=epoch, recipe=config.recipe.name, tokenizer_class=tokenizer_class,
-        lora="adapter" if adapter else ("merged" if config.model.lora_r > 0 else "none")), indent=1) + "\n")
+    (out / EXPORT_FILE).write_text(
+        json.dumps(
+            dict(
+                run_id=config.run_id,
+                epoch=epoch,
+                recipe=config.recipe.name,
+                tokenizer_class=tokenizer_class,
+                lora="adapter" if adapter else ("merged" if config.model.lora_r > 0 else "none"),
+            ),
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"swarm export: epoch {epoch} of run {config.run_id!r}", file=sys.stderr)
     return out

@@ -135,22 +135,44 @@ def detect_hardware() -> Hardware:
 # so a hub model is checked before a single byte of it is downloaded.
 _QWEN25 = dict(model_type="qwen2", vocab_size=151936, tie_word_embeddings=True)
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    # 494M parameters
     "Qwen/Qwen2.5-0.5B-Instruct": dict(
-        _QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2,
-    ),  # 494M parameters
+        _QWEN25,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+    # 1.54B
     "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        _QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2,
-    ),  # 1.54B
+        _QWEN25,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
+    # 3.09B
     "Qwen/Qwen2.5-3B-Instruct": dict(
-        _QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-        num_attention_heads=16, num_key_value_heads=2,
-    ),  # 3.09B
+        _QWEN25,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+    ),
+    # 7.62B
     "Qwen/Qwen2.5-7B-Instruct": dict(
-        _QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-    ),  # 7.62B
+        _QWEN25,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 for _name in list(KNOWN_MODELS):  # the base models have the same shapes as their instruct versions
     KNOWN_MODELS[_name.removesuffix("-Instruct")] = KNOWN_MODELS[_name]
@@ -199,10 +221,21 @@ class Architecture:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one decoder layer, by peft target name."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
-            self.intermediate_size
-        return dict(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv), o_proj=(q, h),
-                    gate_proj=(h, i), up_proj=(h, i), down_proj=(i, h))
+        h, q, kv, i = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
+        return dict(
+            q_proj=(h, q),
+            k_proj=(h, kv),
+            v_proj=(h, kv),
+            o_proj=(q, h),
+            gate_proj=(h, i),
+            up_proj=(h, i),
+            down_proj=(i, h),
+        )
 
     def num_parameters(self) -> int:
         shapes = self.module_shapes()
@@ -235,24 +268,34 @@ def model_architecture(model_config: ModelConfig, tiny_vocab_size: int = 256) ->
     name = model_config.name_or_path
     if name is None:
         return Architecture(
-            hidden_size=model_config.hidden_size, intermediate_size=model_config.intermediate_size,
-            num_layers=model_config.num_layers, num_heads=model_config.num_heads,
-            num_kv_heads=model_config.num_kv_heads, head_dim=model_config.hidden_size // model_config.num_heads,
-            vocab_size=tiny_vocab_size, tie_word_embeddings=True, qkv_bias=True, qk_norm=False,
+            hidden_size=model_config.hidden_size,
+            intermediate_size=model_config.intermediate_size,
+            num_layers=model_config.num_layers,
+            num_heads=model_config.num_heads,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.hidden_size // model_config.num_heads,
+            vocab_size=tiny_vocab_size,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+            qk_norm=False,
         )
     directory = Path(name).expanduser()
     if (directory / "config.json").is_file():
         try:
             return Architecture.from_config(json.loads((directory / "config.json").read_text()))
         except (OSError, ValueError) as error:
-            logger.warning(f"model.name_or_path: cannot size {directory / 'config.json'} ({error}); "
-                           f"skipping the memory check")
+            logger.warning(
+                f"model.name_or_path: cannot size {directory / 'config.json'} ({error}); "
+                f"skipping the memory check"
+            )
             return None
     known = {key.lower(): value for key, value in KNOWN_MODELS.items()}.get(name.lower())
     if known is not None:
         return Architecture.from_config(known)
-    logger.warning(f"model.name_or_path: {name} is not a model whose size is known here; skipping the memory "
-                   f"check (known: {', '.join(sorted(KNOWN_MODELS))}, or any local Qwen2/Llama directory)")
+    logger.warning(
+        f"model.name_or_path: {name} is not a model whose size is known here; skipping the memory "
+        f"check (known: {', '.join(sorted(KNOWN_MODELS))}, or any local Qwen2/Llama directory)"
+    )
     return None
 
 
@@ -263,7 +306,8 @@ FOUR_BIT_BYTES_PER_PARAM = 0.6  # NF4: 0.5 byte + double-quantised block constan
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34  # Korthikanti et al. 2022, 16-bit, no recomputation, no s^2 term
 LOGIT_BYTES_PER_TOKEN_VOCAB = 8  # 16-bit logits, their temperature-scaled copy, their gradient, log-softmax
 CUDA_RUNTIME_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
-CPU_RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch, transformers, TRL, hivemind: a tiny-model peer peaked at 578 MiB
+# Python, torch, transformers, TRL, hivemind: a tiny-model peer peaked at 578 MiB
+CPU_RUNTIME_BYTES = int(0.6 * GIB)
 DEFAULT_ROW_TOKENS = 512  # prompt + completion tokens per training row when the caller does not say
 DEFAULT_ROWS = 8
 
@@ -301,17 +345,26 @@ def estimate_breakdown(
         "weights": int(weights),
         "gradients": trainable * trainable_width,
         "optimizer": 2 * trainable * trainable_width,  # AdamW exp_avg + exp_avg_sq, same dtype as the param
-        "activations": batch_tokens * hidden_size * num_layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
-        * activation_width // 2,
+        "activations": batch_tokens
+        * hidden_size
+        * num_layers
+        * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
+        * activation_width
+        // 2,
         "logits": batch_tokens * vocab_size * LOGIT_BYTES_PER_TOKEN_VOCAB,
         # GRPO generates the whole round's completions in one batch: its KV cache
-        "kv_cache": (batch_tokens if generation_tokens is None else generation_tokens) * num_layers * 2 * kv_size
+        "kv_cache": (batch_tokens if generation_tokens is None else generation_tokens)
+        * num_layers
+        * 2
+        * kv_size
         * activation_width,
         "runtime": CUDA_RUNTIME_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
     }
     if device != "cuda":  # gradient averaging copies the gradients to host memory (sent and received)
         parts["averaging"] = 2 * trainable * 4
-        if audit_window:  # on the host too, so on a GPU they are not VRAM: the verifier's states and replay model
+        if (
+            audit_window
+        ):  # on the host too, so on a GPU they are not VRAM: the verifier's states and replay model
             parts["audit_states"] = audit_window * trainable * trainable_width + int(weights)
     return parts
 
@@ -353,7 +406,9 @@ def batch_tokens_for(training: TrainingConfig | None, row_tokens: int | None = N
     if training is None:
         rows = per_round = DEFAULT_ROWS
     else:
-        per_round = training.prompts_per_round * (training.num_generations if training.trainer != "sft" else 1)
+        per_round = training.prompts_per_round * (
+            training.num_generations if training.trainer != "sft" else 1
+        )
         rows = min(training.micro_batch_size or per_round, per_round)
     if row_tokens is None:
         completion = training.max_completion_length if training is not None else None
@@ -367,25 +422,42 @@ def batch_tokens_for(training: TrainingConfig | None, row_tokens: int | None = N
 def check_four_bit(hw: Hardware) -> None:
     """:raises UserError: when ``model.load_in_4bit`` cannot work on this machine"""
     if hw.gpu is None:
-        raise UserError("model.load_in_4bit: 4-bit loading needs an NVIDIA GPU with CUDA and none was found; "
-                        "set model.load_in_4bit=false", exit_code=2)
+        raise UserError(
+            "model.load_in_4bit: 4-bit loading needs an NVIDIA GPU with CUDA and none was found; "
+            "set model.load_in_4bit=false",
+            exit_code=2,
+        )
     if not hw.bitsandbytes:
-        raise UserError("model.load_in_4bit: the bitsandbytes package is not installed "
-                        "(pip install bitsandbytes), or set model.load_in_4bit=false", exit_code=2)
+        raise UserError(
+            "model.load_in_4bit: the bitsandbytes package is not installed "
+            "(pip install bitsandbytes), or set model.load_in_4bit=false",
+            exit_code=2,
+        )
 
 
 def training_device(hw: Hardware) -> tuple[str, int | None, str]:
     """(device kind, bytes it has for training or None when unknown, its description)."""
     if hw.gpu is not None:
-        return "cuda", hw.gpu.total_memory, f"the {hw.gpu.name} has {hw.gpu.total_memory / GIB:.1f} GiB of VRAM"
+        return (
+            "cuda",
+            hw.gpu.total_memory,
+            f"the {hw.gpu.name} has {hw.gpu.total_memory / GIB:.1f} GiB of VRAM",
+        )
     ram = hw.available_ram if hw.available_ram is not None else hw.total_ram
     kind = "mps" if hw.mps else "cpu"
     where = "this Mac has" if hw.mps else "this machine has"
-    return kind, ram, f"{where} {ram / GIB:.1f} GiB of free RAM" if ram is not None else f"{where} unknown RAM"
+    return (
+        kind,
+        ram,
+        f"{where} {ram / GIB:.1f} GiB of free RAM" if ram is not None else f"{where} unknown RAM",
+    )
 
 
 def estimate_for(
-    model_config: ModelConfig, hw: Hardware, batch_tokens: int, generation_tokens: int | None = None,
+    model_config: ModelConfig,
+    hw: Hardware,
+    batch_tokens: int,
+    generation_tokens: int | None = None,
     audit_window: int = 0,
 ) -> tuple[Architecture, int] | None:
     """(architecture, estimated bytes) for ``model_config`` on ``hw``; None when the model's size is unknown."""
@@ -399,7 +471,9 @@ def estimate_for(
         model_config.dtype,
         lora=lora,
         four_bit=model_config.load_in_4bit,
-        trainable_params=arch.lora_parameters(model_config.lora_r, model_config.lora_target_modules) if lora else None,
+        trainable_params=arch.lora_parameters(model_config.lora_r, model_config.lora_target_modules)
+        if lora
+        else None,
         batch_tokens=batch_tokens,
         hidden_size=arch.hidden_size,
         num_layers=arch.num_layers,
@@ -442,14 +516,17 @@ def check_fits(
     arch, estimate = sized
     _, available, where = training_device(hw)
     if available is None:
-        logger.warning(f"cannot tell how much memory this machine has; skipping the memory check "
-                       f"(training needs about {estimate / GIB:.1f} GiB)")
+        logger.warning(
+            f"cannot tell how much memory this machine has; skipping the memory check "
+            f"(training needs about {estimate / GIB:.1f} GiB)"
+        )
         return
     if estimate <= available:
         return
     name = model_config.name_or_path or "the tiny default model"
-    mode = (f"LoRA r={model_config.lora_r}" if model_config.lora_r else "full fine-tuning") + \
-        (" in 4-bit" if model_config.load_in_4bit else f" in {model_config.dtype}")
+    mode = (f"LoRA r={model_config.lora_r}" if model_config.lora_r else "full fine-tuning") + (
+        " in 4-bit" if model_config.load_in_4bit else f" in {model_config.dtype}"
+    )
     hints = [] if model_config.lora_r else ["set model.lora_r=16"]
     if not model_config.load_in_4bit and hw.gpu is not None and hw.bitsandbytes and model_config.lora_r:
         hints.append("model.load_in_4bit=true")
@@ -481,8 +558,11 @@ def _describe_model(config_path: Path) -> str:
     model = load_config(config_path, environ={}).model
     name = (model.name_or_path or "the tiny offline model").rsplit("/", 1)[-1]
     how = f"with LoRA r={model.lora_r}" if model.lora_r else "fully fine-tuned"
-    precision = "4-bit" if model.load_in_4bit else {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[
-        model.dtype]
+    precision = (
+        "4-bit"
+        if model.load_in_4bit
+        else {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[model.dtype]
+    )
     return f"{name} {how} in {precision}"
 
 
@@ -494,7 +574,9 @@ def choose_tier(hw: Hardware, configs_dir: Path = CONFIGS_DIR) -> TierChoice:
     if gpu is None:
         name = "cpu"
         what = "Apple MPS (not used for training yet)" if hw.mps else "no CUDA GPU"
-        hardware = f"{what}, {_cores(hw.cpu_count)}" + (f", {hw.total_ram / GIB:.1f} GiB RAM" if hw.total_ram else "")
+        hardware = f"{what}, {_cores(hw.cpu_count)}" + (
+            f", {hw.total_ram / GIB:.1f} GiB RAM" if hw.total_ram else ""
+        )
     else:
         vram = gpu.total_memory / GIB
         name = next(tier for tier, smallest in GPU_TIERS if vram >= smallest)

@@ -64,7 +64,9 @@ class Identity:
         path = Path(path)
         if not path.exists():
             key = RSAPrivateKey()
-            blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString()
+            blob = crypto_pb2.PrivateKey(
+                key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()
+            ).SerializeToString()
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # O_EXCL: two processes racing to create the key never both win; the loser reads the winner's key
@@ -85,5 +87,7 @@ class Identity:
             key = _rsa_key_from_der(proto.data)
             peer_id = PeerID.from_identity(blob)
         except Exception as error:  # a corrupt file can fail in protobuf, cryptography or multihash code
-            raise UserError(f"{path}: not a valid identity key ({error}); move it away to create a new one") from None
+            raise UserError(
+                f"{path}: not a valid identity key ({error}); move it away to create a new one"
+            ) from None
         return cls(path=path, private_key=key, peer_id=peer_id)

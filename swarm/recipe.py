@@ -87,13 +87,19 @@ class Recipe:
     def _check_row(self, row: Any, index: int) -> None:
         where = f"recipe {self.name}: row {index}"
         if not isinstance(row, dict):
-            raise UserError(f"{where}: make_example must return a dict with a 'prompt' string, got {type(row).__name__}")
+            raise UserError(
+                f"{where}: make_example must return a dict with a 'prompt' string, got {type(row).__name__}"
+            )
         if not isinstance(row.get("prompt"), str):
             problem = "is missing" if "prompt" not in row else f"is a {type(row['prompt']).__name__}"
-            raise UserError(f"{where}: make_example must return a dict with a 'prompt' string; field 'prompt' {problem}")
+            raise UserError(
+                f"{where}: make_example must return a dict with a 'prompt' string; field 'prompt' {problem}"
+            )
         if self.trainer == "sft" and not isinstance(row.get("completion"), str):
             problem = "is missing" if "completion" not in row else f"is a {type(row['completion']).__name__}"
-            raise UserError(f"{where}: an SFT recipe's rows need a 'completion' string; field 'completion' {problem}")
+            raise UserError(
+                f"{where}: an SFT recipe's rows need a 'completion' string; field 'completion' {problem}"
+            )
         for key, value in row.items():
             try:
                 json.dumps(value)
@@ -111,17 +117,23 @@ class Recipe:
         if self.trainer == "sft":
             return rows
         if self.warm_start_completion is None:
-            raise UserError(f"recipe {self.name}: warm_start.epochs needs the recipe's warm_start_completion (the "
-                            f"reference answer SFT trains on); this recipe defines none — set warm_start.epochs=0")
+            raise UserError(
+                f"recipe {self.name}: warm_start.epochs needs the recipe's warm_start_completion (the "
+                f"reference answer SFT trains on); this recipe defines none — set warm_start.epochs=0"
+            )
         for index, row in enumerate(rows):
             try:
                 completion = self.warm_start_completion(dict(row))
             except Exception as error:
-                raise UserError(f"recipe {self.name}: warm_start_completion raised {type(error).__name__} on row "
-                                f"{index} of epoch {epoch}: {_one_line(error)}") from None
+                raise UserError(
+                    f"recipe {self.name}: warm_start_completion raised {type(error).__name__} on row "
+                    f"{index} of epoch {epoch}: {_one_line(error)}"
+                ) from None
             if not isinstance(completion, str) or not completion:
-                raise UserError(f"recipe {self.name}: warm_start_completion must return a non-empty string, got "
-                                f"{type(completion).__name__} {completion!r:.40} on row {index} of epoch {epoch}")
+                raise UserError(
+                    f"recipe {self.name}: warm_start_completion must return a non-empty string, got "
+                    f"{type(completion).__name__} {completion!r:.40} on row {index} of epoch {epoch}"
+                )
             row["completion"] = completion
         return rows
 
@@ -150,12 +162,17 @@ class Recipe:
                 text = row.get(part)
                 if not isinstance(text, str) or not text:
                     continue
-                decoded = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True)
-                missing = sorted(set(text) - set(decoded) - set(" \t\n"))  # tokenizers may normalise whitespace
+                decoded = tokenizer.decode(
+                    tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True
+                )
+                # tokenizers may normalise whitespace
+                missing = sorted(set(text) - set(decoded) - set(" \t\n"))
                 if missing:
                     hint = " (add them to the recipe's alphabet)" if self.alphabet is not None else ""
-                    raise UserError(f"recipe {self.name}: row {index} of epoch {epoch}: the {part} has characters "
-                                    f"the tokenizer cannot encode: {', '.join(map(repr, missing))}{hint}")
+                    raise UserError(
+                        f"recipe {self.name}: row {index} of epoch {epoch}: the {part} has characters "
+                        f"the tokenizer cannot encode: {', '.join(map(repr, missing))}{hint}"
+                    )
 
     def checked_reward_funcs(self) -> list[Any]:
         """The reward functions, each wrapped so that bad output stops training with one clear line.
@@ -200,10 +217,14 @@ class CheckedRewardFunc:
             if score is None:
                 continue
             if not isinstance(score, numbers.Real):
-                raise self._fail(f"returned {type(score).__name__} {score!r:.40} for completion {position}"
-                                 " (a finite number or None is expected)")
+                raise self._fail(
+                    f"returned {type(score).__name__} {score!r:.40} for completion {position}"
+                    " (a finite number or None is expected)"
+                )
             if not math.isfinite(score):
-                raise self._fail(f"returned {score} for completion {position} (a finite number or None is expected)")
+                raise self._fail(
+                    f"returned {score} for completion {position} (a finite number or None is expected)"
+                )
         return scores
 
     def _raised(self, error: Exception) -> UserError:
@@ -275,7 +296,9 @@ def recipe_location(name: str) -> str | None:
     path = _find_recipe_file(name)
     if path is not None:
         return str(path)
-    entry = next((ep for ep in importlib.metadata.entry_points(group="swarm.recipes") if ep.name == name), None)
+    entry = next(
+        (ep for ep in importlib.metadata.entry_points(group="swarm.recipes") if ep.name == name), None
+    )
     return None if entry is None else f"entry point {entry.value}"
 
 
@@ -298,7 +321,9 @@ def load_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
             raise UserError(f"recipe {path}: failed to import: {type(error).__name__}: {error}") from None
         where = str(path)
     else:
-        entry = next((ep for ep in importlib.metadata.entry_points(group="swarm.recipes") if ep.name == name), None)
+        entry = next(
+            (ep for ep in importlib.metadata.entry_points(group="swarm.recipes") if ep.name == name), None
+        )
         if entry is None:
             known = ", ".join(available_recipes()) or "none"
             raise UserError(f"recipe {name!r} not found (available: {known})", exit_code=2)
@@ -314,5 +339,7 @@ def load_recipe(name: str, options: dict[str, Any] | None = None) -> Recipe:
     except Exception as error:
         raise UserError(f"recipe {where}: build() raised {type(error).__name__}: {error}") from None
     if not isinstance(recipe, Recipe):
-        raise UserError(f"recipe {where}: build() must return a swarm.recipe.Recipe, got {type(recipe).__name__}")
+        raise UserError(
+            f"recipe {where}: build() must return a swarm.recipe.Recipe, got {type(recipe).__name__}"
+        )
     return recipe

@@ -19,12 +19,20 @@ from swarm.errors import UserError
 
 def add_recipe_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``recipe`` and its sub-commands on the ``swarm`` command's ``subparsers``."""
-    recipe = subparsers.add_parser("recipe", help="create a recipe from a template, or list the available ones")
+    recipe = subparsers.add_parser(
+        "recipe", help="create a recipe from a template, or list the available ones"
+    )
     commands = recipe.add_subparsers(dest="recipe_command", required=True, metavar="RECIPE_COMMAND")
     new = commands.add_parser("new", help="write a runnable recipe template to DIR/NAME.py")
-    new.add_argument("name", metavar="NAME", help="recipe name: letters, digits and underscores (e.g. my_task)")
-    new.add_argument("--dir", type=Path, default=Path("recipes"), help="where to write it (default: ./recipes)")
-    new.add_argument("--trainer", choices=("grpo", "sft"), default="grpo", help="trainer kind (default: grpo)")
+    new.add_argument(
+        "name", metavar="NAME", help="recipe name: letters, digits and underscores (e.g. my_task)"
+    )
+    new.add_argument(
+        "--dir", type=Path, default=Path("recipes"), help="where to write it (default: ./recipes)"
+    )
+    new.add_argument(
+        "--trainer", choices=("grpo", "sft"), default="grpo", help="trainer kind (default: grpo)"
+    )
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
     commands.add_parser("list", help="every recipe found: name, trainer, description, location")
     return recipe
@@ -73,8 +81,11 @@ def _new(args: argparse.Namespace, out: TextIO) -> int:
     on_path = any(folder.resolve() == place.resolve() for place in recipe_search_path())
     recipe_arg = name if on_path else str(path)
     if not on_path:
-        print(f"note: {folder} is not on the recipe search path (./recipes, $SWARM_RECIPE_PATH); "
-              f"use --recipe {path}", file=out)
+        print(
+            f"note: {folder} is not on the recipe search path (./recipes, $SWARM_RECIPE_PATH); "
+            f"use --recipe {path}",
+            file=out,
+        )
     print(f"try it:  swarm local --peers 2 --recipe {recipe_arg} --max-epochs 3", file=out)
     return 0
 
@@ -90,7 +101,9 @@ def _list(out: TextIO) -> int:
 
     names = available_recipes()
     if not names:
-        print("no recipes found (searched $SWARM_RECIPE_PATH, ./recipes and the project's recipes/)", file=out)
+        print(
+            "no recipes found (searched $SWARM_RECIPE_PATH, ./recipes and the project's recipes/)", file=out
+        )
         return 0
     lines = []
     for name in names:
@@ -135,7 +148,7 @@ def _relative(where: str) -> str:
 
 
 # ---- templates -------------------------------------------------------------------------------------------------
-_API_GUIDE = '''
+_API_GUIDE = """
 How a recipe works (the Recipe API)
 -----------------------------------
 A recipe is one Python file that defines ``build(options: dict) -> swarm.recipe.Recipe``. ``swarm`` finds it
@@ -169,13 +182,16 @@ A reward function that raises, returns NaN/inf or the wrong number of values, or
 stops the peer with one line naming this recipe and the function or row.
 
 Try it:  swarm local --peers 2 --recipe __NAME__ --max-epochs 3
-'''
+"""
 
-GRPO_TEMPLATE = '''"""__NAME__: GRPO on a generated task: reverse a short string ("abc>" -> "cba").
+GRPO_TEMPLATE = (
+    '''"""__NAME__: GRPO on a generated task: reverse a short string ("abc>" -> "cba").
 
 Options: ``letters`` (the characters strings are made of, default "abcd"), ``min_length`` / ``max_length``
 (default 2 / 4).
-''' + _API_GUIDE + '''"""
+'''
+    + _API_GUIDE
+    + '''"""
 
 import random
 
@@ -218,13 +234,17 @@ def build(options):
         warm_start_completion=lambda row: row["target"],
     )
 '''
+)
 
-SFT_TEMPLATE = '''"""__NAME__: SFT on a generated task: reverse a short string ("abc>" -> "cba").
+SFT_TEMPLATE = (
+    '''"""__NAME__: SFT on a generated task: reverse a short string ("abc>" -> "cba").
 
 The model is shown the prompt and learns the completion (loss on the completion only); no reward functions.
 Options: ``letters`` (the characters strings are made of, default "abcd"), ``min_length`` / ``max_length``
 (default 2 / 4).
-''' + _API_GUIDE.replace('(here\n  ``"target"``)', '(none here)') + '''"""
+'''
+    + _API_GUIDE.replace('(here\n  ``"target"``)', "(none here)")
+    + '''"""
 
 import random
 
@@ -250,6 +270,7 @@ def build(options):
         max_completion_length=max_length + 1,
     )
 '''
+)
 
 
 def main(argv: list[str] | None = None) -> int:

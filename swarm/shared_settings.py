@@ -29,14 +29,46 @@ SHARED: dict[str, frozenset[str] | None] = {
     "model": None,
     "recipe": None,
     "warm_start": None,
-    "training": frozenset({"trainer", "learning_rate", "weight_decay", "max_grad_norm", "prompts_per_round",
-                           "num_generations", "max_completion_length", "temperature", "seed"}),
-    "averaging": frozenset({"compression", "aggregation", "clip_tau", "clip_iterations", "max_weight"}),
-    "verify": frozenset({"enabled", "audit_probability", "recheck_auditors", "audit_window", "ban_epochs",
-                         "precision", "tolerance"}),
+    "training": frozenset(
+        {
+            "trainer",
+            "learning_rate",
+            "weight_decay",
+            "max_grad_norm",
+            "prompts_per_round",
+            "num_generations",
+            "max_completion_length",
+            "temperature",
+            "seed",
+        }
+    ),
+    "averaging": frozenset(
+        {"strategy", "options", "compression", "aggregation", "clip_tau", "clip_iterations", "max_weight"}
+    ),
+    "verify": frozenset(
+        {
+            "enabled",
+            "audit_probability",
+            "recheck_auditors",
+            "audit_window",
+            "ban_epochs",
+            "precision",
+            "tolerance",
+        }
+    ),
     "sharing": None,
-    "ledger": frozenset({"enabled", "credit_per_sample", "audit_credit", "slash_amount", "slash_per_sample",
-                         "provisional_epochs", "slash_quorum", "require_attestation"}),
+    "ledger": frozenset(
+        {
+            "enabled",
+            "credit_per_sample",
+            "audit_credit",
+            "slash_amount",
+            "slash_per_sample",
+            "provisional_epochs",
+            "slash_quorum",
+            "require_attestation",
+        }
+    ),
 }
 
 
@@ -77,16 +109,22 @@ def differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str,
 
 def describe(found: Mapping[str, tuple[Any, Any]]) -> str:
     """``key: X here, Y in the swarm`` for each difference, joined by ``; ``."""
-    return "; ".join(f"{key}: {json.dumps(mine)} here, {json.dumps(theirs)} in the swarm"
-                     for key, (mine, theirs) in found.items())
+    return "; ".join(
+        f"{key}: {json.dumps(mine)} here, {json.dumps(theirs)} in the swarm"
+        for key, (mine, theirs) in found.items()
+    )
 
 
-def chosen_differences(found: Mapping[str, tuple[Any, Any]], explicit: Iterable[str]
-                       ) -> dict[str, tuple[Any, Any]]:
+def chosen_differences(
+    found: Mapping[str, tuple[Any, Any]], explicit: Iterable[str]
+) -> dict[str, tuple[Any, Any]]:
     """The differences under keys (or sections) the user set on purpose: those a joiner refuses to override."""
     chosen = [key.strip() for key in explicit]
-    return {key: values for key, values in found.items()
-            if any(key == mine or key.startswith(mine + ".") or mine.startswith(key + ".") for mine in chosen)}
+    return {
+        key: values
+        for key, values in found.items()
+        if any(key == mine or key.startswith(mine + ".") or mine.startswith(key + ".") for mine in chosen)
+    }
 
 
 def adopt(config: SwarmConfig, settings: Mapping[str, Any], source: str) -> SwarmConfig:
@@ -97,7 +135,9 @@ def adopt(config: SwarmConfig, settings: Mapping[str, Any], source: str) -> Swar
     tree = config.model_dump(mode="json")
     for section, value in settings.items():
         if section not in SHARED:
-            raise UserError(f"{source} announces an unknown setting {section!r}: it runs another version of swarm")
+            raise UserError(
+                f"{source} announces an unknown setting {section!r}: it runs another version of swarm"
+            )
         if isinstance(value, Mapping) and isinstance(tree.get(section), dict):
             tree[section].update(value)
         else:
@@ -110,8 +150,9 @@ def adopt(config: SwarmConfig, settings: Mapping[str, Any], source: str) -> Swar
         raise UserError(f"{source} announces settings this peer cannot use: {key}: {first['msg']}") from None
 
 
-def reconcile(config: SwarmConfig, swarm: Mapping[str, Any], explicit: Iterable[str], source: str
-              ) -> tuple[SwarmConfig, dict[str, tuple[Any, Any]]]:
+def reconcile(
+    config: SwarmConfig, swarm: Mapping[str, Any], explicit: Iterable[str], source: str
+) -> tuple[SwarmConfig, dict[str, tuple[Any, Any]]]:
     """The config a joiner runs with, and what it took from the swarm (empty when nothing differed).
 
     :param swarm: the shared settings its initial peer announces
@@ -124,7 +165,9 @@ def reconcile(config: SwarmConfig, swarm: Mapping[str, Any], explicit: Iterable[
         return config, {}
     refused = chosen_differences(found, explicit)
     if refused:
-        raise UserError(f"this peer's settings differ from the swarm's at {source}: {describe(refused)} "
-                        f"(drop those settings to use the swarm's, or start a swarm of your own without --join)",
-                        exit_code=2)
+        raise UserError(
+            f"this peer's settings differ from the swarm's at {source}: {describe(refused)} "
+            f"(drop those settings to use the swarm's, or start a swarm of your own without --join)",
+            exit_code=2,
+        )
     return adopt(config, swarm, source), found

@@ -76,8 +76,11 @@ class RolloutBundle:
     def canonical_bytes(self) -> bytes:
         """What is signed and published: canonical JSON (sorted keys, no whitespace), integers only."""
         payload = dict(
-            schema=SCHEMA, sender=self.sender, sender_public_key=self.sender_public_key.decode("ascii"),
-            run_id=self.run_id, epoch=self.epoch,
+            schema=SCHEMA,
+            sender=self.sender,
+            sender_public_key=self.sender_public_key.decode("ascii"),
+            run_id=self.run_id,
+            epoch=self.epoch,
             groups=[[group.row_index, [list(ids) for ids in group.completions]] for group in self.groups],
         )
         return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
@@ -86,12 +89,17 @@ class RolloutBundle:
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     @classmethod
-    def create(cls, identity: Identity, run_id: str, epoch: int,
-               groups: Sequence[SharedGroup]) -> tuple[RolloutBundle, bytes]:
+    def create(
+        cls, identity: Identity, run_id: str, epoch: int, groups: Sequence[SharedGroup]
+    ) -> tuple[RolloutBundle, bytes]:
         """A bundle of ``identity``'s groups and its signature over :meth:`canonical_bytes`."""
-        bundle = cls(sender=str(identity.peer_id),
-                     sender_public_key=identity.private_key.get_public_key().to_bytes(),
-                     run_id=run_id, epoch=epoch, groups=tuple(groups))
+        bundle = cls(
+            sender=str(identity.peer_id),
+            sender_public_key=identity.private_key.get_public_key().to_bytes(),
+            run_id=run_id,
+            epoch=epoch,
+            groups=tuple(groups),
+        )
         return bundle, identity.private_key.sign(bundle.canonical_bytes())
 
     @classmethod
@@ -105,7 +113,9 @@ class RolloutBundle:
             raise SharingError(f"not a {SCHEMA} bundle")
         if set(payload) != {"schema", "sender", "sender_public_key", "run_id", "epoch", "groups"}:
             raise SharingError("unexpected or missing fields")
-        sender, key, run_id, epoch = (payload[name] for name in ("sender", "sender_public_key", "run_id", "epoch"))
+        sender, key, run_id, epoch = (
+            payload[name] for name in ("sender", "sender_public_key", "run_id", "epoch")
+        )
         if not isinstance(sender, str) or not _PEER_ID.match(sender):
             raise SharingError("sender is not a peer id")
         if not isinstance(key, str) or not key.isascii() or not isinstance(run_id, str):
@@ -117,18 +127,31 @@ class RolloutBundle:
             raise SharingError(f"groups is not a list of at most {MAX_GROUPS}")
         groups = []
         for position, item in enumerate(raw_groups):
-            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
-                    and 0 <= item[0] < MAX_ROW_INDEX and isinstance(item[1], list)
-                    and len(item[1]) <= MAX_COMPLETIONS):
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and type(item[0]) is int
+                and 0 <= item[0] < MAX_ROW_INDEX
+                and isinstance(item[1], list)
+                and len(item[1]) <= MAX_COMPLETIONS
+            ):
                 raise SharingError(f"group {position} is not [row index, completions]")
             completions = item[1]
-            if not all(isinstance(ids, list) and len(ids) <= MAX_TOKENS
-                       and all(type(token) is int and 0 <= token < MAX_ROW_INDEX for token in ids)
-                       for ids in completions):
+            if not all(
+                isinstance(ids, list)
+                and len(ids) <= MAX_TOKENS
+                and all(type(token) is int and 0 <= token < MAX_ROW_INDEX for token in ids)
+                for ids in completions
+            ):
                 raise SharingError(f"group {position}: completions are not lists of token ids")
             groups.append(SharedGroup(item[0], tuple(tuple(ids) for ids in completions)))
-        return cls(sender=sender, sender_public_key=key.encode("ascii"), run_id=run_id, epoch=epoch,
-                   groups=tuple(groups))
+        return cls(
+            sender=sender,
+            sender_public_key=key.encode("ascii"),
+            run_id=run_id,
+            epoch=epoch,
+            groups=tuple(groups),
+        )
 
     def verify(self, signature: bytes) -> None:
         """Check that the sender signed this bundle with the key whose peer id it names.
@@ -193,8 +216,10 @@ def external_count(config: SwarmConfig) -> int:
     """How many of a round's prompt groups may come from other peers."""
     if not config.sharing.enabled:
         return 0
-    return min(config.training.prompts_per_round,
-               int(math.floor(config.training.prompts_per_round * config.sharing.external_fraction + 0.5)))
+    return min(
+        config.training.prompts_per_round,
+        int(math.floor(config.training.prompts_per_round * config.sharing.external_fraction + 0.5)),
+    )
 
 
 def allowed_epochs(config: SwarmConfig, epoch: int) -> set[int]:
@@ -228,7 +253,9 @@ def check_shared(
     if shared_groups and not config.sharing.enabled:
         raise SharingError("trained on shared rollouts, but rollout sharing is off in this swarm")
     if len(shared_groups) > external_count(config):
-        raise SharingError(f"{len(shared_groups)} shared groups, more than the {external_count(config)} allowed")
+        raise SharingError(
+            f"{len(shared_groups)} shared groups, more than the {external_count(config)} allowed"
+        )
     if len(shared_groups) > num_rows:
         raise SharingError("more shared groups than rows")
     bundles = []
@@ -240,13 +267,19 @@ def check_shared(
         if bundle.sender == audited:
             raise SharingError(f"bundle {index} is the peer's own")
         if bundle.run_id != config.run_id or bundle.epoch not in allowed_epochs(config, epoch):
-            raise SharingError(f"bundle {index} is of run {bundle.run_id!r} epoch {bundle.epoch}, not allowed here")
+            raise SharingError(
+                f"bundle {index} is of run {bundle.run_id!r} epoch {bundle.epoch}, not allowed here"
+            )
         bundles.append(bundle)
     generations = config.training.num_generations
     first_row = num_rows - len(shared_groups)
     keys, seen = [], set()
     for position, pair in enumerate(shared_groups):
-        if len(pair) != 2 or not 0 <= pair[0] < len(bundles) or not 0 <= pair[1] < len(bundles[pair[0]].groups):
+        if (
+            len(pair) != 2
+            or not 0 <= pair[0] < len(bundles)
+            or not 0 <= pair[1] < len(bundles[pair[0]].groups)
+        ):
             raise SharingError(f"shared row {position} names no published group")
         bundle = bundles[pair[0]]
         group = bundle.groups[pair[1]]
@@ -254,12 +287,17 @@ def check_shared(
         if key in seen:
             raise SharingError(f"shared row {position} repeats a group")
         if group.row_index >= config.training.prompts_per_round:
-            raise SharingError(f"shared row {position} names row {group.row_index}, beyond any peer's own rows")
+            raise SharingError(
+                f"shared row {position} names row {group.row_index}, beyond any peer's own rows"
+            )
         seen.add(key)
         start = (first_row + position) * generations
-        if [list(ids) for ids in completion_token_ids[start:start + generations]] != [list(ids) for ids in
-                                                                                        group.completions]:
-            raise SharingError(f"shared row {position}: the completions are not what {bundle.sender} published")
+        if [list(ids) for ids in completion_token_ids[start : start + generations]] != [
+            list(ids) for ids in group.completions
+        ]:
+            raise SharingError(
+                f"shared row {position}: the completions are not what {bundle.sender} published"
+            )
         keys.append(key)
     return group_rows(recipe, config.run_id, keys)
 
@@ -272,8 +310,16 @@ class RolloutSharing:
     :param banned: the peers whose bundles are ignored (those excluded from averaging)
     """
 
-    def __init__(self, config: SwarmConfig, identity: Identity, recipe: Recipe, board: Any, limits: GroupLimits,
-                 decode: Callable[[Sequence[int]], str], banned: Callable[[], Iterable[str]] = lambda: ()):
+    def __init__(
+        self,
+        config: SwarmConfig,
+        identity: Identity,
+        recipe: Recipe,
+        board: Any,
+        limits: GroupLimits,
+        decode: Callable[[Sequence[int]], str],
+        banned: Callable[[], Iterable[str]] = lambda: (),
+    ):
         self.config, self.identity, self.recipe, self.board = config, identity, recipe, board
         self.limits, self.decode, self.banned = limits, decode, banned
         self.me = str(identity.peer_id)
@@ -286,14 +332,23 @@ class RolloutSharing:
         if self.board is None or not self.config.sharing.publish or local_rows == 0:
             return False
         generations = self.config.training.num_generations
-        groups = [SharedGroup(row, tuple(tuple(int(t) for t in ids) for ids in
-                                         completion_token_ids[row * generations:(row + 1) * generations]))
-                  for row in range(local_rows)]
+        groups = [
+            SharedGroup(
+                row,
+                tuple(
+                    tuple(int(t) for t in ids)
+                    for ids in completion_token_ids[row * generations : (row + 1) * generations]
+                ),
+            )
+            for row in range(local_rows)
+        ]
         bundle, signature = RolloutBundle.create(self.identity, self.config.run_id, epoch, groups)
         try:
             stored = self.board.publish(epoch, bundle.canonical_bytes(), signature)
         except Exception as error:  # a DHT hiccup must not stop training
-            logger.warning(f"rollout sharing: could not publish epoch {epoch}: {type(error).__name__}: {error}")
+            logger.warning(
+                f"rollout sharing: could not publish epoch {epoch}: {type(error).__name__}: {error}"
+            )
             return False
         self.published += len(groups) if stored else 0
         return stored
@@ -306,7 +361,9 @@ class RolloutSharing:
         try:
             entries = self.board.fetch(allowed_epochs(self.config, epoch))
         except Exception as error:
-            logger.warning(f"rollout sharing: could not read shared rollouts: {type(error).__name__}: {error}")
+            logger.warning(
+                f"rollout sharing: could not read shared rollouts: {type(error).__name__}: {error}"
+            )
             return []
         banned = set(self.banned())
         found: dict[tuple[str, int, int], ExternalGroup] = {}
@@ -315,7 +372,11 @@ class RolloutSharing:
                 continue
             try:
                 bundle = RolloutBundle.from_canonical(canonical)
-                if bundle.sender != owner or bundle.epoch != record_epoch or bundle.run_id != self.config.run_id:
+                if (
+                    bundle.sender != owner
+                    or bundle.epoch != record_epoch
+                    or bundle.run_id != self.config.run_id
+                ):
                     raise SharingError(f"bundle stored by {owner} names {bundle.sender} epoch {bundle.epoch}")
                 bundle.verify(signature)
             except SharingError as error:
@@ -334,10 +395,13 @@ class RolloutSharing:
                 try:
                     row = group_rows(self.recipe, self.config.run_id, [key])[0]
                 except Exception as error:  # the recipe failed on that row: skip it, our own rows will tell
-                    logger.debug(f"rollout sharing: cannot regenerate row {group.row_index} of {owner}: {error}")
+                    logger.debug(
+                        f"rollout sharing: cannot regenerate row {group.row_index} of {owner}: {error}"
+                    )
                     continue
-                found[key] = ExternalGroup(bundle.sender, bundle.epoch, group.row_index, row, group.completions,
-                                           canonical, signature)
+                found[key] = ExternalGroup(
+                    bundle.sender, bundle.epoch, group.row_index, row, group.completions, canonical, signature
+                )
         self.received += len(found)
         return sorted(found.values(), key=lambda group: group.key)
 
@@ -349,10 +413,18 @@ class RolloutSharing:
         fields = {key: [value] * size for key, value in group.row.items() if key != "prompt"}
         totals = [0.0] * size
         for func in self._reward_funcs:
-            values = func(prompts=[group.row["prompt"]] * size, completions=texts,
-                          completion_ids=[list(ids) for ids in group.completions], trainer_state=None,
-                          log_extra=_ignore, log_metric=_ignore, **fields)
-            totals = [total + (0.0 if value is None else float(value)) for total, value in zip(totals, values)]
+            values = func(
+                prompts=[group.row["prompt"]] * size,
+                completions=texts,
+                completion_ids=[list(ids) for ids in group.completions],
+                trainer_state=None,
+                log_extra=_ignore,
+                log_metric=_ignore,
+                **fields,
+            )
+            totals = [
+                total + (0.0 if value is None else float(value)) for total, value in zip(totals, values)
+            ]
         return max(totals) - min(totals) > 1e-12
 
     def select(self, epoch: int, count: int) -> list[ExternalGroup]:
@@ -371,7 +443,9 @@ class RolloutSharing:
                 try:
                     if not self.informative(group):
                         continue
-                except Exception as error:  # a reward function failing on a shared row must not stop this peer
+                except (
+                    Exception
+                ) as error:  # a reward function failing on a shared row must not stop this peer
                     logger.debug(f"rollout sharing: could not score a group of {group.sender}: {error}")
                     continue
             chosen.append(group)
@@ -379,8 +453,12 @@ class RolloutSharing:
         return chosen
 
     def figures(self) -> dict[str, int]:
-        return {"sharing/published_groups": self.published, "sharing/received_groups": self.received,
-                "sharing/used_groups": self.used, "sharing/dropped": self.dropped}
+        return {
+            "published_groups": self.published,
+            "received_groups": self.received,
+            "used_groups": self.used,
+            "dropped": self.dropped,
+        }
 
 
 def contribution_sharing(groups: Sequence[ExternalGroup]) -> tuple[list[list[bytes]], list[list[int]]]:

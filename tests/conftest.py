@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from swarm.local import local_argv
+from tests.forkserver import ForkedProcess, ForkServer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,38 +24,119 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_SCHEDULE = {"SWARM_WARM_START__EPOCHS": "0", "SWARM_TRAINING__LEARNING_RATE": "0.01"}
 
 
-def clean_env(schedule: dict[str, str] | None = None) -> dict[str, str]:
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test is in exactly one tier (pyproject.toml's markers), so that ``-m unit`` means what it says."""
+    wrong = [
+        item.nodeid for item in items if len({mark.name for mark in item.iter_markers()} & set(TIERS)) != 1
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            f"tests without exactly one of the markers {', '.join(TIERS)}: {', '.join(wrong)}"
+        )
+
+
+def clean_env(schedule: dict[str, str] | None = None, wandb: str = "disabled") -> dict[str, str]:
     """The environment for peer processes: no SWARM_* settings leaking in from the developer's shell, and the
-    protocol tests' training schedule (``schedule``: others, ``{}`` for the shipped one)."""
+    protocol tests' training schedule (``schedule``: others, ``{}`` for the shipped one). W&B is off (``wandb``:
+    the ``WANDB_MODE``) except in the tests of the W&B runs: its service takes ~5 s to start in every peer."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_")}
-    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE=wandb)
     env.update(PROTOCOL_SCHEDULE if schedule is None else schedule)
     return env
+
+
+def run_local(
+    workdir: Path,
+    peers: int,
+    max_epochs: int,
+    settings: list[str],
+    timeout: float,
+    schedule: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run ``swarm local`` to its end in ``workdir / "w"`` (``--set`` each of ``settings``); returns the process
+    and the run summary."""
+    summary = workdir / "S.json"
+    argv = local_argv(workdir / "w", peers, max_epochs, settings, "--summary", str(summary))
+    result = run_swarm(argv, workdir, timeout, env=clean_env(schedule))
+    return result, read_json(summary)
+
+
+_FORK_SERVER: ForkServer | None = None
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server (tests/forkserver.py), started on first use."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        _FORK_SERVER = ForkServer(PROJECT_ROOT, clean_env())
+    return _FORK_SERVER
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _FORK_SERVER is not None:
+        _FORK_SERVER.close()
+
+
+def run_swarm(
+    argv: list[str], outdir: Path, timeout: float, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """``swarm ARGV`` forked by the fork server, to its end: the :func:`subprocess.run` result it would give,
+    stdout and stderr also kept in ``outdir``. A command still running at ``timeout`` is killed with everything
+    it started, and the test fails naming it."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    stdout, stderr = outdir / "swarm.stdout", outdir / "swarm.stderr"
+    for path in (stdout, stderr):  # the files hold this command's output only
+        path.unlink(missing_ok=True)
+    process = fork_server().start(argv, PROJECT_ROOT, env, stdout, stderr)
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        fork_server().kill_all()
+        pytest.fail(f"swarm {' '.join(argv)} did not finish in {timeout:.0f}s:\n{_tail(stderr)}")
+    return subprocess.CompletedProcess(
+        ["swarm", *argv], code, stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
+    )
 
 
 class Processes:
     """Starts commands in their own process groups and kills every group at teardown (p2pd is in the group)."""
 
     def __init__(self, scope: Path) -> None:
-        self.started: list[subprocess.Popen] = []
+        self.started: list[subprocess.Popen | ForkedProcess] = []
         self.scope = scope  # every process whose command line mentions this directory is killed at the end
 
-    def start(self, args: list[str], log: Path, cwd: Path | None = None,
-              schedule: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(
+        self, args: list[str], log: Path, cwd: Path | None = None, schedule: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd or PROJECT_ROOT, env=clean_env(schedule), start_new_session=True,
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd or PROJECT_ROOT,
+                env=clean_env(schedule),
+                start_new_session=True,
             )
         self.started.append(process)
         return process
 
-    def swarm(self, *args: str, log: Path) -> subprocess.Popen:
-        return self.start([sys.executable, "-m", "swarm.cli", *args], log)
+    def swarm(
+        self, *args: str, log: Path, cwd: Path | None = None, schedule: dict[str, str] | None = None
+    ) -> subprocess.Popen | ForkedProcess:
+        """``swarm ARGS`` forked by the session's fork server (tests/forkserver.py), stdout and stderr appended to
+        ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        process = fork_server().start(list(args), cwd or PROJECT_ROOT, clean_env(schedule), log, log)
+        self.started.append(process)
+        return process
 
     @staticmethod
-    def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    def kill(process: subprocess.Popen | ForkedProcess, sig: int = signal.SIGKILL) -> None:
         try:
             os.killpg(process.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -62,6 +145,8 @@ class Processes:
     def close(self) -> None:
         for process in self.started:
             self.kill(process)
+        if any(isinstance(process, ForkedProcess) for process in self.started):
+            fork_server().kill_all()  # what the forked commands started in sessions of their own too
         for process in self.started:
             try:
                 process.wait(timeout=10)
@@ -194,6 +279,10 @@ def read_wandb_offline_run(run_dir: Path) -> tuple[set[str], list[dict[str, obje
         if record.WhichOneof("record_type") == "run":
             groups.add(record.run.run_group)
         elif record.WhichOneof("record_type") == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+            history.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return groups, history

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import hivemind
@@ -36,8 +37,9 @@ class RawRecord:
 
     key: str
     tag: bytes
-    value: bytes | int  # an int n: msgpack of n bytes, made on the client's node (hivemind 1.1.12's DHT process
+    # an int n: msgpack of n bytes, made on the client's node (hivemind 1.1.12's DHT process
     # cannot read a command of some hundred KiB from its pipe, so big values are never sent through it)
+    value: bytes | int
     expiration: float
     family: str = ""
 
@@ -64,11 +66,19 @@ async def _send(dht: hivemind.DHT, node, records: list[RawRecord], peers: list[b
                 if record.tag == REGULAR:
                     storage.store(key_id, value, record.expiration)
                 else:
-                    storage.store_subkey(key_id, MSGPackSerializer.loads(record.tag), value, record.expiration)
+                    storage.store_subkey(
+                        key_id, MSGPackSerializer.loads(record.tag), value, record.expiration
+                    )
             except Exception:
                 pass
-    request = dht_pb2.StoreRequest(keys=keys, subkeys=tags, values=values, expiration_time=expirations,
-                                   in_cache=[False] * len(keys), peer=node.protocol.node_info)
+    request = dht_pb2.StoreRequest(
+        keys=keys,
+        subkeys=tags,
+        values=values,
+        expiration_time=expirations,
+        in_cache=[False] * len(keys),
+        peer=node.protocol.node_info,
+    )
     answers = {}
     for peer in peers:
         try:
@@ -77,6 +87,20 @@ async def _send(dht: hivemind.DHT, node, records: list[RawRecord], peers: list[b
         except Exception as error:
             answers[peer] = repr(error)
     return answers
+
+
+def join_with_retries(make, attempts: int = 4, backoff: float = 1.0) -> hivemind.DHT:
+    """``make(start=True)``, tried ``attempts`` times with a doubling pause: on 2 loaded cores p2pd's handshake with
+    the bootstrap peer can time out ("failed to connect to bootstrap peers"), and a real attacker simply retries —
+    as the swarm's own nodes do (``network.bootstrap_attempts``)."""
+    for attempt in range(attempts):
+        try:
+            return make(start=True)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class HostileClient:
@@ -93,24 +117,34 @@ class HostileClient:
         key = RSAPrivateKey()
 
         def make(**kwargs) -> hivemind.DHT:
-            return hivemind.DHT(initial_peers=initial_peers, record_validators=[RSASignatureValidator(key)], **kwargs)
+            return hivemind.DHT(
+                initial_peers=initial_peers, record_validators=[RSASignatureValidator(key)], **kwargs
+            )
 
-        dht = start(lambda: make(start=False)) if start is not None else make(start=True)
+        dht = start(lambda: make(start=False)) if start is not None else join_with_retries(make)
         return cls(dht, key)
 
-    def store_raw(self, records: list[RawRecord], peers: list[PeerID], own: bool = True, sign: bool = True,
-                  timeout: float = 60) -> dict[str, list[bool] | str]:
+    def store_raw(
+        self,
+        records: list[RawRecord],
+        peers: list[PeerID],
+        own: bool = True,
+        sign: bool = True,
+        timeout: float = 60,
+    ) -> dict[str, list[bool] | str]:
         """Send ``records`` in one store request to each of ``peers`` (and keep them in its own storage); what each
         peer answered per record (``store_ok``), or the error."""
         answers: dict[bytes, list | str] = {peer.to_bytes(): [] for peer in peers}
         batch, size = [], 0
         for index, record in enumerate(records):
             batch.append(record)
-            size += 200 + len(record.key) + len(record.tag) + record.size  # big values go alone (p2pd's 4 MiB)
+            # big values go alone (p2pd's 4 MiB)
+            size += 200 + len(record.key) + len(record.tag) + record.size
             if size < 16 << 10 and index < len(records) - 1:
                 continue
             future = self.dht.run_coroutine(
-                functools.partial(_send, records=batch, peers=list(answers), own=own, sign=sign), return_future=True
+                functools.partial(_send, records=batch, peers=list(answers), own=own, sign=sign),
+                return_future=True,
             )
             for peer, answer in future.result(timeout=timeout).items():
                 if isinstance(answers[peer], list) and isinstance(answer, list):
@@ -126,7 +160,9 @@ class HostileClient:
             self._p2p = await self.dht.replicate_p2p()
         return self._p2p
 
-    async def send_frames(self, peer: PeerID, handle_name: str, data: bytes, read_timeout: float = 3.0) -> bytes:
+    async def send_frames(
+        self, peer: PeerID, handle_name: str, data: bytes, read_timeout: float = 3.0
+    ) -> bytes:
         """Open a stream to ``handle_name`` at ``peer``, write ``data`` raw, close the writing side, and return what
         came back within ``read_timeout`` seconds."""
         p2p = await self._p2p_client()
@@ -204,7 +240,9 @@ class ChildLogs:
             found = logging.getLogger(name)
             self._levels[name] = found.level
             found.addHandler(self.handler)
-            found.setLevel(logging.DEBUG if name == "swarm" else min(found.level or logging.INFO, logging.INFO))
+            found.setLevel(
+                logging.DEBUG if name == "swarm" else min(found.level or logging.INFO, logging.INFO)
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -217,5 +255,8 @@ class ChildLogs:
         return self.path.read_text(errors="replace")
 
     def lines(self, min_level: int = logging.DEBUG) -> list[str]:
-        return [line for line in self.text().splitlines()
-                if line.split(" ", 1)[0].isdigit() and int(line.split(" ", 1)[0]) >= min_level]
+        return [
+            line
+            for line in self.text().splitlines()
+            if line.split(" ", 1)[0].isdigit() and int(line.split(" ", 1)[0]) >= min_level
+        ]

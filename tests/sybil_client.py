@@ -26,12 +26,16 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from tests.hostile_client import join_with_retries
+
 FAR_EPOCH = 1_000_000
 
 
 def peer_id_of_key(key: RSAPrivateKey) -> PeerID:
     """The libp2p peer id of a key, as hivemind derives it for its own identity files."""
-    return PeerID.from_identity(crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=key.to_bytes()).SerializeToString())
+    return PeerID.from_identity(
+        crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=key.to_bytes()).SerializeToString()
+    )
 
 
 class ManyKeysSigner(RSASignatureValidator):
@@ -67,9 +71,21 @@ def statuses(mode: str, index: int, peer_id: str, seen: list[dict]) -> dict:
     elif mode == "lagging":
         epoch, ready = 0, 0
     # the honest peers' settings fingerprint is public: a Sybil copies it
-    fingerprint = next((status["fingerprint"] for status in honest if isinstance(status.get("fingerprint"), str)), "")
-    return dict(peer_id=peer_id, name=f"sybil-{index}", epoch=epoch, state_hash=state_hash, ready_epoch=ready,
-                samples=10**6, reward=1.0, client_mode=False, left=False, fingerprint=fingerprint)
+    fingerprint = next(
+        (status["fingerprint"] for status in honest if isinstance(status.get("fingerprint"), str)), ""
+    )
+    return dict(
+        peer_id=peer_id,
+        name=f"sybil-{index}",
+        epoch=epoch,
+        state_hash=state_hash,
+        ready_epoch=ready,
+        samples=10**6,
+        reward=1.0,
+        client_mode=False,
+        left=False,
+        fingerprint=fingerprint,
+    )
 
 
 def main() -> None:
@@ -81,7 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     keys = [RSAPrivateKey() for _ in range(args.identities)]
     signer = ManyKeysSigner(keys)
-    dht = hivemind.DHT(initial_peers=[args.initial_peer], record_validators=[signer], start=True)
+    dht = join_with_retries(
+        lambda **kwargs: hivemind.DHT(initial_peers=[args.initial_peer], record_validators=[signer], **kwargs)
+    )
     identities = [(str(peer_id_of_key(key)), RSASignatureValidator(key).local_public_key) for key in keys]
     key = f"{args.run_id}.peers"
     print(f"sybil client: {len(identities)} identities, mode {args.mode}", flush=True)
@@ -89,12 +107,21 @@ def main() -> None:
         found = dht.get(key, latest=True, return_future=True)
         try:
             result = found.result(timeout=5)
-            seen = [item.value for item in result.value.values()] if result and isinstance(result.value, dict) else []
+            seen = (
+                [item.value for item in result.value.values()]
+                if result and isinstance(result.value, dict)
+                else []
+            )
         except Exception:
             seen = []
         for index, (peer_id, marker) in enumerate(identities):
-            dht.store(key, statuses(args.mode, index, peer_id, seen), get_dht_time() + 10, subkey=marker,
-                      return_future=True)
+            dht.store(
+                key,
+                statuses(args.mode, index, peer_id, seen),
+                get_dht_time() + 10,
+                subkey=marker,
+                return_future=True,
+            )
         time.sleep(2.0)
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from swarm.config import ModelConfig
+from swarm.node.state import param_checksum
 from swarm.recipe import Recipe, load_recipe
 from swarm.training.model import load_model_and_tokenizer
-from swarm.training.state import param_checksum
 from swarm.verify.attacks import (
     ATTACKS,
     Attack,
@@ -38,8 +38,19 @@ from swarm.verify.replay import (
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {
-    "free_rider", "tiny", "random", "sign_flip", "scaled_up", "scaled_down", "stale", "partial_batch", "copy",
-    "wrong_data", "forged_rewards", "lower_precision", "alie",
+    "free_rider",
+    "tiny",
+    "random",
+    "sign_flip",
+    "scaled_up",
+    "scaled_down",
+    "stale",
+    "partial_batch",
+    "copy",
+    "wrong_data",
+    "forged_rewards",
+    "lower_precision",
+    "alie",
 }
 
 
@@ -65,12 +76,24 @@ class World:
         )
 
     def cheat(self, attack: Attack, context: AttackContext | None = None, seed: int = 5) -> Contribution:
-        return cheating_contribution(attack, self.model, self.tokenizer, self.recipe, context or self.context(),
-                                     GRPOSettings(num_generations=4, seed=seed))
+        return cheating_contribution(
+            attack,
+            self.model,
+            self.tokenizer,
+            self.recipe,
+            context or self.context(),
+            GRPOSettings(num_generations=4, seed=seed),
+        )
 
     def audit(self, contribution: Contribution, precision: str = "fp32") -> ReplayResult:
-        return replay_gradient(self.model, self.tokenizer, self.recipe, contribution, rows=self.rows,
-                               tolerance=GRADIENT_TOLERANCE[precision])
+        return replay_gradient(
+            self.model,
+            self.tokenizer,
+            self.recipe,
+            contribution,
+            rows=self.rows,
+            tolerance=GRADIENT_TOLERANCE[precision],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return World(model, tokenizer, recipe, recipe.assigned_rows("run", "peer-a", 1, 4), previous, other)
 
 
+@pytest.mark.unit
 def test_registry_and_unknown_names() -> None:
     assert REQUIRED <= set(ATTACKS)
     for name, cls in ATTACKS.items():
@@ -99,6 +123,7 @@ def test_registry_and_unknown_names() -> None:
         make_attack("nope")
 
 
+@pytest.mark.unit
 def test_honest_contribution_passes(world: World) -> None:
     contribution = world.cheat(Attack())
     assert contribution.state_hash == param_checksum(world.model) != world.previous.state_hash
@@ -106,6 +131,7 @@ def test_honest_contribution_passes(world: World) -> None:
     assert result.verdict is Verdict.PASS and result.error < 1e-5, (result.verdict, result.error)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_is_caught_with_its_verdict(world: World, name: str) -> None:
     attack = make_attack(name)
@@ -119,8 +145,10 @@ def test_attack_is_caught_with_its_verdict(world: World, name: str) -> None:
     assert result.verdict is attack.expected, (result.verdict, result.error, result.details.get("reason"))
 
 
+@pytest.mark.unit
 def test_fallbacks_without_other_or_previous(world: World) -> None:
-    copied = world.cheat(make_attack("copy"), world.context(other=False))  # falls back to its previous epoch's
+    # falls back to its previous epoch's
+    copied = world.cheat(make_attack("copy"), world.context(other=False))
     assert copied.completion_token_ids == world.previous.completion_token_ids
     assert world.audit(copied).verdict is Verdict.WRONG_DATA
     nothing = world.cheat(make_attack("copy"), world.context(other=False, previous=False))  # zero gradient
@@ -131,6 +159,7 @@ def test_fallbacks_without_other_or_previous(world: World) -> None:
     assert world.audit(stale).verdict is Verdict.GRADIENT_MISMATCH
 
 
+@pytest.mark.unit
 def test_alie_shift_is_small_and_keeps_its_direction(world: World) -> None:
     attack = make_attack("alie")
     honest = world.cheat(Attack(), seed=9)
@@ -142,6 +171,7 @@ def test_alie_shift_is_small_and_keeps_its_direction(world: World) -> None:
     assert relative_error(first.gradient, honest.gradient) == pytest.approx(0.075, rel=1e-3)
 
 
+@pytest.mark.unit
 def test_forged_rewards_differ_from_every_earned_reward() -> None:
     def earned(prompts, completions, **_):
         return [0.0, 0.5, 1.0, None, 0.25]
@@ -154,10 +184,14 @@ def test_forged_rewards_differ_from_every_earned_reward() -> None:
         assert all(r != e for r, e in zip(rewards, earned(None, None)) if e is not None)
 
 
+@pytest.mark.e2e
 def test_bench_quick_json() -> None:
     done = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "bench" / "verification.py"), "--quick", "--json"],
-        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PROJECT_ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(done.stdout)

@@ -15,10 +15,12 @@ import pytest
 
 from swarm.config import SwarmConfig
 from swarm.network.records import AuditVerdict
-from swarm.training.strategies.sync import Outcome, RoundResult
+from swarm.node.rounds import Outcome, RoundResult
 from swarm.verify.auditor import VerificationObserver, Verifier
 from swarm.verify.replay import GRPOSettings
 from swarm.verify.selection import AuditAssignment
+
+pytestmark = pytest.mark.unit
 
 
 class EqualWeights:
@@ -70,8 +72,9 @@ FIVE = [*PEERS, "QmErin"]
 EVIDENCE = dict(replayed_hash="ab" * 32, worst_index=0)
 
 
-def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str], peers: list[str] = PEERS,
-               recheck_auditors: int = 2) -> tuple[dict[str, Verifier], dict[str, Recorder]]:
+def make_swarm(
+    tmp_path: Path, cheaters: set[str], liars: set[str], peers: list[str] = PEERS, recheck_auditors: int = 2
+) -> tuple[dict[str, Verifier], dict[str, Recorder]]:
     """Verifiers of ``peers``; replays of a cheater's contribution fail, a liar fails every contribution it replays."""
     board = SharedVerdicts()
     verifiers, recorders = {}, {}
@@ -79,11 +82,13 @@ def make_swarm(tmp_path: Path, cheaters: set[str], liars: set[str], peers: list[
         config = SwarmConfig(workdir=tmp_path / peer_id)
         config.verify.audit_probability = 1.0
         config.verify.recheck_auditors = recheck_auditors
-        config.verify.fetch_timeout = 0.01  # a re-checker does not wait for a primary verdict that comes later
+        # a re-checker does not wait for a primary verdict that comes later
+        config.verify.fetch_timeout = 0.01
         config.workdir.mkdir(parents=True)
         recorders[peer_id] = Recorder()
-        verifier = Verifier(config, FakePeer(peer_id), None, None, None, GRPOSettings(),
-                            observers=[recorders[peer_id]])
+        verifier = Verifier(
+            config, FakePeer(peer_id), None, None, None, GRPOSettings(), observers=[recorders[peer_id]]
+        )
         verifier.verdicts, verifier.commitments = board, NoCommitments()
         verifier.snapshots[0] = []
 
@@ -117,8 +122,12 @@ def test_a_cheater_is_rechecked_failed_by_a_majority_and_banned_everywhere(tmp_p
             assert verifier.peer.banned == [] and verifier.stats.my_audits_failed == 1  # never bans itself
             continue
         assert verifier.peer.banned == ["QmDave"]
-        events = [json.loads(line) for line in (tmp_path / peer_id / "audit_events.jsonl").read_text().splitlines()]
-        assert [(event["audited"], event["verdicts"]) for event in events] == [("QmDave", ["gradient_mismatch"])]
+        events = [
+            json.loads(line) for line in (tmp_path / peer_id / "audit_events.jsonl").read_text().splitlines()
+        ]
+        assert [(event["audited"], event["verdicts"]) for event in events] == [
+            ("QmDave", ["gradient_mismatch"])
+        ]
         assert ("QmDave", False) in recorders[peer_id].finals
     verdicts = verifiers["QmAlice"].verdicts.fetch(0)
     about_dave = [verdict for verdict in verdicts if verdict.audited == "QmDave"]
@@ -135,11 +144,15 @@ def events_of(verifier: Verifier) -> list[dict]:
 
 
 @pytest.mark.parametrize("liar", PEERS)
-def test_one_lying_auditor_never_gets_an_honest_peer_banned_and_is_banned_itself(tmp_path: Path, liar: str) -> None:
+def test_one_lying_auditor_never_gets_an_honest_peer_banned_and_is_banned_itself(
+    tmp_path: Path, liar: str
+) -> None:
     verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars={liar})
     run_round(verifiers)
-    lied_as_primary = any(verdict.auditor == liar and verdict.role == "primary" and not verdict.passed
-                          for verdict in verifiers[liar].verdicts.fetch(0))
+    lied_as_primary = any(
+        verdict.auditor == liar and verdict.role == "primary" and not verdict.passed
+        for verdict in verifiers[liar].verdicts.fetch(0)
+    )
     for peer_id, verifier in verifiers.items():
         assert verifier.stats.my_audits_failed == 0
         if peer_id == liar:
@@ -147,21 +160,25 @@ def test_one_lying_auditor_never_gets_an_honest_peer_banned_and_is_banned_itself
         assert not [event for event in events_of(verifier) if event["event"] == "audit_failed"]
         if lied_as_primary:  # the re-check refuted it: a false accuser, banned like a cheater
             assert verifier.peer.banned == [liar]
-            assert {event["accuser"] for event in events_of(verifier) if event["event"] == "false_accusation"} == {liar}
+            assert {
+                event["accuser"] for event in events_of(verifier) if event["event"] == "false_accusation"
+            } == {liar}
         else:  # it was nobody's primary in this round: it had nothing to lie about
             assert verifier.peer.banned == []
 
 
 @pytest.mark.parametrize("recheck_auditors", [8, 2])
-def test_two_colluding_auditors_among_five_ban_nobody_honest_and_are_banned(tmp_path: Path,
-                                                                          recheck_auditors: int) -> None:
+def test_two_colluding_auditors_among_five_ban_nobody_honest_and_are_banned(
+    tmp_path: Path, recheck_auditors: int
+) -> None:
     """Two colluders train honestly and fail every contribution they audit or re-check. With 8 re-checkers the whole
     round re-checks a primary's failure; with 2, both colluders fill three of a contribution's auditors half of the
     time, and the honest re-checker's pass puts the failure to the rest of the round (the escalation). Every honest
     peer goes by its own replay: no honest peer fails anywhere honest, and both colluders are false accusers."""
     colluders = {"QmCarol", "QmErin"}
-    verifiers, recorders = make_swarm(tmp_path, cheaters=set(), liars=colluders, peers=FIVE,
-                                      recheck_auditors=recheck_auditors)
+    verifiers, recorders = make_swarm(
+        tmp_path, cheaters=set(), liars=colluders, peers=FIVE, recheck_auditors=recheck_auditors
+    )
     for verifier in verifiers.values():
         verifier.verify.ban_epochs = 1  # banned peers are still audited in the next rounds of this simulation
     epochs = range(6)
@@ -171,17 +188,27 @@ def test_two_colluding_auditors_among_five_ban_nobody_honest_and_are_banned(tmp_
     honest = set(FIVE) - colluders
     against_honest = [verdict for verdict in verdicts if not verdict.passed and verdict.audited in honest]
     assert {verdict.auditor for verdict in against_honest} == colluders  # both lied about honest peers...
-    assert any({verdict.auditor for verdict in against_honest if (verdict.epoch, verdict.audited) == key} == colluders
-               for key in {(verdict.epoch, verdict.audited) for verdict in against_honest})  # ...together, too
-    if recheck_auditors == 2:  # the colluders did fill a panel, and the round's other member replayed the dispute
-        assert any(verdict.role == "recheck" and verdict.auditor not in target.auditors
-                   for verdict in verdicts for target in verifiers["QmAlice"].assignments.get(verdict.epoch, [])
-                   if target.audited == verdict.audited and colluders <= set(target.auditors))
+    # ...together, too
+    assert any(
+        {verdict.auditor for verdict in against_honest if (verdict.epoch, verdict.audited) == key}
+        == colluders
+        for key in {(verdict.epoch, verdict.audited) for verdict in against_honest}
+    )
+    if (
+        recheck_auditors == 2
+    ):  # the colluders did fill a panel, and the round's other member replayed the dispute
+        assert any(
+            verdict.role == "recheck" and verdict.auditor not in target.auditors
+            for verdict in verdicts
+            for target in verifiers["QmAlice"].assignments.get(verdict.epoch, [])
+            if target.audited == verdict.audited and colluders <= set(target.auditors)
+        )
     for peer_id in honest:
         verifier = verifiers[peer_id]
         assert not [event for event in events_of(verifier) if event["event"] == "audit_failed"]
         assert len(recorders[peer_id].finals) == 5 * len(epochs)
-        assert all(passed for _, passed in recorders[peer_id].finals)  # every contribution passed, on every honest peer
+        # every contribution passed, on every honest peer
+        assert all(passed for _, passed in recorders[peer_id].finals)
         accused = {event["accuser"] for event in events_of(verifier) if event["event"] == "false_accusation"}
         assert accused == colluders, peer_id  # each refuted accuser is a false accuser here
 
@@ -193,10 +220,17 @@ def test_a_verdict_from_an_auditor_the_beacon_did_not_assign_does_not_count(tmp_
     assignments = {assignment.audited: assignment for assignment in alice.after_round(result)}
     target = assignments["QmBob"]
     for auditor in ("QmBob", "QmStranger"):  # the audited peer itself, and a peer outside the group
-        alice.verdicts.publish(AuditVerdict.model_construct(
-            auditor=auditor, audited="QmBob", epoch=0, commitment=target.commitment, verdict="gradient_mismatch",
-            error=1.0, role="primary",
-        ))
+        alice.verdicts.publish(
+            AuditVerdict.model_construct(
+                auditor=auditor,
+                audited="QmBob",
+                epoch=0,
+                commitment=target.commitment,
+                verdict="gradient_mismatch",
+                error=1.0,
+                role="primary",
+            )
+        )
     alice._finalize(current_epoch=1)
     assert alice.peer.banned == []
 
@@ -208,8 +242,10 @@ class PublishedCommitments:
         self.digests = digests
 
     def fetch(self, epoch: int) -> dict:
-        return {peer: type("Published", (), {"digest": lambda self, d=digest: d})() for peer, digest in
-                self.digests.items()}
+        return {
+            peer: type("Published", (), {"digest": lambda self, d=digest: d})()
+            for peer, digest in self.digests.items()
+        }
 
 
 def test_a_peer_outside_the_round_bans_on_a_quorum_of_failing_auditors(tmp_path: Path) -> None:
@@ -221,7 +257,8 @@ def test_a_peer_outside_the_round_bans_on_a_quorum_of_failing_auditors(tmp_path:
     run_round(verifiers)  # Alice was not in this round: she has no assignments for it
     assert not outsider.assignments
     digests = {peer: f"{i:064x}" for i, peer in enumerate(PEERS)}
-    outsider.commitments = PublishedCommitments({"QmDave": "f" * 64})  # not the commitment the auditors failed
+    # not the commitment the auditors failed
+    outsider.commitments = PublishedCommitments({"QmDave": "f" * 64})
     outsider._finalize(current_epoch=2)
     assert outsider.peer.banned == []
     outsider.commitments = PublishedCommitments(digests)
@@ -272,7 +309,8 @@ def test_a_verdict_the_dht_did_not_store_is_published_again(tmp_path: Path) -> N
         for verifier in verifiers.values():
             verifier.process(current_epoch=1)  # the next pass publishes it again, then everyone decides
     assert len(board.verdicts) == len(PEERS) and {verdict.audited for verdict in board.verdicts} == set(PEERS)
-    assert all((peer_id, True) in recorders[peer_id].finals for peer_id in PEERS)  # each knows its audit passed
+    # each knows its audit passed
+    assert all((peer_id, True) in recorders[peer_id].finals for peer_id in PEERS)
 
 
 def assignments_of(verifiers: dict[str, Verifier], members: list[str]) -> dict[str, AuditAssignment]:
@@ -304,7 +342,9 @@ def test_a_silent_primary_is_replaced_by_the_first_rechecker_a_round_later(tmp_p
     verdicts = present[next(iter(present))].verdicts.fetch(0)
     for assignment in orphaned:
         takeover = [verdict for verdict in verdicts if verdict.audited == assignment.audited]
-        assert [(verdict.auditor, verdict.role) for verdict in takeover] == [(assignment.auditors[1], "takeover")]
+        assert [(verdict.auditor, verdict.role) for verdict in takeover] == [
+            (assignment.auditors[1], "takeover")
+        ]
         assert all((assignment.audited, True) in recorders[peer].finals for peer in present)
     assert all(verifier.peer.banned == [] for verifier in present.values())
 
@@ -340,10 +380,17 @@ def test_a_rechecker_taking_over_early_does_not_pass_a_cheater(tmp_path: Path) -
     verifiers, recorders = make_swarm(tmp_path, cheaters={"QmDave"}, liars=set())
     target = assignments_of(verifiers, PEERS)["QmDave"]
     colluder = verifiers[target.auditors[1]]
-    colluder.verdicts.publish(AuditVerdict(
-        auditor=colluder.me, audited="QmDave", epoch=0, commitment=target.commitment, verdict="pass", error=0.0,
-        role="takeover",
-    ))
+    colluder.verdicts.publish(
+        AuditVerdict(
+            auditor=colluder.me,
+            audited="QmDave",
+            epoch=0,
+            commitment=target.commitment,
+            verdict="pass",
+            error=0.0,
+            role="takeover",
+        )
+    )
     colluder.performed.add((0, "QmDave"))
     for verifier in verifiers.values():  # everyone reads the board before the primary's verdict is out
         verifier._finalize(current_epoch=1)
@@ -358,9 +405,10 @@ def test_a_rechecker_taking_over_early_does_not_pass_a_cheater(tmp_path: Path) -
 
 def test_what_a_verifier_remembers_stays_bounded_over_many_epochs(tmp_path: Path) -> None:
     verifiers, _ = make_swarm(tmp_path, cheaters=set(), liars=set())
-    for epoch in range(30):
-        run_round(verifiers, epoch)
     window = verifiers["QmAlice"].verify.audit_window + 2
+    epochs = 2 * window + 2  # what a verifier keeps, once it has forgotten more than twice over
+    for epoch in range(epochs):
+        run_round(verifiers, epoch)
     for verifier in verifiers.values():
-        assert {epoch for epoch, _ in verifier.finalized} == set(range(30 - window, 30))
+        assert {epoch for epoch, _ in verifier.finalized} == set(range(epochs - window, epochs))
         assert len(verifier.performed) <= window * len(PEERS) and len(verifier.assignments) <= window

@@ -17,6 +17,7 @@ from swarm.network.averager import SwarmAverager, _tolerate_larger_groups, round
 from swarm.network.compression import as_received, make_compression
 
 
+@pytest.mark.unit
 def test_round_consensus_is_the_majority_and_order_independent() -> None:
     keys = [(3, "b"), (3, "a"), (3, "b"), (2, "z")]
     assert round_consensus(keys) == (3, "b")
@@ -33,14 +34,23 @@ def _average(dhts, inputs, keys, weights, compression: str, inspect=None, declar
     prefix = f"test_{uuid.uuid4().hex[:8]}"
     averagers = [
         SwarmAverager(
-            [tensor.clone() for tensor in tensors], dht, state_provider=lambda: ({}, []), prefix=prefix,
-            start=True, target_group_size=len(dhts), min_matchmaking_time=4.0, request_timeout=3.0,
-            compression=make_compression(compression), part_size_bytes=2**14, keep_received_epochs=1,
+            [tensor.clone() for tensor in tensors],
+            dht,
+            state_provider=lambda: ({}, []),
+            prefix=prefix,
+            start=True,
+            target_group_size=len(dhts),
+            min_matchmaking_time=4.0,
+            request_timeout=3.0,
+            compression=make_compression(compression),
+            part_size_bytes=2**14,
+            keep_received_epochs=1,
         )
         for dht, tensors in zip(dhts, inputs)
     ]
     results: list = [None] * len(averagers)
     try:
+
         def run(index: int) -> None:
             epoch, state_hash = keys[index]
             results[index] = averagers[index].step(
@@ -73,6 +83,7 @@ def _inputs(seed: int) -> list[list[torch.Tensor]]:
     return [[torch.rand(shape, generator=generator) * 2 - 1 for shape in shapes] for _ in range(3)]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("compression,tolerance", [("none", 1e-6), ("8bit", 0.05)])
 def test_every_member_gets_the_identical_weighted_mean(dhts, compression: str, tolerance: float) -> None:
@@ -88,6 +99,7 @@ def test_every_member_gets_the_identical_weighted_mean(dhts, compression: str, t
     assert all(count > 0 for count in bytes_sent)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_member_on_a_different_state_is_left_out_of_the_average(dhts) -> None:
     inputs = _inputs(1)
@@ -99,6 +111,7 @@ def test_member_on_a_different_state_is_left_out_of_the_average(dhts) -> None:
             assert torch.allclose(output[index], expected, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
 def test_each_reducer_keeps_exactly_what_every_sender_sent(dhts, compression: str) -> None:
@@ -118,7 +131,7 @@ def test_each_reducer_keeps_exactly_what_every_sender_sent(dhts, compression: st
                     continue
                 offset, parts = received
                 for part in parts:
-                    expected = as_received(flat[index][offset:offset + part.numel()].contiguous(), codec)
+                    expected = as_received(flat[index][offset : offset + part.numel()].contiguous(), codec)
                     assert torch.equal(part, expected), f"{compression}: a kept part is not what was sent"
                     offset += part.numel()
                 checked.append(offset)
@@ -129,6 +142,7 @@ def test_each_reducer_keeps_exactly_what_every_sender_sent(dhts, compression: st
     assert max(checked) == flat[0].numel()  # the last reducer's slice ends at the end of the gradient
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_member_cannot_weigh_more_than_it_declared(dhts) -> None:
     """The weight in each all-reduce message is self-reported: it is capped by the samples declared to the group."""
@@ -140,6 +154,7 @@ def test_a_member_cannot_weigh_more_than_it_declared(dhts) -> None:
             assert torch.allclose(output[index], expected, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_a_group_larger_than_this_peers_target_does_not_fail_its_round() -> None:
     """Peers that count different peers as expected set different targets; hivemind's group-key update raised
     'Sample larger than population' when a leader assembled more members than a follower's target."""

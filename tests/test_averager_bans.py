@@ -22,6 +22,8 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm.network.averager import SwarmAverager
 
+pytestmark = pytest.mark.integration
+
 
 @contextlib.contextmanager
 def started_averagers(
@@ -36,8 +38,13 @@ def started_averagers(
     ``kwargs`` go to every averager, ``per_peer[i]`` to the i-th one only.
     """
     options = dict(
-        prefix=f"test_{uuid.uuid4().hex[:8]}", start=True, target_group_size=len(inputs), min_group_size=2,
-        min_matchmaking_time=4.0, request_timeout=3.0, part_size_bytes=2**14,
+        prefix=f"test_{uuid.uuid4().hex[:8]}",
+        start=True,
+        target_group_size=len(inputs),
+        min_group_size=2,
+        min_matchmaking_time=4.0,
+        request_timeout=3.0,
+        part_size_bytes=2**14,
     )
     options.update(kwargs)
     averagers: list[SwarmAverager] = []
@@ -45,7 +52,9 @@ def started_averagers(
         for index, (dht, tensors) in enumerate(zip(dhts, inputs)):
             own = dict(options, **(per_peer[index] if per_peer else {}))
             averagers.append(
-                averager_type([tensor.clone() for tensor in tensors], dht, state_provider=lambda: ({}, []), **own)
+                averager_type(
+                    [tensor.clone() for tensor in tensors], dht, state_provider=lambda: ({}, []), **own
+                )
             )
         yield averagers
     finally:
@@ -105,8 +114,12 @@ def test_two_peers_that_ban_a_third_average_without_it(dhts) -> None:
         for averager in (first, second):
             averager.set_banned([str(banned.peer_id)])
         durations: list[float] = []
-        results = step_all([first, second, banned], [1.0, 1.0, 1.0], timeouts=[30.0, 30.0, 6.0], durations=durations)
-        print("bans round: honest steps {:.1f}s, {:.1f}s; banned peer gave up after {:.1f}s".format(*durations))
+        results = step_all(
+            [first, second, banned], [1.0, 1.0, 1.0], timeouts=[30.0, 30.0, 6.0], durations=durations
+        )
+        print(
+            "bans round: honest steps {:.1f}s, {:.1f}s; banned peer gave up after {:.1f}s".format(*durations)
+        )
 
         honest = {first.peer_id, second.peer_id}
         for result in results[:2]:
@@ -118,8 +131,30 @@ def test_two_peers_that_ban_a_third_average_without_it(dhts) -> None:
         for index in range(len(inputs[0])):
             expected = (inputs[0][index] + inputs[1][index]) / 2
             assert torch.equal(outputs[0][index], outputs[1][index]), "members hold different averages"
-            assert torch.allclose(outputs[0][index], expected, atol=1e-6), "the banned peer's tensor leaked in"
+            assert torch.allclose(outputs[0][index], expected, atol=1e-6), (
+                "the banned peer's tensor leaked in"
+            )
             assert torch.equal(outputs[2][index], inputs[2][index]), "the banned peer averaged with someone"
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_nobody_expected_cannot_take_an_expected_peers_place_in_a_group(dhts) -> None:
+    """A round's group has a target size (the peers the barrier expected); a third peer that joins although its
+    status said another epoch would fill it and leave an expected peer out of the round."""
+    inputs = random_inputs(11)
+    with started_averagers(dhts, inputs, target_group_size=2) as (first, second, stranger):
+        first.set_admitted([str(second.peer_id)])
+        second.set_admitted([str(first.peer_id)])
+        results = step_all([first, second, stranger], [1.0, 1.0, 1.0], timeouts=[30.0, 30.0, 8.0])
+        expected = {first.peer_id, second.peer_id}
+        for result in results[:2]:
+            assert isinstance(result, dict) and set(result) == expected, result
+        assert not isinstance(results[2], dict), results[2]  # nobody let it in
+        for averager in (first, second, stranger):  # admission lifted: anyone not banned may join again
+            averager.set_admitted(None)
+            averager.set_target_group_size(3)
+        again = step_all([first, second, stranger], [1.0, 1.0, 1.0], timeouts=[30.0, 30.0, 30.0])
+        assert all(isinstance(result, dict) and len(result) == 3 for result in again), again
 
 
 class _AdmitsBannedAverager(SwarmAverager):
@@ -136,7 +171,8 @@ class _AdmitsBannedAverager(SwarmAverager):
 def test_a_banned_peer_that_got_into_the_group_counts_as_zero_where_its_banners_reduce(dhts) -> None:
     inputs = random_inputs(11, shapes=((6000,),))
     inputs[2][0] = inputs[2][0] + 1000  # the banned peer's input stands out everywhere
-    options = dict(averager_type=_AdmitsBannedAverager, part_size_bytes=2**10)  # ~24 parts of 256 values, ~8 each
+    # ~24 parts of 256 values, ~8 each
+    options = dict(averager_type=_AdmitsBannedAverager, part_size_bytes=2**10)
     with started_averagers(dhts, inputs, **options) as (first, second, banned):
         for averager in (first, second):
             averager.set_banned([str(banned.peer_id)])
@@ -158,7 +194,10 @@ def test_saved_contributions_are_served_whole_and_only_when_asked_properly(dhts,
     contribution = os.urandom(3 * 2**20 + 12345)  # spans four chunks
     (tmp_path / "epoch-3.pt").write_bytes(contribution)
     inputs = random_inputs(8, peers=2)
-    with started_averagers(dhts[:2], inputs, per_peer=[dict(contributions_dir=tmp_path), {}]) as (server, client):
+    with started_averagers(dhts[:2], inputs, per_peer=[dict(contributions_dir=tmp_path), {}]) as (
+        server,
+        client,
+    ):
         server_id = str(server.peer_id)
 
         started = time.monotonic()
@@ -166,7 +205,10 @@ def test_saved_contributions_are_served_whole_and_only_when_asked_properly(dhts,
         print(f"downloaded {len(contribution) / 2**20:.1f} MiB in {time.monotonic() - started:.2f}s")
         assert client.download_contribution(server_id, 4, timeout=30, max_bytes=2**23) is None
         assert client.download_contribution(server_id, 3, timeout=30, max_bytes=len(contribution) - 1) is None
-        assert client.download_contribution(server_id, 3, timeout=30, max_bytes=len(contribution)) == contribution
+        assert (
+            client.download_contribution(server_id, 3, timeout=30, max_bytes=len(contribution))
+            == contribution
+        )
         with pytest.raises(ValueError):
             client.download_contribution(server_id, -1, timeout=30, max_bytes=2**23)
 
@@ -183,7 +225,9 @@ def test_saved_contributions_are_served_whole_and_only_when_asked_properly(dhts,
         assert client.download_contribution(server_id, 3, timeout=30, max_bytes=2**23) == contribution
 
 
-async def _raw_requests(server_dht: hivemind.DHT, server: SwarmAverager, requests: list[bytes]) -> list[bytes]:
+async def _raw_requests(
+    server_dht: hivemind.DHT, server: SwarmAverager, requests: list[bytes]
+) -> list[bytes]:
     """Send each request's metadata as is from a bare p2p node; the concatenated answer of each."""
     p2p = await P2P.create(initial_peers=server_dht.get_visible_maddrs())  # the server's own daemon
     try:

@@ -14,9 +14,11 @@ import torch
 from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.network.records import PeerStatus
-from swarm.training.peer import SwarmPeer
-from swarm.training.state import TrainingState
+from swarm.node.peer import SwarmPeer
+from swarm.node.state import TrainingState
 from swarm.training.strategies.sync import SyncGradientAveraging
+
+pytestmark = pytest.mark.unit
 
 LIAR_EPOCH = 1_000_000
 
@@ -30,9 +32,16 @@ class MemoryBoard:
         self.fingerprint = fingerprint  # the peers of one swarm share their settings
 
     def add(self, name: str, epoch: int, state_hash: str, ready: bool = True, left: bool = False) -> None:
-        self.statuses[name] = PeerStatus(peer_id=name, name=name, epoch=epoch, state_hash=state_hash,
-                                         ready_epoch=epoch if ready else -1, samples=0, left=left,
-                                         fingerprint=self.fingerprint)
+        self.statuses[name] = PeerStatus(
+            peer_id=name,
+            name=name,
+            epoch=epoch,
+            state_hash=state_hash,
+            ready_epoch=epoch if ready else -1,
+            samples=0,
+            left=left,
+            fingerprint=self.fingerprint,
+        )
 
     def publish(self, status: PeerStatus) -> bool:
         self.published.append(status)
@@ -137,7 +146,8 @@ def test_a_peer_that_left_is_no_longer_waited_for(make_peer) -> None:
 
 def test_shutdown_announces_leaving(make_peer) -> None:
     peer, board = make_peer(epoch=2)
-    peer._heartbeat = threading.Thread(target=lambda: None)  # as after start(); no network here: only the farewell
+    # as after start(); no network here: only the farewell
+    peer._heartbeat = threading.Thread(target=lambda: None)
     peer._heartbeat.start()
     peer.shutdown()
     assert board.published and board.published[-1].left and board.published[-1].epoch == 2
@@ -169,9 +179,16 @@ def test_a_holder_serving_another_state_than_the_announced_one_is_refused(make_p
     forged = snapshot_at(7, 9.0)  # self-consistent, but not what the swarm announced
     for name in ("QmHonestA", "QmHonestB", "QmCheat"):
         board.add(name, 7, announced_meta["state_hash"])  # the liar announces the swarm's state...
-    late.averager = ServingAverager({"QmCheat": forged, "QmHonestA": (announced_meta, announced),
-                                     "QmHonestB": (announced_meta, announced)})
-    for _ in range(5):  # holders are tried in random order: whoever comes first, the forged state is never loaded
+    late.averager = ServingAverager(
+        {
+            "QmCheat": forged,
+            "QmHonestA": (announced_meta, announced),
+            "QmHonestB": (announced_meta, announced),
+        }
+    )
+    for _ in range(
+        5
+    ):  # holders are tried in random order: whoever comes first, the forged state is never loaded
         late.epoch, late.state_hash = 0, "before"
         assert late.sync_with_swarm()  # ...but serves its own
         assert late.round_key == (7, announced_meta["state_hash"])

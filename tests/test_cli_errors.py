@@ -1,8 +1,10 @@
 """The real ``swarm`` command, run as a subprocess: every mistake a user can make ends in one ``swarm: error:``
 line that names what is wrong, a non-zero exit code and no traceback; the p2p daemon is not left behind.
 
-The slow cases (``swarm run`` imports the whole training stack before it can fail) are started together by one
-module fixture, so the two CPU cores are both busy; each test then checks its own result.
+The slow cases (``swarm run`` imports the whole training stack before it can fail) are forked together by one
+module fixture from the test session's fork server (tests/forkserver.py: the stack imported once, ``swarm.cli``'s
+``main`` run as ``python -m swarm.cli`` runs it); each test then checks its own result. The fast cases and the
+console script run as fresh interpreters.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import fork_server
+
+pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 120
 MARKER_VAR = "PYTEST_SWARM_CLI_MARKER"
@@ -112,8 +118,13 @@ def _run_cases(unreachable: str) -> dict[str, list[str]]:
         "missing_model": ["run", "--set", "model.name_or_path=/nonexistent/dir"],
         "invalid_multiaddr": ["run", "--join", "/ip4/not-an-ip/tcp/1234"],
         "unreachable_join": [
-            "run", "--join", unreachable,
-            "--set", "network.bootstrap_attempts=2", "--set", "network.bootstrap_backoff=0.2",
+            "run",
+            "--join",
+            unreachable,
+            "--set",
+            "network.bootstrap_attempts=2",
+            "--set",
+            "network.bootstrap_backoff=0.2",
         ],
         "unknown_recipe": ["run", "--recipe", "no_such_recipe"],
         "wrong_type": ["run", "--set", "training.learning_rate=fast"],
@@ -139,15 +150,23 @@ def run_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunResults
     for name in cases:
         (root / name).mkdir()
     (root / "local_unknown_key" / TYPO_CONFIG).write_text(TYPO_CONFIG_TEXT)
-    processes = {name: _start(args, root / name, marker) for name, args in cases.items()}
+    server = fork_server()
+    processes = {
+        name: server.start(args, root / name, _env(marker), root / name / "stdout", root / name / "stderr")
+        for name, args in cases.items()
+    }
     try:
-        results = {name: _finish(process, cases[name]) for name, process in processes.items()}
+        results = {}
+        for name, process in processes.items():
+            try:
+                code = process.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"swarm {' '.join(cases[name])} did not finish in {TIMEOUT_S}s")
+            output = [(root / name / stream).read_text(errors="replace") for stream in ("stdout", "stderr")]
+            results[name] = CliResult(cases[name], code, *output)
         yield RunResults(results, marker, before, unreachable)
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, 9)
-                process.wait()
+        server.kill_all()
 
 
 def test_model_path_that_does_not_exist(run_results: RunResults) -> None:
@@ -180,7 +199,9 @@ def test_unreachable_join_leaves_no_p2p_daemon(run_results: RunResults) -> None:
 
 
 def test_unknown_recipe_lists_available_ones(run_results: RunResults) -> None:
-    _assert_user_error(run_results.results["unknown_recipe"], 2, "no_such_recipe", "arithmetic", "arithmetic_sft")
+    _assert_user_error(
+        run_results.results["unknown_recipe"], 2, "no_such_recipe", "arithmetic", "arithmetic_sft"
+    )
 
 
 def test_unknown_key_in_file_on_local(run_results: RunResults) -> None:
@@ -189,7 +210,9 @@ def test_unknown_key_in_file_on_local(run_results: RunResults) -> None:
 
 
 def test_wrong_type_via_set_on_run(run_results: RunResults) -> None:
-    _assert_user_error(run_results.results["wrong_type"], 2, "--set training.learning_rate", "training.learning_rate:")
+    _assert_user_error(
+        run_results.results["wrong_type"], 2, "--set training.learning_rate", "training.learning_rate:"
+    )
 
 
 # ---- fast cases: config errors, help, config printing -----------------------------------------------------------
@@ -218,8 +241,14 @@ def test_console_script_help(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("swarm")
     if not script.exists():
         pytest.fail(f"the swarm console script is not installed next to {sys.executable}")
-    result = subprocess.run([str(script), "--help"], cwd=tmp_path, env=_env("help"), capture_output=True,
-                            text=True, timeout=TIMEOUT_S)
+    result = subprocess.run(
+        [str(script), "--help"],
+        cwd=tmp_path,
+        env=_env("help"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stderr
     assert "run" in result.stdout and "local" in result.stdout
 

@@ -23,6 +23,8 @@ from swarm.verify.commitment import (
 from swarm.verify.replay import Contribution, GRPOSettings
 from swarm.verify.selection import assign_audits, auditors_for, is_selected, round_beacon
 
+pytestmark = pytest.mark.unit
+
 
 def make_contribution(seed: int = 0) -> Contribution:
     generator = torch.Generator().manual_seed(seed)
@@ -76,7 +78,11 @@ def test_a_contribution_that_differs_from_its_commitment_is_named(change: dict, 
 def test_old_contributions_are_deleted_after_the_window(tmp_path: Path) -> None:
     for epoch in range(6):
         save_contribution(tmp_path, epoch, make_contribution(epoch), keep_epochs=3)
-    assert sorted(path.name for path in tmp_path.glob("epoch-*.pt")) == ["epoch-3.pt", "epoch-4.pt", "epoch-5.pt"]
+    assert sorted(path.name for path in tmp_path.glob("epoch-*.pt")) == [
+        "epoch-3.pt",
+        "epoch-4.pt",
+        "epoch-5.pt",
+    ]
 
 
 class Evil:

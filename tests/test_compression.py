@@ -32,6 +32,7 @@ def _bucket_width(tensor: torch.Tensor) -> float:
     return tensor.float().std().item() / EIGHT_BIT_BUCKETS_PER_SIX_SIGMA
 
 
+@pytest.mark.unit
 def test_names_and_types() -> None:
     assert COMPRESSION_NAMES == ("none", "fp16", "8bit")
     assert isinstance(make_compression("none"), hivemind.compression.NoCompression)
@@ -39,6 +40,7 @@ def test_names_and_types() -> None:
     assert isinstance(make_compression("8bit"), hivemind.compression.Uniform8BitQuantization)
 
 
+@pytest.mark.unit
 def test_unknown_name_is_value_error_listing_allowed() -> None:
     with pytest.raises(ValueError) as info:
         make_compression("4bit")
@@ -47,6 +49,7 @@ def test_unknown_name_is_value_error_listing_allowed() -> None:
     assert "4bit" in str(info.value)
 
 
+@pytest.mark.unit
 def test_patch_is_idempotent() -> None:
     before = Quantization.extract
     patch_hivemind_quantization()
@@ -55,6 +58,7 @@ def test_patch_is_idempotent() -> None:
     assert getattr(Quantization.extract, "_swarm_numpy2_patched", False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(7,), (300, 500), (3, 4, 5)])
 def test_round_trip(shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(1234)
@@ -84,6 +88,7 @@ def test_round_trip(shape: tuple[int, ...]) -> None:
         assert max_err <= value_range / 255 * 1.05, (max_err, value_range / 255)
 
 
+@pytest.mark.unit
 def test_8bit_round_trip_bfloat16_and_requires_grad() -> None:
     gen = torch.Generator().manual_seed(7)
     tensor = _uniform(1000, generator=gen).to(torch.bfloat16).requires_grad_()
@@ -111,9 +116,7 @@ def dhts():
         started.append(first)
         initial_peers = [str(maddr) for maddr in first.get_visible_maddrs()]
         for _ in range(NUM_PEERS - 1):
-            started.append(
-                bare_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
-            )
+            started.append(bare_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers))
         yield started
     finally:
         for dht in reversed(started):
@@ -133,6 +136,7 @@ def _averaging_tolerance(name: str, originals: list[list[torch.Tensor]], index: 
     return 3 * max(_bucket_width(peer[index]) for peer in originals)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", COMPRESSION_NAMES)
 def test_real_averaging(dhts: list[hivemind.DHT], name: str) -> None:

@@ -11,6 +11,8 @@ import yaml
 from swarm.config import DEFAULT_CONFIG_PATH, SwarmConfig, dump_config, load_config
 from swarm.errors import ConfigError, UserError
 
+pytestmark = pytest.mark.unit
+
 NO_ENV: dict[str, str] = {}
 
 
@@ -243,4 +245,7 @@ def test_swarm_config_with_another_recipe_shows_that_recipes_options_not_the_fil
     assert main(["config", "--recipe", "arithmetic_sft", "--set", "recipe.options.max_operand=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["recipe"]["options"] == {"max_operand": 3}
     assert main(["config", "--recipe", "arithmetic"]) == 0  # the file's own recipe keeps the file's options
-    assert yaml.safe_load(capsys.readouterr().out)["recipe"]["options"] == {"max_operand": 9, "operators": "+"}
+    assert yaml.safe_load(capsys.readouterr().out)["recipe"]["options"] == {
+        "max_operand": 9,
+        "operators": "+",
+    }

@@ -22,10 +22,11 @@ from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.averager import SwarmAverager
 from swarm.network.dht import start_dht
-from swarm.training.peer import SwarmPeer
-from swarm.training.state import TrainingState
+from swarm.node.peer import SwarmPeer
+from swarm.node.state import TrainingState
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)  # with the upstream DHT the parent's send blocks forever on the dead process
 def test_a_peer_dht_node_stores_megabyte_values_and_stays_alive(tmp_path: Path) -> None:
     identity = Identity.load_or_create(tmp_path / "identity.key")
@@ -45,11 +46,14 @@ def p2p_daemons_of(identity: Identity) -> list[psutil.Process]:
     """Live p2pd processes serving this identity (its key file's path is on their command line)."""
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
-        if process.info["name"] == "p2pd" and any(str(identity.path) in arg for arg in process.info["cmdline"] or []):
+        if process.info["name"] == "p2pd" and any(
+            str(identity.path) in arg for arg in process.info["cmdline"] or []
+        ):
             found.append(process)
     return found
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("failure", ["stalls", "dies"])
 def test_a_dht_process_that_never_becomes_ready_is_killed_and_started_again(
@@ -72,7 +76,8 @@ def test_a_dht_process_that_never_becomes_ready_is_killed_and_started_again(
         await real_create(**kwargs)  # its p2p daemon is running from here on
         await asyncio.sleep(3600)
 
-    monkeypatch.setattr(DHTNode, "create", staticmethod(create_failing_once))  # inherited by the forked process
+    # inherited by the forked process
+    monkeypatch.setattr(DHTNode, "create", staticmethod(create_failing_once))
     network = NetworkConfig(client_mode=False, startup_timeout=5, bootstrap_backoff=0)
     started = time.monotonic()
     dht = start_dht(network, identity, tmp_path)
@@ -83,7 +88,9 @@ def test_a_dht_process_that_never_becomes_ready_is_killed_and_started_again(
         assert dht.get("key", latest=True).value == "value"
         assert len(p2p_daemons_of(identity)) == 1, "the stalled node's p2p daemon is still running"
         if failure == "stalls":
-            assert "create_failing_once" in capfd.readouterr().err, "the stalled process's stacks were not printed"
+            assert "create_failing_once" in capfd.readouterr().err, (
+                "the stalled process's stacks were not printed"
+            )
             assert "was not ready after 5s" in caplog.text
         else:
             assert "exited with code 3 before it was ready" in caplog.text
@@ -91,6 +98,7 @@ def test_a_dht_process_that_never_becomes_ready_is_killed_and_started_again(
         dht.shutdown()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_lone_node_that_cannot_start_fails_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -107,6 +115,7 @@ def test_a_lone_node_that_cannot_start_fails_with_one_line(
     )
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_peer_whose_averager_stalls_while_starting_starts_it_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
@@ -135,6 +144,7 @@ def test_a_peer_whose_averager_stalls_while_starting_starts_it_again(
         peer.shutdown()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_restarted_peer_listens_on_the_same_address_and_moves_only_when_its_port_is_taken(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -165,10 +175,13 @@ def test_a_restarted_peer_listens_on_the_same_address_and_moves_only_when_its_po
         finally:
             dht.shutdown()
     assert f"/tcp/{kept}/" not in moved and int((tmp_path / "listen_port").read_text()) != kept
-    assert any(f"port {kept}" in record.message and "give out the new address" in record.message
-               for record in caplog.records)
+    assert any(
+        f"port {kept}" in record.message and "give out the new address" in record.message
+        for record in caplog.records
+    )
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_second_peer_in_the_same_work_directory_is_told_to_use_its_own(tmp_path: Path) -> None:
     """Both peers would sign with one identity: the second one stops at once with the cause and the fix."""
@@ -176,8 +189,13 @@ def test_a_second_peer_in_the_same_work_directory_is_told_to_use_its_own(tmp_pat
     first = start_dht(NetworkConfig(client_mode=False), identity, tmp_path)
     try:
         address = (tmp_path / "peer_addr.txt").read_text().split()[0]
-        with pytest.raises(UserError, match=r"the identity .*identity\.key is in use by a peer that is running .*"
-                                            r"--workdir DIR"):
-            start_dht(NetworkConfig(client_mode=False, initial_peers=[address]), identity, tmp_path / "second")
+        with pytest.raises(
+            UserError,
+            match=r"the identity .*identity\.key is in use by a peer that is running .*"
+            r"--workdir DIR",
+        ):
+            start_dht(
+                NetworkConfig(client_mode=False, initial_peers=[address]), identity, tmp_path / "second"
+            )
     finally:
         first.shutdown()

@@ -48,6 +48,7 @@ def listener() -> Iterator[socket.socket]:
         server.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("style", ["table", "plain"])
 def test_healthy_machine_without_initial_peers_passes(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, style: str
@@ -63,6 +64,7 @@ def test_healthy_machine_without_initial_peers_passes(
     assert "Traceback" not in out
 
 
+@pytest.mark.unit
 def test_unreachable_initial_peer_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     port = free_port()
     address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{PEER_ID}"
@@ -75,6 +77,7 @@ def test_unreachable_initial_peer_is_named(tmp_path: Path, capsys: pytest.Captur
     assert SUMMARY.search(out).group(3) == "1"
 
 
+@pytest.mark.unit
 def test_reachable_initial_peer_is_ok(
     tmp_path: Path, capsys: pytest.CaptureFixture, listener: socket.socket
 ) -> None:
@@ -91,6 +94,7 @@ def test_reachable_initial_peer_is_ok(
         assert line.startswith("OK") and "answers" in line
 
 
+@pytest.mark.unit
 def test_occupied_listening_port_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture, listener: socket.socket
 ) -> None:
@@ -103,6 +107,7 @@ def test_occupied_listening_port_fails(
     assert line.startswith("FAIL") and f"port {port}" in line and "in use" in line
 
 
+@pytest.mark.unit
 def test_free_listening_port_is_ok(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     port = free_port()
     host = f"/ip4/127.0.0.1/tcp/{port}"
@@ -112,6 +117,7 @@ def test_free_listening_port_is_ok(tmp_path: Path, capsys: pytest.CaptureFixture
     assert next(line for line in out.splitlines() if host in line).startswith("OK")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "address, problem",
     [("/ip4/not-an-ip/tcp/1", "not a valid multiaddress"), ("/ip4/127.0.0.1/tcp/4000", "lacks the peer id")],
@@ -124,15 +130,22 @@ def test_invalid_join_address_is_one_clear_error(
     assert code == 2
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("swarm: error:") and address in lines[0] and problem in lines[0]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("swarm: error:")
+        and address in lines[0]
+        and problem in lines[0]
+    )
 
 
+@pytest.mark.unit
 def test_bad_config_override_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = doctor_main("--workdir", str(tmp_path), "--set", "network.no_such_key=1")
     err = capsys.readouterr().err
     assert code == 2 and "network.no_such_key" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_a_check_that_raises_is_a_fail_line_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,9 +156,12 @@ def test_a_check_that_raises_is_a_fail_line_not_a_traceback(
     code = doctor_main("--plain", "--workdir", str(tmp_path))
     out = capsys.readouterr().out
     assert code == 1
-    assert any(line.startswith("FAIL python:") and "RuntimeError: boom" in line for line in out.splitlines()), out
+    assert any(
+        line.startswith("FAIL python:") and "RuntimeError: boom" in line for line in out.splitlines()
+    ), out
 
 
+@pytest.mark.unit
 def test_corrupt_identity_key_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "identity.key").write_bytes(b"not a key")
     code = doctor_main("--plain", "--workdir", str(tmp_path))
@@ -155,11 +171,13 @@ def test_corrupt_identity_key_fails(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "identity.key").read_bytes() == b"not a key"  # left alone
 
 
+@pytest.mark.unit
 def test_missing_identity_is_not_created(tmp_path: Path) -> None:
     result = doctor.check_identity(tmp_path / "identity.key")
     assert result.status == doctor.OK and not (tmp_path / "identity.key").exists()
 
 
+@pytest.mark.unit
 def test_unknown_memory_and_clock_skew_warn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert doctor.read_meminfo(tmp_path / "no-meminfo") is None
     monkeypatch.setattr(doctor, "read_meminfo", lambda: None)
@@ -174,6 +192,7 @@ def test_unknown_memory_and_clock_skew_warn(tmp_path: Path, monkeypatch: pytest.
     assert doctor.check_clock(tmp_path).status == doctor.OK
 
 
+@pytest.mark.e2e
 def test_swarm_doctor_command_names_an_unreachable_peer(tmp_path: Path) -> None:
     """The issue's acceptance through the real command: exit 1 and the address named."""
     import subprocess
@@ -183,9 +202,24 @@ def test_swarm_doctor_command_names_an_unreachable_peer(tmp_path: Path) -> None:
 
     address = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/QmYSruBBE8rLVQmjLrzwaEKxzrnKDv5bA8hC7oY3J84VW8"
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.cli", "doctor", "--plain", "--workdir", str(tmp_path), "--join", address,
-         "--timeout", "2"],
-        cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "doctor",
+            "--plain",
+            "--workdir",
+            str(tmp_path),
+            "--join",
+            address,
+            "--timeout",
+            "2",
+        ],
+        cwd=PROJECT_ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert address in result.stdout and "Traceback" not in result.stdout + result.stderr

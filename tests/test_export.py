@@ -5,34 +5,48 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from swarm.recipe import load_recipe
-from tests.conftest import PROJECT_ROOT, clean_env
+from tests.conftest import clean_env, run_swarm
 
 
-def swarm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.cli", *args], cwd=PROJECT_ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=240)
+def swarm(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_swarm(list(args), tmp_path, 240, clean_env())
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("lora", [0, 4])
-def test_an_exported_model_loads_with_from_pretrained_and_answers_like_the_trained_one(tmp_path: Path,
-                                                                                       lora: int) -> None:
+def test_an_exported_model_loads_with_from_pretrained_and_answers_like_the_trained_one(
+    tmp_path: Path, lora: int
+) -> None:
     workdir = tmp_path / "peer"
-    trained = swarm("run", "--plain", "--max-epochs", "2", "--workdir", str(workdir), "--set", "monitor.wandb=disabled",
-                    "--set", "training.prompts_per_round=4", "--set", f"model.lora_r={lora}",
-                    "--set", "training.learning_rate=0.05")
+    trained = swarm(
+        tmp_path,
+        "run",
+        "--plain",
+        "--max-epochs",
+        "2",
+        "--workdir",
+        str(workdir),
+        "--set",
+        "monitor.wandb=disabled",
+        "--set",
+        "training.prompts_per_round=4",
+        "--set",
+        f"model.lora_r={lora}",
+        "--set",
+        "training.learning_rate=0.05",
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     held_out = json.loads((workdir / "summary.json").read_text())["peers"][0]["eval"]
     assert held_out["epoch"] == 2 and held_out["figures"]["eval/rows"] == 32
 
-    exported = swarm("export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
+    exported = swarm(tmp_path, "export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
@@ -40,22 +54,32 @@ def test_an_exported_model_loads_with_from_pretrained_and_answers_like_the_train
     length = load_recipe("arithmetic").max_completion_length  # what the held-out evaluation generated
     for example in held_out["examples"]:
         ids = tokenizer(example["prompt"], return_tensors="pt", add_special_tokens=False)
-        output = model.generate(**ids, max_new_tokens=length, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            **ids,
+            max_new_tokens=length,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answer = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert answer == example["completion"], example
     if lora:
-        adapter = swarm("export", "--workdir", str(workdir), "--out", str(tmp_path / "adapter"), "--adapter")
+        adapter = swarm(
+            tmp_path, "export", "--workdir", str(workdir), "--out", str(tmp_path / "adapter"), "--adapter"
+        )
         assert adapter.returncode == 0 and (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.e2e
 def test_exporting_a_directory_that_is_no_peers_fails_with_one_line(tmp_path: Path) -> None:
-    result = swarm("export", "--workdir", str(tmp_path))
+    result = swarm(tmp_path, "export", "--workdir", str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"swarm: error: {tmp_path / 'config.yaml'}: not found (is "
-                                                  f"{tmp_path} a peer's work directory?)"]
+    assert result.stderr.strip().splitlines() == [
+        f"swarm: error: {tmp_path / 'config.yaml'}: not found (is {tmp_path} a peer's work directory?)"
+    ]
 
 
+@pytest.mark.unit
 def test_the_held_out_evaluation_runs_once_per_epoch_of_progress() -> None:
     """A skipped or failed round leaves the epoch (and the model) where it was: no second evaluation of it (seen in a
     founding peer that retried epoch 0 for minutes, evaluating after every try)."""

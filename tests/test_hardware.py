@@ -28,12 +28,19 @@ from swarm.hardware import (
 )
 from swarm.training.model import load_model_and_tokenizer, tiny_model_dir
 
+pytestmark = pytest.mark.unit
+
 TIERS = ("cpu", "gpu-8gb", "gpu-12gb", "gpu-24gb")
 
 
 def gpu(name: str, gib: float, bitsandbytes: bool = False) -> Hardware:
-    return Hardware(cuda_devices=(CudaDevice(0, name, int(gib * GIB)),), cpu_count=8, total_ram=32 * GIB,
-                    available_ram=24 * GIB, bitsandbytes=bitsandbytes)
+    return Hardware(
+        cuda_devices=(CudaDevice(0, name, int(gib * GIB)),),
+        cpu_count=8,
+        total_ram=32 * GIB,
+        available_ram=24 * GIB,
+        bitsandbytes=bitsandbytes,
+    )
 
 
 # ---- detection and tiers ----------------------------------------------------------------------------------------
@@ -100,8 +107,16 @@ def test_estimate_is_smaller_with_lora_and_with_four_bit() -> None:
     qlora = estimate_training_memory(n, "bfloat16", lora=True, four_bit=True, trainable_params=4_000_000)
     assert qlora < lora < full
     assert full >= n * 2 * 4  # bf16 weights + gradients + two AdamW statistics
-    with_batch = estimate_training_memory(n, "bfloat16", lora=True, trainable_params=4_000_000,
-                                          batch_tokens=2048, hidden_size=1536, num_layers=28, vocab_size=151936)
+    with_batch = estimate_training_memory(
+        n,
+        "bfloat16",
+        lora=True,
+        trainable_params=4_000_000,
+        batch_tokens=2048,
+        hidden_size=1536,
+        num_layers=28,
+        vocab_size=151936,
+    )
     assert with_batch > lora + 2048 * 151936 * 4  # activations and logits are accounted for
 
 
@@ -118,9 +133,11 @@ def test_7b_on_an_8gb_gpu_is_refused_in_one_line() -> None:
 
 
 def test_small_lora_model_fits_an_8gb_gpu_and_the_tiny_model_fits_anywhere() -> None:
-    check_fits(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16", lora_r=16),
-               gpu("RTX 3070", 8.0), TrainingConfig(prompts_per_round=4, num_generations=4, micro_batch_size=4,
-                                                    max_completion_length=256))
+    check_fits(
+        ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16", lora_r=16),
+        gpu("RTX 3070", 8.0),
+        TrainingConfig(prompts_per_round=4, num_generations=4, micro_batch_size=4, max_completion_length=256),
+    )
     check_fits(ModelConfig(), Hardware(total_ram=2 * GIB, available_ram=1 * GIB))
     check_fits(ModelConfig(), Hardware())  # memory unknown: let through
 
@@ -173,8 +190,15 @@ def test_known_model_counts_are_the_published_ones() -> None:
 
 
 def test_llama_style_config_count() -> None:
-    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     assert count_parameters(config.to_dict()) == sum(param.numel() for param in model.parameters())
     with pytest.raises(ValueError, match="model_type"):
@@ -184,8 +208,9 @@ def test_llama_style_config_count() -> None:
 def test_the_memory_check_sizes_rows_by_the_recipe_not_a_512_token_guess() -> None:
     """A 34M-parameter tiny model with the arithmetic recipe (rows of ~20 tokens) trains in a few GiB; sized as
     512-token rows it was refused on a machine with 8 GiB free ("needs about 20 GiB")."""
-    model = ModelConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=2048,
-                        max_positions=256)
+    model = ModelConfig(
+        hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=2048, max_positions=256
+    )
     machine = Hardware(cpu_count=2, total_ram=24 * GIB, available_ram=8 * GIB)
     with pytest.raises(UserError, match="needs about"):
         check_fits(model, machine, TrainingConfig())

@@ -21,6 +21,8 @@ from swarm.network.averager import SwarmAverager
 from swarm.network.startup import start_retrying
 from tests.hostile_client import END, ChildLogs, HostileClient, frame
 
+pytestmark = pytest.mark.integration
+
 HANDLERS = ("rpc_join_group", "rpc_aggregate_part", "rpc_download_state", "rpc_download_contribution")
 
 
@@ -31,33 +33,48 @@ def garbage_streams() -> dict[str, bytes]:
         "random bytes": random,
         "unknown frame marker": b"\x07" + frame(b"abc")[1:],
         "undecodable protobuf": frame(b"\xff\xff\xff\xff\x0f" + os.urandom(40)) + END,
-        "wrong protobuf type": frame(dht_pb2.FindRequest(keys=[b"k" * 20]).SerializeToString() + b"\x0a") + END,
+        "wrong protobuf type": frame(dht_pb2.FindRequest(keys=[b"k" * 20]).SerializeToString() + b"\x0a")
+        + END,
         "no request": END,
         "two requests": frame(averaging_pb2.JoinRequest().SerializeToString()) * 2 + END,
         "oversized frame": b"\x00" + (1 << 40).to_bytes(8, "big") + b"x" * 100,
         "truncated frame": frame(b"x" * 100)[:50],
         "error frame": frame(b"\xff\xff", b"\x01"),
-        "unknown group": frame(averaging_pb2.AveragingData(group_id=b"nope", code=averaging_pb2.PART_FOR_AVERAGING)
-                               .SerializeToString()) + END,
+        "unknown group": frame(
+            averaging_pb2.AveragingData(
+                group_id=b"nope", code=averaging_pb2.PART_FOR_AVERAGING
+            ).SerializeToString()
+        )
+        + END,
     }
 
 
 def _averagers(dhts, prefix: str, count: int = 2) -> list[SwarmAverager]:
     def make(dht, value: float):
         return lambda: SwarmAverager(
-            [torch.full((1000,), value)], dht, state_provider=lambda: ({"epoch": 0}, [torch.zeros(3)]),
-            prefix=prefix, start=False, target_group_size=count, min_matchmaking_time=4.0, request_timeout=3.0,
+            [torch.full((1000,), value)],
+            dht,
+            state_provider=lambda: ({"epoch": 0}, [torch.zeros(3)]),
+            prefix=prefix,
+            start=False,
+            target_group_size=count,
+            min_matchmaking_time=4.0,
+            request_timeout=3.0,
         )
 
-    return [start_retrying(make(dht, float(index + 1)), 60, what="averager") for index, dht in enumerate(dhts[:count])]
+    return [
+        start_retrying(make(dht, float(index + 1)), 60, what="averager")
+        for index, dht in enumerate(dhts[:count])
+    ]
 
 
 def _average(averagers: list[SwarmAverager]) -> list:
     results: list = [None] * len(averagers)
 
     def run(index: int) -> None:
-        results[index] = averagers[index].step(gather=dict(epoch=1, state_hash="h", samples=1), weight=1.0,
-                                               timeout=40)
+        results[index] = averagers[index].step(
+            gather=dict(epoch=1, state_hash="h", samples=1), weight=1.0, timeout=40
+        )
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
     for thread in threads:
@@ -74,8 +91,10 @@ def test_garbage_on_every_handler_is_refused_quietly_and_averaging_goes_on(dhts,
     with ChildLogs(tmp_path / "children.log") as logs:
         try:
             averagers = _averagers(dhts, prefix)
-            hostile = HostileClient.start([str(a) for a in dhts[0].get_visible_maddrs()],
-                                          start=lambda make: start_retrying(make, 60, what="DHT"))
+            hostile = HostileClient.start(
+                [str(a) for a in dhts[0].get_visible_maddrs()],
+                start=lambda make: start_retrying(make, 60, what="DHT"),
+            )
             target = dhts[0].peer_id
             streams = garbage_streams()
 
@@ -85,7 +104,9 @@ def test_garbage_on_every_handler_is_refused_quietly_and_averaging_goes_on(dhts,
                     for method in HANDLERS:
                         for kind, data in streams.items():
                             name = f"{prefix}::SwarmAverager.{method}"
-                            replies[method, kind] = await hostile.send_frames(target, name, data, read_timeout=1.0)
+                            replies[method, kind] = await hostile.send_frames(
+                                target, name, data, read_timeout=1.0
+                            )
                 return replies
 
             replies = asyncio.run(attack())

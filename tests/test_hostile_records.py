@@ -63,13 +63,29 @@ def _status(peer_id: str, epoch: int = 3) -> PeerStatus:
 
 
 def _commitment(peer_id: str, epoch: int = 3) -> Commitment:
-    return Commitment(peer_id=peer_id, epoch=epoch, state_hash="s", data_seed="d", samples=4, tokens=40,
-                      rollouts_hash="r", gradient_hash="g", precision="fp32")
+    return Commitment(
+        peer_id=peer_id,
+        epoch=epoch,
+        state_hash="s",
+        data_seed="d",
+        samples=4,
+        tokens=40,
+        rollouts_hash="r",
+        gradient_hash="g",
+        precision="fp32",
+    )
 
 
 def _verdict(auditor: str, audited: str, epoch: int = 3) -> AuditVerdict:
-    return AuditVerdict(auditor=auditor, audited=audited, epoch=epoch, commitment="c" * 64, verdict="pass",
-                        error=0.0, role="primary")
+    return AuditVerdict(
+        auditor=auditor,
+        audited=audited,
+        epoch=epoch,
+        commitment="c" * 64,
+        verdict="pass",
+        error=0.0,
+        role="primary",
+    )
 
 
 def _head(author: str) -> LedgerHead:
@@ -92,9 +108,18 @@ def valid_records(own: str, marker: bytes, victim: str, run: str = RUN) -> list[
         (f"{run}.peers", dumps(marker), dumps(_status(own).model_dump())),
         (heads_key(run), dumps(marker), dumps(_head(own).model_dump())),
         (chunks_key(run, own), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),
-        (chunks_key(run, victim), dumps(b"0:" + marker), dumps(dict(first_seq=0, data=CHUNK))),  # forged: not own
+        # forged: not own
+        (
+            chunks_key(run, victim),
+            dumps(b"0:" + marker),
+            dumps(dict(first_seq=0, data=CHUNK)),
+        ),
         (commitments_key(run), dumps(b"3:" + marker), dumps(_commitment(own).model_dump())),
-        (verdicts_key(run), dumps(f"3:{victim}:".encode() + marker), dumps(_verdict(own, victim).model_dump())),
+        (
+            verdicts_key(run),
+            dumps(f"3:{victim}:".encode() + marker),
+            dumps(_verdict(own, victim).model_dump()),
+        ),
         (rollouts_key(run), dumps(b"3:" + marker), dumps(dict(bundle=b"zz", signature=b"sig"))),
         (f"{grads}.0b", dumps(peer_bytes), dumps(True)),
         (f"{grads}.0b00000011", dumps(peer_bytes), dumps(True)),
@@ -109,8 +134,9 @@ def forged_records(own: str, marker: bytes, victim: str) -> list[RawRecord]:
     return [
         RawRecord(f"{RUN}.peers", dumps(marker), dumps(_status(victim, epoch=99).model_dump()), ok, "forged"),
         RawRecord(heads_key(RUN), dumps(marker), dumps(_head(victim).model_dump()), ok, "forged"),
-        RawRecord(commitments_key(RUN), dumps(b"3:" + marker), dumps(_commitment(victim).model_dump()), ok,
-                  "forged"),
+        RawRecord(
+            commitments_key(RUN), dumps(b"3:" + marker), dumps(_commitment(victim).model_dump()), ok, "forged"
+        ),
         RawRecord(f"{RUN}.peers", dumps(marker + b"x"), dumps(_status(own).model_dump()), ok, "forged"),
         RawRecord(f"{GRADS}.0b", dumps(b"not a peer id"), dumps(True), ok, "wrong type"),
         RawRecord(RUNS_KEY, dumps(marker), dumps(_announcement(victim, RUN).model_dump()), ok, "forged"),
@@ -131,6 +157,7 @@ def _record(raw: RawRecord) -> DHTRecord:
     return DHTRecord(DHTID.generate(source=raw.key).to_bytes(), raw.tag, value, raw.expiration)
 
 
+@pytest.mark.unit
 def test_the_validator_takes_valid_records_and_refuses_every_poisoned_variant(keys, caplog) -> None:
     mallory, alice = keys["mallory"], keys["alice"]
     from hivemind.dht.crypto import RSASignatureValidator
@@ -148,13 +175,23 @@ def test_the_validator_takes_valid_records_and_refuses_every_poisoned_variant(ke
                 refused[raw.family] = refused.get(raw.family, 0) + (not accepted)
         for raw in forged_records(own, marker, victim):
             assert not validator.validate(_record(raw)), (raw.key, raw.family)
-    assert set(refused) >= {"undecodable", "truncated", "mixed-type subkey", "far-future expiration",
-                            "nan expiration", "inf expiration", "oversized", "wipe", "wrong type"}
+    assert set(refused) >= {
+        "undecodable",
+        "truncated",
+        "mixed-type subkey",
+        "far-future expiration",
+        "nan expiration",
+        "inf expiration",
+        "oversized",
+        "wipe",
+        "wrong type",
+    }
     assert not any(record.exc_info for record in caplog.records)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert 0 < len(warnings) < sum(refused.values())  # once per (kind, problem), then at debug level
 
 
+@pytest.mark.unit
 def test_expirations_are_bounded_per_key() -> None:
     now = 1000.0
     check_expiration(now + 10, max_ttl=10, slack=0, now=now)
@@ -216,8 +253,9 @@ def swarm(keys, tmp_path_factory: pytest.TempPathFactory):
         alice_dht = start_dht(NetworkConfig(client_mode=False), keys["alice"], root / "alice", run_id=RUN)
         nodes.append(alice_dht)
         peers = [str(addr) for addr in alice_dht.get_visible_maddrs()]
-        bob_dht = start_dht(NetworkConfig(client_mode=False, initial_peers=peers), keys["bob"], root / "bob",
-                            run_id=RUN)
+        bob_dht = start_dht(
+            NetworkConfig(client_mode=False, initial_peers=peers), keys["bob"], root / "bob", run_id=RUN
+        )
         nodes.append(bob_dht)
         hostile = HostileClient.start(peers, start=lambda make: start_retrying(make, 60, what="DHT"))
         nodes.append(hostile.dht)
@@ -256,8 +294,10 @@ def _check_reads(alice: Honest, bob: Honest, hostile: str | None = None) -> None
     fake_averager = b"\x12\x20" + b"p" * 32
     for reader in (alice, bob):
         statuses = _timed(reader.status.fetch)
-        assert {k: v for k, v in statuses.items() if k in honest} == {alice.id: _status(alice.id),
-                                                                      bob.id: _status(bob.id)}, statuses
+        assert {k: v for k, v in statuses.items() if k in honest} == {
+            alice.id: _status(alice.id),
+            bob.id: _status(bob.id),
+        }, statuses
         assert set(statuses) <= honest | mine
         commitments = _timed(reader.commitments.fetch, 3)
         assert commitments.get(alice.id) == _commitment(alice.id) and set(commitments) <= {alice.id} | mine
@@ -275,6 +315,7 @@ def _check_reads(alice: Honest, bob: Honest, hostile: str | None = None) -> None
             assert expected <= subkeys <= expected | ({fake_averager} if hostile else set()), key
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_honest_nodes_refuse_poisoned_records_and_reads_stay_intact(swarm, caplog) -> None:
     alice, bob, hostile, logs = swarm
@@ -298,7 +339,8 @@ def test_honest_nodes_refuse_poisoned_records_and_reads_stay_intact(swarm, caplo
     assert sum(expected) == 10
 
     with caplog.at_level(logging.DEBUG):
-        _check_reads(alice, bob, hostile=own)  # the client's node serves the junk to readers too: they refuse it on arrival
+        # the client's node serves the junk to readers too: they refuse it on arrival
+        _check_reads(alice, bob, hostile=own)
     assert alice.dht.is_alive() and bob.dht.is_alive()
     text = logs.text()
     assert "Traceback" not in text, text[-3000:]
@@ -310,6 +352,7 @@ def test_honest_nodes_refuse_poisoned_records_and_reads_stay_intact(swarm, caplo
     assert max(shapes.values()) == 1, shapes.most_common(3)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_read_that_hivemind_never_answers_returns_in_time(tmp_path: Path, caplog) -> None:
     """A node without the swarm's validators stores an undecodable value; hivemind's read of it never answers
@@ -317,11 +360,18 @@ def test_a_read_that_hivemind_never_answers_returns_in_time(tmp_path: Path, capl
     victim = bare_dht()
     hostile = None
     try:
-        hostile = HostileClient.start([str(a) for a in victim.get_visible_maddrs()],
-                                      start=lambda make: start_retrying(make, 60, what="DHT"))
-        answers = hostile.store_raw([RawRecord(f"{RUN}.peers", dumps(b"x"), JUNK, get_dht_time() + 60, "junk"),
-                                     RawRecord(f"{RUN}.peers", dumps(7), dumps(1), get_dht_time() + 60, "mixed")],
-                                    [victim.peer_id], own=False)
+        hostile = HostileClient.start(
+            [str(a) for a in victim.get_visible_maddrs()],
+            start=lambda make: start_retrying(make, 60, what="DHT"),
+        )
+        answers = hostile.store_raw(
+            [
+                RawRecord(f"{RUN}.peers", dumps(b"x"), JUNK, get_dht_time() + 60, "junk"),
+                RawRecord(f"{RUN}.peers", dumps(7), dumps(1), get_dht_time() + 60, "mixed"),
+            ],
+            [victim.peer_id],
+            own=False,
+        )
         assert answers[str(victim.peer_id)] == [True, True]  # an unguarded node takes anything
         hung = victim.get(f"{RUN}.peers", latest=True, return_future=True)
         with pytest.raises(TimeoutError):
@@ -339,6 +389,7 @@ def test_a_read_that_hivemind_never_answers_returns_in_time(tmp_path: Path, capl
         victim.shutdown()
 
 
+@pytest.mark.unit
 def test_regular_values_and_junk_are_refused_for_any_key() -> None:
     validator = SwarmRecordValidator(RUN)
     any_key = DHTID.generate(source="somebody.else").to_bytes()

@@ -16,6 +16,8 @@ from swarm.errors import UserError
 from swarm.identity import Identity, peer_name
 from swarm.network.records import owner_peer_id
 
+pytestmark = pytest.mark.unit
+
 NAME_PATTERN = re.compile(r"^[a-z]+-[a-z]+-[a-z]+$")
 
 
@@ -81,7 +83,9 @@ def test_corrupt_key_file_is_a_user_error_naming_the_path(tmp_path: Path, conten
 
 def test_non_rsa_key_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
-    path.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=b"x" * 64).SerializeToString())
+    path.write_bytes(
+        crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=b"x" * 64).SerializeToString()
+    )
     with pytest.raises(UserError, match=re.escape(str(path))):
         Identity.load_or_create(path)
 

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, clean_env, processes_mentioning, wait_until
 
+pytestmark = pytest.mark.e2e
+
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[a-zA-Z]")
 
 
@@ -65,7 +67,9 @@ def test_launch_sh_dashboard_updates_and_ctrl_c_exits_cleanly(tmp_path: Path) ->
         assert "stopping…" in after, "Ctrl+C showed no 'stopping…'"
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130
-        wait_until(lambda: not processes_mentioning(str(workdir)), 15, "every process (p2pd included) to exit")
+        wait_until(
+            lambda: not processes_mentioning(str(workdir)), 15, "every process (p2pd included) to exit"
+        )
         assert (workdir / "checkpoint.pt").is_file()
         assert "Traceback" not in ANSI.sub(b"", bytes(seen)).decode(errors="replace")
     finally:

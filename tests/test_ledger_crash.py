@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from swarm.identity import Identity
 from swarm.ledger.store import LedgerStore
+
+pytestmark = pytest.mark.e2e
 
 # appends contribution entries for commitments START.. and prints each entry's hash once it is committed
 WRITER = """
@@ -40,7 +44,10 @@ for i in range(start, start + count):
 def _writer(key: Path, db: Path, start: int, count: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, str(key), str(db), str(start), str(count)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -72,7 +79,8 @@ def test_kill_9_mid_write_loses_no_committed_entry(tmp_path: Path):
         stored = {entry.hash for entry in store.entries()}
         assert store.verify() == len(stored)
     assert len(committed) >= 60 and set(committed) <= stored
-    assert len(stored) - len(committed) <= 2  # at most the entry in flight at each kill, committed but not printed
+    # at most the entry in flight at each kill, committed but not printed
+    assert len(stored) - len(committed) <= 2
 
 
 def test_two_processes_of_one_peer_credit_each_contribution_once(tmp_path: Path):

@@ -65,7 +65,9 @@ def raw_post(w3, registry: str, sender: str, period: int, root: bytes, value: in
     from swarm.ledger.evm import ABI
 
     data = w3.eth.contract(address=registry, abi=ABI).encode_abi("post", args=[period, root])
-    tx_hash = w3.eth.send_transaction({"from": sender, "to": registry, "data": data, "gas": 200_000, "value": value})
+    tx_hash = w3.eth.send_transaction(
+        {"from": sender, "to": registry, "data": data, "gas": 200_000, "value": value}
+    )
     return w3.eth.get_transaction_receipt(tx_hash)
 
 
@@ -82,6 +84,8 @@ def revert_of(w3, registry: str, sender: str, period: int, root: bytes) -> str |
 
 # ---- the contract ---------------------------------------------------------------------------------------------------
 
+
+@pytest.mark.unit
 def test_listing_assembles_to_the_pinned_code_and_its_constants_are_right(evm):
     from eth_utils import keccak
 
@@ -99,6 +103,7 @@ def test_listing_assembles_to_the_pinned_code_and_its_constants_are_right(evm):
             evm.assemble(bad)
 
 
+@pytest.mark.unit
 def test_deploy_records_the_owner_and_the_pinned_code(evm, w3, registry):
     from eth_utils import keccak
 
@@ -110,6 +115,8 @@ def test_deploy_records_the_owner_and_the_pinned_code(evm, w3, registry):
 
 # ---- posting and reading back ----------------------------------------------------------------------------------------
 
+
+@pytest.mark.unit
 def test_three_periods_post_and_read_back(evm, w3, owner, registry):
     refs, gas, seconds = [], [], []
     for period, root in enumerate(ROOTS):
@@ -132,6 +139,7 @@ def test_three_periods_post_and_read_back(evm, w3, owner, registry):
     print(f"\nevm anchor: gas per post {gas}, wall time per post {[f'{s * 1000:.0f} ms' for s in seconds]}")
 
 
+@pytest.mark.unit
 def test_a_second_root_for_a_period_is_refused(evm, w3, owner, registry):
     ref = owner.post(ROOTS[0], 7)
     with pytest.raises(LedgerError, match=f"period 7 is already anchored on {registry} with root {ROOTS[0]}"):
@@ -141,12 +149,17 @@ def test_a_second_root_for_a_period_is_refused(evm, w3, owner, registry):
     assert revert_of(w3, registry, owner_address, 7, bytes.fromhex(ROOTS[1])) == "AlreadyAnchored"
     assert raw_post(w3, registry, owner_address, 7, bytes.fromhex(ROOTS[1]))["status"] == 0
     with pytest.raises(LedgerError, match=r"reverted AlreadyAnchored\(\): this period is already anchored"):
-        evm._transact(w3, owner_address, {"to": registry, "data": owner.contract.encode_abi(
-            "post", args=[7, bytes.fromhex(ROOTS[1])])}, timeout=10)
+        evm._transact(
+            w3,
+            owner_address,
+            {"to": registry, "data": owner.contract.encode_abi("post", args=[7, bytes.fromhex(ROOTS[1])])},
+            timeout=10,
+        )
     assert owner.root_of(7) == ROOTS[0]
     assert [(r.period, r.root, r.ref) for r in owner.roots()] == [(7, ROOTS[0], ref)]
 
 
+@pytest.mark.unit
 def test_only_the_owner_can_post(evm, w3, owner, registry):
     stranger = w3.eth.accounts[1]
     with pytest.raises(LedgerError, match=f"account {stranger} cannot post to {registry}: only its owner"):
@@ -163,6 +176,7 @@ def test_only_the_owner_can_post(evm, w3, owner, registry):
     assert evm.EvmAnchor(w3, theirs).owner() == stranger != owner.owner()
 
 
+@pytest.mark.unit
 def test_a_concurrent_post_is_resolved_against_the_chain(evm, w3, owner, monkeypatch):
     """Another process of the same peer anchored the period between the check and the send."""
     first = owner.post(ROOTS[0], 3)
@@ -182,6 +196,7 @@ def test_a_concurrent_post_is_resolved_against_the_chain(evm, w3, owner, monkeyp
         owner.post(ROOTS[1], 3)
 
 
+@pytest.mark.unit
 def test_bad_roots_bad_calls_and_wrong_contracts_are_refused(evm, w3, owner, registry):
     for root, period in (("00" * 32, 0), ("AB" * 32, 0), ("ab" * 31, 0), (ROOTS[0], -1), (ROOTS[0], True)):
         with pytest.raises(LedgerError):
@@ -203,30 +218,56 @@ def test_bad_roots_bad_calls_and_wrong_contracts_are_refused(evm, w3, owner, reg
 
 # ---- ledger verification ------------------------------------------------------------------------------------------
 
+
 def ledger_with_roots(path: Path, identity: Identity, periods: int) -> list[str]:
     """A ledger with one credit per period and a recorded root for each period; returns the roots."""
     roots = []
     with LedgerStore(path) as store:
         store.set_meta("rules", json.dumps(dataclasses.asdict(Rules(require_attestation=False))))
         for period in range(periods):
-            mine = Commitment(peer_id=str(identity.peer_id), epoch=period, state_hash="s" * 64,
-                              data_seed=f"{period:064x}", samples=8, tokens=800, rollouts_hash="r" * 64,
-                              gradient_hash="g" * 64, precision="fp32")
-            store.append(identity, commitment=commitment_body(mine), kind="contribution",
-                         subject=str(identity.peer_id), epoch=period, samples=8, tokens=800, refs=[mine.digest()])
+            mine = Commitment(
+                peer_id=str(identity.peer_id),
+                epoch=period,
+                state_hash="s" * 64,
+                data_seed=f"{period:064x}",
+                samples=8,
+                tokens=800,
+                rollouts_hash="r" * 64,
+                gradient_hash="g" * 64,
+                precision="fp32",
+            )
+            store.append(
+                identity,
+                commitment=commitment_body(mine),
+                kind="contribution",
+                subject=str(identity.peer_id),
+                epoch=period,
+                samples=8,
+                tokens=800,
+                refs=[mine.digest()],
+            )
             root = MerkleTree(balances(store.entries(), store.rules(), period)).root
             store.record_root(period, period, store.max_id(), root, "")
             roots.append(root)
     return roots
 
 
+@pytest.mark.unit
 def test_verify_detects_a_root_that_differs_from_the_chain(evm, w3, owner, registry, tmp_path, monkeypatch):
-    monkeypatch.setattr(evm.EvmAnchor, "connect",
-                        classmethod(lambda cls, url, contract, key=None, **kw: cls(w3, contract, key, **kw)))
+    monkeypatch.setattr(
+        evm.EvmAnchor,
+        "connect",
+        classmethod(lambda cls, url, contract, key=None, **kw: cls(w3, contract, key, **kw)),
+    )
     settings = LedgerConfig(anchor="evm", anchor_rpc_url="http://node.invalid:8545", anchor_contract=registry)
     meta = anchor_meta(settings, tmp_path)
-    assert meta == {"kind": "evm", "path": str(tmp_path / "ledger_roots.jsonl"),
-                    "rpc_url": "http://node.invalid:8545", "contract": registry, "from_block": 0}
+    assert meta == {
+        "kind": "evm",
+        "path": str(tmp_path / "ledger_roots.jsonl"),
+        "rpc_url": "http://node.invalid:8545",
+        "contract": registry,
+        "from_block": 0,
+    }
     roots = ledger_with_roots(tmp_path / "ledger.db", Identity.load_or_create(tmp_path / "key"), 2)
     assert roots[0] != roots[1]
     owner.post(roots[0], 0)
@@ -239,14 +280,28 @@ def test_verify_detects_a_root_that_differs_from_the_chain(evm, w3, owner, regis
         assert store.verify({0: roots[0]}) == 2  # the matching period alone verifies
 
 
+@pytest.mark.unit
 def test_open_anchor_reads_the_config_and_the_key(evm, w3, registry, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(evm.EvmAnchor, "connect", classmethod(
-        lambda cls, url, contract, key=None, **kw: seen.append((url, contract, key, kw)) or cls(w3, contract)))
-    settings = LedgerConfig(anchor="evm", anchor_rpc_url="http://node.invalid:8545", anchor_contract=registry,
-                            anchor_from_block=5, anchor_timeout=9)
-    assert isinstance(open_anchor(settings, tmp_path, environ={"SWARM_ANCHOR_KEY": f" {OWNER_KEY}\n"}),
-                      evm.EvmAnchor)
+    monkeypatch.setattr(
+        evm.EvmAnchor,
+        "connect",
+        classmethod(
+            lambda cls, url, contract, key=None, **kw: (
+                seen.append((url, contract, key, kw)) or cls(w3, contract)
+            )
+        ),
+    )
+    settings = LedgerConfig(
+        anchor="evm",
+        anchor_rpc_url="http://node.invalid:8545",
+        anchor_contract=registry,
+        anchor_from_block=5,
+        anchor_timeout=9,
+    )
+    assert isinstance(
+        open_anchor(settings, tmp_path, environ={"SWARM_ANCHOR_KEY": f" {OWNER_KEY}\n"}), evm.EvmAnchor
+    )
     assert seen[-1] == ("http://node.invalid:8545", registry, OWNER_KEY, {"from_block": 5, "timeout": 9})
     open_anchor(settings, tmp_path, environ={})
     assert seen[-1][2] is None  # no key anywhere: read-only
@@ -265,6 +320,7 @@ def test_open_anchor_reads_the_config_and_the_key(evm, w3, registry, tmp_path, m
         make_anchor("evm")
 
 
+@pytest.mark.unit
 def test_an_unreachable_node_is_one_clear_error(evm):
     with pytest.raises(LedgerError, match="evm anchor: cannot read contract .*Connection refused"):
         make_anchor("evm", rpc_url="http://127.0.0.1:9", contract="0x" + "00" * 20)
@@ -272,27 +328,41 @@ def test_an_unreachable_node_is_one_clear_error(evm):
 
 # ---- without the extra --------------------------------------------------------------------------------------------
 
+
+@pytest.mark.e2e
 def test_swarm_imports_without_web3_and_names_the_extra(tmp_path, monkeypatch):
-    probe = ("import sys, swarm, swarm.cli, swarm.ledger.anchor, swarm.ledger.cli, swarm.ledger.config, "
-             "swarm.ledger.store; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-             "('web3', 'eth_account', 'eth_tester', 'eth_utils') or m == 'swarm.ledger.evm'))")
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                          timeout=60).stdout.strip() == "[]"
+    probe = (
+        "import sys, swarm, swarm.cli, swarm.ledger.anchor, swarm.ledger.cli, swarm.ledger.config, "
+        "swarm.ledger.store; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('web3', 'eth_account', 'eth_tester', 'eth_utils') or m == 'swarm.ledger.evm'))"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        == "[]"
+    )
     monkeypatch.setitem(sys.modules, "web3", None)  # import web3 now raises ImportError
     monkeypatch.delitem(sys.modules, "swarm.ledger.evm", raising=False)
-    with pytest.raises(UserError, match=r"^ledger\.anchor: the evm anchor needs web3: pip install '\.\[evm\]'"):
+    with pytest.raises(
+        UserError, match=r"^ledger\.anchor: the evm anchor needs web3: pip install '\.\[evm\]'"
+    ):
         make_anchor("evm", rpc_url="http://node.invalid:8545", contract="0x" + "00" * 20)
     with pytest.raises(UserError, match="pip install"):
         anchored_roots({"kind": "evm", "rpc_url": "http://node.invalid:8545", "contract": "0x" + "00" * 20})
 
 
+@pytest.mark.unit
 def test_swarm_ledger_verify_checks_roots_against_the_chain(evm, w3, owner, registry, tmp_path, monkeypatch):
     import argparse
 
     from swarm.ledger.cli import add_ledger_parser, run_ledger
 
-    monkeypatch.setattr(evm.EvmAnchor, "connect",
-                        classmethod(lambda cls, url, contract, key=None, **kw: cls(w3, contract, key, **kw)))
+    monkeypatch.setattr(
+        evm.EvmAnchor,
+        "connect",
+        classmethod(lambda cls, url, contract, key=None, **kw: cls(w3, contract, key, **kw)),
+    )
     settings = LedgerConfig(anchor="evm", anchor_rpc_url="http://node.invalid:8545", anchor_contract=registry)
     roots = ledger_with_roots(tmp_path / "ledger.db", Identity.load_or_create(tmp_path / "key"), 2)
     with LedgerStore(tmp_path / "ledger.db") as store:

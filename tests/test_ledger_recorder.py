@@ -15,13 +15,15 @@ from swarm.config import SwarmConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.ledger.balances import Balance
-from swarm.ledger.config import LedgerConfig
+from swarm.ledger.config import LedgerConfig, rules_of
 from swarm.ledger.entries import MICRO
-from swarm.ledger.recorder import LedgerRecorder
 from swarm.ledger.store import LedgerStore
 from swarm.network.records import AuditVerdict, Commitment
+from swarm.training.ledger_recorder import LedgerRecorder
 from swarm.verify.selection import AuditAssignment
 from tests.test_ledger import _ledger_cli
+
+pytestmark = pytest.mark.unit
 
 WINDOW = 3
 SAMPLES = 32
@@ -34,15 +36,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> list[Identity]:
 
 
 def _config(workdir: Path) -> SwarmConfig:
-    return SwarmConfig(workdir=workdir, verify=dict(audit_window=WINDOW, audit_probability=1.0, recheck_auditors=2))
+    return SwarmConfig(
+        workdir=workdir, verify=dict(audit_window=WINDOW, audit_probability=1.0, recheck_auditors=2)
+    )
 
 
 @pytest.fixture
 def recorders(tmp_path: Path, keys: list[Identity]):
     started = []
     for identity in keys:
-        recorder = LedgerRecorder(_config(tmp_path / identity.name), identity, None,
-                                  settings=LedgerConfig(anchor_every=2))
+        recorder = LedgerRecorder(
+            _config(tmp_path / identity.name), identity, None, settings=LedgerConfig(anchor_every=2)
+        )
         recorder.start()
         started.append(recorder)
     yield started
@@ -51,15 +56,29 @@ def recorders(tmp_path: Path, keys: list[Identity]):
 
 
 def commitment(identity: Identity, epoch: int, samples: int = SAMPLES) -> Commitment:
-    return Commitment(peer_id=str(identity.peer_id), epoch=epoch, state_hash="s" * 64, data_seed=f"{epoch:064x}",
-                      samples=samples, tokens=samples * 10, rollouts_hash="r" * 64, gradient_hash="g" * 64,
-                      precision="fp32")
+    return Commitment(
+        peer_id=str(identity.peer_id),
+        epoch=epoch,
+        state_hash="s" * 64,
+        data_seed=f"{epoch:064x}",
+        samples=samples,
+        tokens=samples * 10,
+        rollouts_hash="r" * 64,
+        gradient_hash="g" * 64,
+        precision="fp32",
+    )
 
 
 def verdict(auditor: Identity, audited: Commitment, passed: bool, role: str = "primary") -> AuditVerdict:
-    return AuditVerdict(auditor=str(auditor.peer_id), audited=audited.peer_id, epoch=audited.epoch,
-                        commitment=audited.digest(), verdict="pass" if passed else "gradient_mismatch",
-                        error=1e-7 if passed else 2.0, role=role)
+    return AuditVerdict(
+        auditor=str(auditor.peer_id),
+        audited=audited.peer_id,
+        epoch=audited.epoch,
+        commitment=audited.digest(),
+        verdict="pass" if passed else "gradient_mismatch",
+        error=1e-7 if passed else 2.0,
+        role=role,
+    )
 
 
 def exchange(recorders: list[LedgerRecorder]) -> None:
@@ -123,7 +142,8 @@ def test_a_failed_audit_slashes_and_bans_and_auditors_are_paid(recorders: list[L
     assert all(copy == copies[0] for copy in copies)
     balance = copies[0][carol.me]
     assert balance.banned and balance.total <= 0
-    assert balance.total == -(rules.slash_amount + SAMPLES * rules.slash_per_sample)  # slashed once, not twice
+    # slashed once, not twice
+    assert balance.total == -(rules.slash_amount + SAMPLES * rules.slash_per_sample)
     assert rules.deters(audit_probability=0.1, samples=SAMPLES)
     honest = Balance(final=0, provisional=SAMPLES * rules.credit_per_sample + rules.audit_credit)
     assert copies[0][alice.me] == copies[0][bob.me] == honest
@@ -144,7 +164,8 @@ def test_hooks_called_twice_or_by_two_processes_credit_once(tmp_path: Path, reco
     round_of(recorders, 0)  # the same round reported again
     for _ in range(2):
         bob.on_verdict(verdict(bob.identity, commitments[alice.me], passed=True))
-    twin = LedgerRecorder(_config(tmp_path / alice.identity.name), alice.identity, None)  # alice's second process
+    # alice's second process
+    twin = LedgerRecorder(_config(tmp_path / alice.identity.name), alice.identity, None)
     twin.start()
     try:
         twin.on_round(0, commitments)
@@ -166,12 +187,16 @@ def test_roots_are_recorded_anchored_and_checked(recorders: list[LedgerRecorder]
             recorder.on_epoch_end(epoch + 1)
     roots = LedgerStore(alice.path).roots()
     assert [period for period, *_ in roots] == [0, 1]  # anchor_every=2: periods 0-1 and 2-3 have closed
-    anchored = [json.loads(line) for line in (alice.path.parent / "ledger_roots.jsonl").read_text().splitlines()]
+    anchored = [
+        json.loads(line) for line in (alice.path.parent / "ledger_roots.jsonl").read_text().splitlines()
+    ]
     assert [(line["period"], line["root"]) for line in anchored] == [(p, root) for p, _, _, root, _ in roots]
     # the same entries at the same epoch: the same root on every peer
     assert len({LedgerStore(r.path).roots()[1][3] for r in recorders}) == 1
     path = str(alice.path)
-    assert _ledger_cli("verify", "--db", path)[1].startswith("ok: 15 entries from 3 authors verified, 2 roots")
+    assert _ledger_cli("verify", "--db", path)[1].startswith(
+        "ok: 15 entries from 3 authors verified, 2 roots"
+    )
     with sqlite3.connect(alice.path) as db:
         db.execute("UPDATE roots SET root = ? WHERE period = 1", ("ab" * 32,))
     with pytest.raises(UserError, match="bad root of period 1: recorded abab"):
@@ -186,13 +211,16 @@ def test_roots_are_recorded_anchored_and_checked(recorders: list[LedgerRecorder]
 
 def test_rules_come_from_the_config():
     config = SwarmConfig(verify=dict(audit_window=4, recheck_auditors=4))
-    rules = LedgerConfig(credit_per_sample=0.5, slash_amount=7).rules(config)
+    rules = rules_of(config, LedgerConfig(credit_per_sample=0.5, slash_amount=7))
     assert (rules.credit_per_sample, rules.slash_amount) == (MICRO // 2, 7 * MICRO)
-    assert rules.provisional_epochs == 4 and rules.slash_quorum == 2  # the audit window; no single peer slashes
-    assert LedgerConfig(provisional_epochs=0, slash_quorum=1).rules(config).slash_quorum == 1
+    # the audit window; no single peer slashes
+    assert rules.provisional_epochs == 4 and rules.slash_quorum == 2
+    assert rules_of(config, LedgerConfig(provisional_epochs=0, slash_quorum=1)).slash_quorum == 1
 
 
-def test_an_empty_period_is_not_anchored_and_skipped_periods_are_not_rooted_later(recorders: list[LedgerRecorder]):
+def test_an_empty_period_is_not_anchored_and_skipped_periods_are_not_rooted_later(
+    recorders: list[LedgerRecorder],
+):
     """A solo peer writes no entries: its periods are not anchored with an empty root. After an epoch jump only
     the period that closed last is rooted, not the skipped ones with entries they never held."""
     alice = recorders[0]

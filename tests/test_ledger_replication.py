@@ -17,11 +17,13 @@ from swarm.config import NetworkConfig, SwarmConfig
 from swarm.identity import Identity
 from swarm.ledger.config import LedgerConfig
 from swarm.ledger.entries import GENESIS_HASH, LedgerEntry, commitment_body
-from swarm.ledger.recorder import LedgerRecorder
 from swarm.ledger.store import LedgerStore
 from swarm.network.dht import start_dht
 from swarm.network.ledger_records import LedgerBoard, LedgerHead, encode_chunk
+from swarm.training.ledger_recorder import LedgerRecorder
 from tests.test_ledger_recorder import commitment, verdict
+
+pytestmark = pytest.mark.unit
 
 RUN = "ledger-run"
 FAST = LedgerConfig(sync_interval=0.5, anchor="none")
@@ -116,31 +118,68 @@ def test_forged_and_junk_records_are_rejected(swarm: Swarm, caplog: pytest.LogCa
 
     fake = commitment(mallory_id, 0, samples=10_000)
     ok = LedgerEntry.create(mallory_id, kind="ban", seq=0, prev_hash=GENESIS_HASH, subject=alice.me, epoch=0)
-    invented = LedgerEntry.create(mallory_id, kind="contribution", seq=1, prev_hash=ok.hash, subject=mallory,
-                                  epoch=0, samples=10_000, refs=[fake.digest()])  # its commitment is not given
-    after = LedgerEntry.create(mallory_id, kind="contribution", seq=2, prev_hash=invented.hash, subject=mallory,
-                               epoch=1, samples=5, refs=[commitment(mallory_id, 1, 5).digest()])
-    board.publish_chunk(0, encode_chunk([item(ok), item(invented), item(after, commitment_body(commitment(
-        mallory_id, 1, 5)))]))
+    # its commitment is not given
+    invented = LedgerEntry.create(
+        mallory_id,
+        kind="contribution",
+        seq=1,
+        prev_hash=ok.hash,
+        subject=mallory,
+        epoch=0,
+        samples=10_000,
+        refs=[fake.digest()],
+    )
+    after = LedgerEntry.create(
+        mallory_id,
+        kind="contribution",
+        seq=2,
+        prev_hash=invented.hash,
+        subject=mallory,
+        epoch=1,
+        samples=5,
+        refs=[commitment(mallory_id, 1, 5).digest()],
+    )
+    board.publish_chunk(
+        0,
+        encode_chunk([item(ok), item(invented), item(after, commitment_body(commitment(mallory_id, 1, 5)))]),
+    )
     # junk: a chunk that is not zlib, a head and a chunk claiming to be alice's under mallory's own key
-    board.dht.store(f"{RUN}.ledger.{mallory}", dict(first_seq=3, data=b"junk" * 10), get_dht_time() + 600,
-                    subkey=b"3:" + board.marker)
-    board.dht.store(f"{RUN}.ledger.heads", dict(author=alice.me, seq=99, hash="ab" * 32, final=True),
-                    get_dht_time() + 600, subkey=board.marker)
-    forged = LedgerEntry.create(mallory_id, kind="ban", seq=0, prev_hash=GENESIS_HASH, subject=mallory, epoch=0)
-    board.dht.store(f"{RUN}.ledger.{alice.me}", dict(first_seq=0, data=encode_chunk([item(forged)])),
-                    get_dht_time() + 600, subkey=b"0:" + board.marker)
+    board.dht.store(
+        f"{RUN}.ledger.{mallory}",
+        dict(first_seq=3, data=b"junk" * 10),
+        get_dht_time() + 600,
+        subkey=b"3:" + board.marker,
+    )
+    board.dht.store(
+        f"{RUN}.ledger.heads",
+        dict(author=alice.me, seq=99, hash="ab" * 32, final=True),
+        get_dht_time() + 600,
+        subkey=board.marker,
+    )
+    forged = LedgerEntry.create(
+        mallory_id, kind="ban", seq=0, prev_hash=GENESIS_HASH, subject=mallory, epoch=0
+    )
+    board.dht.store(
+        f"{RUN}.ledger.{alice.me}",
+        dict(first_seq=0, data=encode_chunk([item(forged)])),
+        get_dht_time() + 600,
+        subkey=b"0:" + board.marker,
+    )
     assert alice._board.fetch_heads() == {}  # a head claiming alice, signed by mallory: dropped
     board.publish_head(LedgerHead(author=mallory, seq=2, hash=after.hash))  # replaces the head claiming alice
 
-    with caplog.at_level(logging.WARNING, logger="swarm.ledger.recorder"):
+    with caplog.at_level(logging.WARNING, logger="swarm.training.ledger_recorder"):
         for _ in range(3):  # pulled again and again: logged once
             alice.sync(alice._store)
     with LedgerStore(alice.path) as store:
         assert [(e.author, e.seq) for e in store.entries()] == [(mallory, 0)]  # valid, but counts for nothing
         assert store.verify() == 1
     rejected = [r.message for r in caplog.records if "rejected an entry" in r.message]
-    assert len(rejected) == 1 and f"from {mallory}" in rejected[0] and "contribution does not exist" in rejected[0]
+    assert (
+        len(rejected) == 1
+        and f"from {mallory}" in rejected[0]
+        and "contribution does not exist" in rejected[0]
+    )
     assert invented.hash in rejected[0]
     assert alice.balances(5).get(alice.me) is None or not alice.balances(5)[alice.me].banned
     assert alice.stats.rejected == 1

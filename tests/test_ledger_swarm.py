@@ -6,39 +6,51 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from swarm.ledger.entries import MICRO
 from swarm.ledger.store import LedgerStore
-from tests.conftest import PROJECT_ROOT, Processes, clean_env, finish, read_json, read_metrics, wait_until
+from tests.conftest import (
+    Processes,
+    clean_env,
+    finish,
+    local_argv,
+    read_json,
+    read_metrics,
+    run_swarm,
+    wait_until,
+)
 from tests.test_swarm import start_first, start_joiner
+
+pytestmark = pytest.mark.e2e
 
 PEERS = 4
 EPOCHS = 6
+# the audit probability is swarm local's default with an attack: every contribution is audited
 SETTINGS = [
-    "training.prompts_per_round=4", "training.num_generations=4",
-    "averaging.peer_timeout=8", "averaging.round_timeout=40",
+    "training.prompts_per_round=4",
+    "training.num_generations=4",
+    "averaging.peer_timeout=8",
+    "averaging.round_timeout=40",
     "ledger.sync_interval=2",
-]  # the audit probability is swarm local's default with an attack: every contribution is audited
+]
 
 
 def ledger(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swarm.cli", "ledger", *args], cwd=PROJECT_ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+    """``swarm ledger ARGS`` (``--db`` names the copy); its output is also kept next to the database."""
+    return run_swarm(["ledger", *args], Path(args[args.index("--db") + 1]).parent, 120, clean_env())
 
 
 @pytest.mark.timeout(600)
 def test_every_copy_credits_honest_work_and_slashes_the_cheater(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(PEERS), "--max-epochs", str(EPOCHS),
-               "--plain", "--workdir", str(tmp_path), "--timeout", "540", "--set", "verify.attack=sign_flip"]
-    for setting in SETTINGS:
-        command += ["--set", setting]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=580)
+    argv = local_argv(tmp_path, PEERS, EPOCHS, ["verify.attack=sign_flip", *SETTINGS], "--timeout", "540")
+    result = run_swarm(argv, tmp_path, 580, clean_env())
     names = [f"peer_{index}" for index in range(PEERS)]
-    summaries = {name: (read_json(tmp_path / name / "summary.json") or {}).get("peers", [{}])[0] for name in names}
+    summaries = {
+        name: (read_json(tmp_path / name / "summary.json") or {}).get("peers", [{}])[0] for name in names
+    }
     assert all(summaries[name].get("peer_id") for name in names), result.stderr[-3000:]
     cheater = summaries[names[-1]]["peer_id"]
 
@@ -55,16 +67,26 @@ def test_every_copy_credits_honest_work_and_slashes_the_cheater(tmp_path: Path) 
 
     balances = copies[names[0]]
     for name in names[:-1]:
-        verified = sum(record["samples"] for record in read_metrics(tmp_path / name)
-                       if record["outcome"] == "averaged" and record["group_size"] >= 2)
+        verified = sum(
+            record["train"]["samples"]
+            for record in read_metrics(tmp_path / name)
+            if record["swarm"]["outcome"] == "averaged" and record["swarm"]["group_size"] >= 2
+        )
         balance = balances[summaries[name]["peer_id"]]
-        assert verified > 0 and balance["work"] == verified * MICRO, (name, balance, logs)  # credit_per_sample 1
-        assert balance["final"] + balance["provisional"] == balance["work"] + balance["audits"] > balance["work"]
+        # credit_per_sample 1
+        assert verified > 0 and balance["work"] == verified * MICRO, (
+            name,
+            balance,
+            logs,
+        )
+        assert (
+            balance["final"] + balance["provisional"] == balance["work"] + balance["audits"] > balance["work"]
+        )
         assert balance["penalties"] == 0
         # honest work that passed its audit window gave the other honest peers weight in this peer's view (itself,
         # at least one other: trust spreads through attested work); the slashed cheater has none
         status = read_json(tmp_path / name / "status.json")
-        assert status["trusted_peers"] >= 2 and status["my_weight"] > 1, (name, status)
+        assert status["swarm"]["trusted_peers"] >= 2 and status["swarm"]["my_weight"] > 1, (name, status)
     assert balances[cheater]["final"] + balances[cheater]["provisional"] <= 0 and balances[cheater]["banned"]
 
 
@@ -75,14 +97,24 @@ def own_entries(db: Path, author: str) -> set[str]:
 
 
 @pytest.mark.timeout(420)
-def test_a_peer_killed_mid_run_keeps_every_entry_it_had_committed(tmp_path: Path, processes: Processes) -> None:
+def test_a_peer_killed_mid_run_keeps_every_entry_it_had_committed(
+    tmp_path: Path, processes: Processes
+) -> None:
     small = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    first, address, dir0 = start_first(processes, tmp_path, "--max-epochs", "9", "--expected-peers", "2", *small)
-    second, dir1 = start_joiner(processes, tmp_path, 1, address, "--max-epochs", "9", "--expected-peers", "2", *small)
-    peer_id = (dir1 / "peer_addr.txt")
+    first, address, dir0 = start_first(
+        processes, tmp_path, "--max-epochs", "9", "--expected-peers", "2", *small
+    )
+    second, dir1 = start_joiner(
+        processes, tmp_path, 1, address, "--max-epochs", "9", "--expected-peers", "2", *small
+    )
+    peer_id = dir1 / "peer_addr.txt"
     wait_until(lambda: peer_id.is_file() and peer_id.read_text().strip(), 120, "the second peer's address")
     me = peer_id.read_text().split()[0].rsplit("/p2p/", 1)[1]
-    wait_until(lambda: len(own_entries(dir1 / "ledger.db", me)) >= 3, 240, "three entries in the second peer's ledger")
+    wait_until(
+        lambda: len(own_entries(dir1 / "ledger.db", me)) >= 3,
+        240,
+        "three entries in the second peer's ledger",
+    )
     processes.kill(second)  # kill -9 of the peer and its p2p daemon, while it trains and writes its ledger
     second.wait(timeout=30)
     committed = own_entries(dir1 / "ledger.db", me)

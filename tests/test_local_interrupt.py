@@ -13,15 +13,29 @@ import pytest
 from tests.conftest import PROJECT_ROOT, Processes, peer_epoch, processes_mentioning, wait_until
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_ctrl_c_stops_every_peer_and_daemon(tmp_path: Path, processes: Processes) -> None:
     workdir = tmp_path / "sim"
     local = processes.start(
-        [sys.executable, "-m", "swarm.cli", "local", "--peers", "2", "--max-epochs", "100", "--plain",
-         "--workdir", str(workdir)],
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "local",
+            "--peers",
+            "2",
+            "--max-epochs",
+            "100",
+            "--plain",
+            "--workdir",
+            str(workdir),
+        ],
         log=tmp_path / "local.log",
     )
-    wait_until(lambda: all(peer_epoch(workdir / f"peer_{i}") >= 1 for i in range(2)), 200, "both peers at epoch 1")
+    wait_until(
+        lambda: all(peer_epoch(workdir / f"peer_{i}") >= 1 for i in range(2)), 200, "both peers at epoch 1"
+    )
     assert any("p2pd" in command for _, command in processes_mentioning(str(workdir))), "no p2pd running"
     local.send_signal(signal.SIGINT)  # what Ctrl+C delivers to the foreground process
     code = local.wait(timeout=60)
@@ -35,6 +49,7 @@ def test_ctrl_c_stops_every_peer_and_daemon(tmp_path: Path, processes: Processes
         assert "Traceback" not in (peer / "stdout.log").read_text(errors="replace"), log_tail
 
 
+@pytest.mark.e2e
 def test_an_interrupted_averaging_step_prints_no_traceback_but_other_errors_still_show() -> None:
     script = """
 import gc
@@ -52,13 +67,15 @@ class Broken:
 Broken()
 gc.collect()
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=PROJECT_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "attached trigger" not in result.stderr
     assert "an unrelated failure" in result.stderr
 
 
+@pytest.mark.unit
 def test_a_stop_request_survives_a_keyboard_interrupt_that_python_swallows(monkeypatch) -> None:
     """A Ctrl+C that lands while a finalizer runs raises KeyboardInterrupt inside ``__del__``, where Python only
     prints "Exception ignored": the peer must still stop (seen once: a peer trained on until it was killed)."""
@@ -70,7 +87,8 @@ def test_a_stop_request_survives_a_keyboard_interrupt_that_python_swallows(monke
 
     class Finalized:
         def __del__(self) -> None:
-            cli._raise_keyboard_interrupt(signal.SIGINT, None)  # what the handler does when the signal lands here
+            # what the handler does when the signal lands here
+            cli._raise_keyboard_interrupt(signal.SIGINT, None)
 
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(unraisable.exc_value))
     printed: list[BaseException] = []
@@ -83,6 +101,7 @@ def test_a_stop_request_survives_a_keyboard_interrupt_that_python_swallows(monke
     assert len(printed) == 1 and isinstance(printed[0], ZeroDivisionError)
 
 
+@pytest.mark.unit
 def test_ctrl_c_while_a_checkpoint_is_written_stops_the_peer_after_it_not_inside_it(tmp_path: Path) -> None:
     """A KeyboardInterrupt raised inside torch.save left its zip writer unfinished, whose cleanup then raised a
     RuntimeError: the peer printed a traceback instead of stopping (seen once in 8 runs of test_launch_pty). The
@@ -102,7 +121,9 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_the_peer_after_it_not_inside
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C lands while the checkpoint is being written
                 save_checkpoint(path, {"tensors": [torch.ones(1000)]})
         assert torch.equal(load_checkpoint(path)["tensors"][0], torch.ones(1000))  # written in full first
-        with _signals_held(deliver=False):  # the final checkpoint: a second Ctrl+C asks for what happens anyway
+        with _signals_held(
+            deliver=False
+        ):  # the final checkpoint: a second Ctrl+C asks for what happens anyway
             os.kill(os.getpid(), signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -110,6 +131,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_the_peer_after_it_not_inside
     assert sorted(item.name for item in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+@pytest.mark.unit
 def test_an_error_raised_while_handling_ctrl_c_counts_as_the_stop() -> None:
     from swarm.cli import _raised_by_interrupt
 

@@ -12,8 +12,10 @@ import swarm.hardware as hardware
 from swarm.config import ModelConfig
 from swarm.errors import UserError
 from swarm.hardware import GIB, CudaDevice, Hardware, model_architecture
+from swarm.node.state import TrainingState, param_checksum
 from swarm.training.model import add_lora, load_model_and_tokenizer, tiny_model_dir
-from swarm.training.state import TrainingState, param_checksum
+
+pytestmark = pytest.mark.unit
 
 ALPHABET = "0123456789+="
 LORA = ModelConfig(lora_r=4, lora_alpha=8)
@@ -105,8 +107,9 @@ def test_training_state_round_trips_the_adapters(cache_root: Path) -> None:
 
 def test_unknown_target_module_is_a_user_error(cache_root: Path) -> None:
     with pytest.raises(UserError, match="model.lora_target_modules"):
-        load_model_and_tokenizer(LORA.model_copy(update=dict(lora_target_modules=["nope_proj"])), ALPHABET,
-                                 cache_root)
+        load_model_and_tokenizer(
+            LORA.model_copy(update=dict(lora_target_modules=["nope_proj"])), ALPHABET, cache_root
+        )
 
 
 @pytest.mark.parametrize(
@@ -114,12 +117,16 @@ def test_unknown_target_module_is_a_user_error(cache_root: Path) -> None:
     [
         (ModelConfig(load_in_4bit=True), Hardware(), "lora_r"),
         (LORA.model_copy(update=dict(load_in_4bit=True)), Hardware(), "CUDA"),
-        (LORA.model_copy(update=dict(load_in_4bit=True)),
-         Hardware(cuda_devices=(CudaDevice(0, "RTX", 8 * GIB),)), "bitsandbytes"),
+        (
+            LORA.model_copy(update=dict(load_in_4bit=True)),
+            Hardware(cuda_devices=(CudaDevice(0, "RTX", 8 * GIB),)),
+            "bitsandbytes",
+        ),
     ],
 )
-def test_four_bit_is_refused_before_loading(config: ModelConfig, hw: Hardware, match: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_four_bit_is_refused_before_loading(
+    config: ModelConfig, hw: Hardware, match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(hardware, "detect_hardware", lambda: hw)
     with pytest.raises(UserError, match=f"model.load_in_4bit: .*{match}") as caught:
         load_model_and_tokenizer(config, ALPHABET, tmp_path)

@@ -17,6 +17,8 @@ from swarm.hardware import Hardware, batch_tokens_for, estimate_for, row_tokens_
 from swarm.recipe import load_recipe
 from tests.conftest import PROJECT_ROOT, clean_env
 
+pytestmark = pytest.mark.e2e
+
 SIZES = {  # parameters: about 0.1M (the offline default), 3.7M, 34M
     "default": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024),
@@ -36,21 +38,46 @@ def _estimate(sizes: dict[str, int]) -> int:
     recipe, training, verify = load_recipe("arithmetic"), TrainingConfig(), VerifyConfig()
     rows = recipe.assigned_rows("mem", "peer", 0, training.prompts_per_round)
     tokens, generated = batch_tokens_for(training, row_tokens_of(rows, recipe.max_completion_length))
-    sized = estimate_for(ModelConfig(**sizes), Hardware(cpu_count=2, total_ram=None), tokens, generated,
-                         audit_window=verify.audit_window)  # the peers verify (the default)
+    # the peers verify (the default)
+    sized = estimate_for(
+        ModelConfig(**sizes),
+        Hardware(cpu_count=2, total_ram=None),
+        tokens,
+        generated,
+        audit_window=verify.audit_window,
+    )
     assert sized is not None
     return sized[1]
 
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("size", sorted(SIZES))
-def test_the_memory_estimate_is_within_one_and_a_half_times_the_measured_peak(size: str, tmp_path: Path) -> None:
+def test_the_memory_estimate_is_within_one_and_a_half_times_the_measured_peak(
+    size: str, tmp_path: Path
+) -> None:
     sets = [item for key, value in SIZES[size].items() for item in ("--set", f"model.{key}={value}")]
-    command = [sys.executable, "-c", MEASURE, sys.executable, "-m", "swarm.cli", "run", "--plain",
-               "--max-epochs", "2", "--workdir", str(tmp_path / "w"), *sets]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=380)
+    command = [
+        sys.executable,
+        "-c",
+        MEASURE,
+        sys.executable,
+        "-m",
+        "swarm.cli",
+        "run",
+        "--plain",
+        "--max-epochs",
+        "2",
+        "--workdir",
+        str(tmp_path / "w"),
+        *sets,
+    ]
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=380
+    )
     measured = json.loads(result.stdout.strip().replace("'", '"'))
     assert measured["code"] == 0, (tmp_path / "w" / "peer.log").read_text()[-2000:]
     peak = measured["peak_kib"] * 1024
     estimate = _estimate(SIZES[size])
-    assert peak / 1.5 <= estimate <= peak * 1.5, f"estimate {estimate / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
+    assert peak / 1.5 <= estimate <= peak * 1.5, (
+        f"estimate {estimate / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
+    )

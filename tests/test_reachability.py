@@ -8,6 +8,8 @@ from swarm.config import NetworkConfig
 from swarm.network import reachability
 from swarm.network.reachability import behind_nat, resolve_client_mode
 
+pytestmark = pytest.mark.unit
+
 PEER_ID = "QmYSruBBE8rLVQmjLrzwaEKxzrnKDv5bA8hC7oY3J84VW8"
 PUBLIC_PEER = f"/ip4/8.8.8.8/tcp/31337/p2p/{PEER_ID}"  # only parsed: no packet is ever sent to it
 

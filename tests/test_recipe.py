@@ -10,6 +10,8 @@ import pytest
 from swarm.errors import UserError
 from swarm.recipe import Recipe, available_recipes, load_recipe
 
+pytestmark = pytest.mark.unit
+
 PROMPT = re.compile(r"^(\d+)\+(\d+)=$")
 
 
@@ -48,17 +50,29 @@ def test_arithmetic_is_a_grpo_recipe(arithmetic: Recipe) -> None:
 
 def test_options_reach_the_recipe() -> None:
     recipe = load_recipe("arithmetic", {"max_operand": 3})
-    operands = [int(x) for row in recipe.assigned_rows("run", "peer", 0, 64) for x in PROMPT.match(row["prompt"]).groups()]
+    operands = [
+        int(x)
+        for row in recipe.assigned_rows("run", "peer", 0, 64)
+        for x in PROMPT.match(row["prompt"]).groups()
+    ]
     assert max(operands) <= 3
     wide = load_recipe("arithmetic", {"max_operand": 99})
-    assert max(int(x) for row in wide.assigned_rows("run", "peer", 0, 64) for x in PROMPT.match(row["prompt"]).groups()) > 9
+    assert (
+        max(
+            int(x)
+            for row in wide.assigned_rows("run", "peer", 0, 64)
+            for x in PROMPT.match(row["prompt"]).groups()
+        )
+        > 9
+    )
 
 
 def test_assigned_rows_are_deterministic_per_run_peer_and_epoch(arithmetic: Recipe) -> None:
     rows = arithmetic.assigned_rows("run-a", "peer-1", 3, 16)
     assert len(rows) == 16
     assert rows == arithmetic.assigned_rows("run-a", "peer-1", 3, 16)
-    assert rows == load_recipe("arithmetic").assigned_rows("run-a", "peer-1", 3, 16)  # anyone can regenerate them
+    # anyone can regenerate them
+    assert rows == load_recipe("arithmetic").assigned_rows("run-a", "peer-1", 3, 16)
     assert rows[:5] == arithmetic.assigned_rows("run-a", "peer-1", 3, 5)
     assert rows != arithmetic.assigned_rows("run-a", "peer-2", 3, 16)
     assert rows != arithmetic.assigned_rows("run-a", "peer-1", 4, 16)

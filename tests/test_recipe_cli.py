@@ -14,11 +14,17 @@ import pytest
 from swarm.recipe import Recipe, load_recipe
 from tests.conftest import Processes, clean_env, processes_mentioning, wait_until
 
+pytestmark = pytest.mark.e2e
+
 
 def swarm(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "swarm.cli", *args],
-        cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -35,7 +41,9 @@ def total_reward(recipe: Recipe, rows: list[dict], completions: list[str]) -> li
     """Every checked reward function called the way TRL calls it: other row fields as keyword lists."""
     extra = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
     prompts = [row["prompt"] for row in rows]
-    per_func = [func(prompts=prompts, completions=completions, **extra) for func in recipe.checked_reward_funcs()]
+    per_func = [
+        func(prompts=prompts, completions=completions, **extra) for func in recipe.checked_reward_funcs()
+    ]
     return [sum(scores) for scores in zip(*per_func)]
 
 
@@ -97,7 +105,8 @@ def test_new_sft_scaffold_in_another_dir(tmp_path: Path) -> None:
     assert created.returncode == 0, created.stderr
     path = tmp_path / "elsewhere" / "deep" / "warm.py"
     assert path.is_file()
-    assert f"--recipe {Path('elsewhere/deep/warm.py')}" in created.stdout  # not on the search path: use the file
+    # not on the search path: use the file
+    assert f"--recipe {Path('elsewhere/deep/warm.py')}" in created.stdout
     recipe = load_recipe(str(path))
     assert recipe.trainer == "sft" and not recipe.reward_funcs
     rows = recipe.assigned_rows("run", "peer", 0, 8)
@@ -126,11 +135,20 @@ def test_scaffolded_recipe_runs_in_a_local_swarm(tmp_path: Path, processes: Proc
     assert swarm("recipe", "new", "demo", cwd=tmp_path).returncode == 0
     workdir = tmp_path / "W"
     log = tmp_path / "local.log"
-    local = processes.start(
-        [sys.executable, "-m", "swarm.cli", "local", "--peers", "2", "--recipe", "demo", "--max-epochs", "3",
-         "--workdir", str(workdir), "--plain"],
-        log=log, cwd=tmp_path, schedule={},  # the shipped config, as the user runs it: it starts with a warm start
-    )
+    argv = [
+        "local",
+        "--peers",
+        "2",
+        "--recipe",
+        "demo",
+        "--max-epochs",
+        "3",
+        "--workdir",
+        str(workdir),
+        "--plain",
+    ]
+    # the shipped config, as the user runs it: it starts with a warm start
+    local = processes.swarm(*argv, log=log, cwd=tmp_path, schedule={})
     try:
         code = local.wait(timeout=300)
     except subprocess.TimeoutExpired:

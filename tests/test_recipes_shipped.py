@@ -13,6 +13,8 @@ import pytest
 from swarm.errors import UserError
 from swarm.recipe import Recipe, load_recipe
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True)
 def _hermetic_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,7 +49,8 @@ def test_reasoning_gym_rows_are_deterministic_and_serialisable(gym: Recipe) -> N
     assert gym.trainer == "grpo"
     assert gym.make_example(random.Random(7)) == gym.make_example(random.Random(7))
     rows = gym.assigned_rows("run", "peer", 0, 24)
-    assert rows == load_recipe("reasoning_gym").assigned_rows("run", "peer", 0, 24)  # anyone can regenerate them
+    # anyone can regenerate them
+    assert rows == load_recipe("reasoning_gym").assigned_rows("run", "peer", 0, 24)
     assert rows != gym.assigned_rows("run", "peer", 1, 24)
     assert json.loads(json.dumps(rows)) == rows
     assert {row["task"] for row in rows} == {"basic_arithmetic", "chain_sum", "leg_counting"}
@@ -66,7 +69,9 @@ def test_reasoning_gym_rewards_the_true_answer_only(gym: Recipe) -> None:
     wrong = call(correct, rows, [f"{answer}1" for answer in answers])
     assert all(score < 1.0 for score in wrong)
     total_right = [sum(s) for s in zip(*(call(f, rows, answers) for f in gym.checked_reward_funcs()))]
-    total_wrong = [sum(s) for s in zip(*(call(f, rows, ["no idea"] * len(rows)) for f in gym.checked_reward_funcs()))]
+    total_wrong = [
+        sum(s) for s in zip(*(call(f, rows, ["no idea"] * len(rows)) for f in gym.checked_reward_funcs()))
+    ]
     assert all(w < r for w, r in zip(total_wrong, total_right))
 
 
@@ -89,7 +94,13 @@ def test_reasoning_gym_options() -> None:
     assert {row["task"] for row in rows} == {"spell_backward"}
     small = load_recipe("reasoning_gym", {"tasks": ["chain_sum"], "config": {"chain_sum": {"max_terms": 2}}})
     big = load_recipe("reasoning_gym", {"tasks": ["chain_sum"], "difficulty": 4})
-    terms = lambda r: max(row["prompt"].count(" + ") + row["prompt"].count(" - ") for row in r.assigned_rows("x", "y", 0, 32))  # noqa: E731
+
+    def terms(recipe) -> int:
+        return max(
+            row["prompt"].count(" + ") + row["prompt"].count(" - ")
+            for row in recipe.assigned_rows("x", "y", 0, 32)
+        )
+
     assert terms(small) <= 1 < terms(big)
     with pytest.raises(UserError, match="no_such_task"):
         load_recipe("reasoning_gym", {"tasks": ["chain_sum", "no_such_task"]})
@@ -104,7 +115,9 @@ def write_jsonl(path: Path, items: list) -> Path:
 
 
 def test_jsonl_sft_rows_come_from_the_file(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{i}>", "completion": str(i * 2)} for i in range(10)])
+    data = write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": f"{i}>", "completion": str(i * 2)} for i in range(10)]
+    )
     recipe = load_recipe("jsonl", {"path": str(data)})
     assert recipe.trainer == "sft"
     rows = recipe.assigned_rows("run", "peer", 0, 40)
@@ -114,8 +127,12 @@ def test_jsonl_sft_rows_come_from_the_file(tmp_path: Path) -> None:
 
 
 def test_jsonl_grpo_with_custom_fields_rewards_exact_match(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"q": "ab>", "a": "ba"}, "", {"q": "cd>", "a": "dc", "extra": 1}])
-    recipe = load_recipe("jsonl", {"path": str(data), "trainer": "grpo", "prompt_field": "q", "completion_field": "a"})
+    data = write_jsonl(
+        tmp_path / "qa.jsonl", [{"q": "ab>", "a": "ba"}, "", {"q": "cd>", "a": "dc", "extra": 1}]
+    )
+    recipe = load_recipe(
+        "jsonl", {"path": str(data), "trainer": "grpo", "prompt_field": "q", "completion_field": "a"}
+    )
     assert recipe.trainer == "grpo"
     rows = recipe.assigned_rows("run", "peer", 0, 8)
     assert {row["prompt"] for row in rows} == {"ab>", "cd>"}
@@ -153,7 +170,9 @@ def test_jsonl_missing_path_is_named(tmp_path: Path) -> None:
 # ---- checked reward functions and rows ------------------------------------------------------------------------
 def recipe_with(*funcs, make_example=None, trainer="grpo") -> Recipe:
     return Recipe(
-        name="faulty", trainer=trainer, reward_funcs=list(funcs),
+        name="faulty",
+        trainer=trainer,
+        reward_funcs=list(funcs),
         make_example=make_example or (lambda rng: {"prompt": str(rng.randint(0, 9)), "answer": "1"}),
     )
 
@@ -201,7 +220,9 @@ def test_bad_reward_output_names_recipe_and_function(func, fragment: str) -> Non
     with pytest.raises(UserError) as caught:
         call(checked, rows, ["1", "2", "3"])
     message = str(caught.value)
-    assert "recipe faulty" in message and f"reward function {func.__name__}" in message and fragment in message
+    assert (
+        "recipe faulty" in message and f"reward function {func.__name__}" in message and fragment in message
+    )
     assert "\n" not in message
 
 
@@ -239,7 +260,11 @@ def test_make_example_that_raises_names_recipe_and_row() -> None:
 @pytest.mark.parametrize(
     "row, trainer, fragment",
     [
-        ({"question": "1+1="}, "grpo", "row 0: make_example must return a dict with a 'prompt' string; field 'prompt' is missing"),
+        (
+            {"question": "1+1="},
+            "grpo",
+            "row 0: make_example must return a dict with a 'prompt' string; field 'prompt' is missing",
+        ),
         ({"prompt": 3}, "grpo", "field 'prompt' is a int"),
         ({"prompt": "1+1="}, "sft", "row 0: an SFT recipe's rows need a 'completion' string"),
         ({"prompt": "1+1=", "answer": {1, 2}}, "grpo", "row 0: field 'answer' is not JSON-serialisable"),

@@ -12,10 +12,13 @@ from swarm.identity import Identity
 from swarm.network.records import PeerStatus, StatusBoard
 from tests.conftest import bare_dht
 
+pytestmark = pytest.mark.integration
+
 
 def _status(identity: Identity, **changes) -> PeerStatus:
-    fields = dict(peer_id=str(identity.peer_id), name=identity.name, epoch=3, state_hash="h", ready_epoch=-1,
-                  samples=10)
+    fields = dict(
+        peer_id=str(identity.peer_id), name=identity.name, epoch=3, state_hash="h", ready_epoch=-1, samples=10
+    )
     fields.update(changes)
     return PeerStatus(**fields)
 
@@ -29,7 +32,10 @@ def two_peers(tmp_path: Path):
         record_validators=[RSASignatureValidator(mallory.private_key)],
     )
     try:
-        yield (alice, StatusBoard(first, "run", alice, ttl=30)), (mallory, StatusBoard(second, "run", mallory, ttl=30))
+        yield (
+            (alice, StatusBoard(first, "run", alice, ttl=30)),
+            (mallory, StatusBoard(second, "run", mallory, ttl=30)),
+        )
     finally:
         first.shutdown()
         second.shutdown()
@@ -42,8 +48,9 @@ def test_statuses_round_trip_and_forgeries_are_dropped(two_peers) -> None:
     # mallory signs with her own key but claims to be alice (a record under her own owner subkey)
     assert mallory_board.publish(_status(mallory, peer_id=str(alice.peer_id), epoch=99))
     # a malformed value stored under mallory's owner subkey, and an unowned entry anyone could write
-    mallory_board.dht.store("run.peers", {"epoch": "not a number"}, get_dht_time() + 30,
-                            subkey=mallory_board.subkey + b"x")
+    mallory_board.dht.store(
+        "run.peers", {"epoch": "not a number"}, get_dht_time() + 30, subkey=mallory_board.subkey + b"x"
+    )
     mallory_board.dht.store("run.peers", _status(mallory).model_dump(), get_dht_time() + 30, subkey=b"anon")
     seen = alice_board.fetch()
     assert set(seen) == {str(alice.peer_id)}

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from swarm.config import ModelConfig
+from swarm.node.state import param_checksum
 from swarm.recipe import Recipe, load_recipe
 from swarm.training.model import load_model_and_tokenizer
-from swarm.training.state import param_checksum
 from swarm.verify.replay import (
     GRADIENT_TOLERANCE,
     OTHER_SPLIT_TOLERANCE,
@@ -29,7 +29,10 @@ from swarm.verify.replay import (
     replay_gradient,
 )
 
-HONEST_BOUND = 1e-5  # DESIGN §3: honest fp32 replays differ by ~1e-7..1e-6, the mildest attacks by >= 0.25
+pytestmark = pytest.mark.unit
+
+# docs/design.md §2.2: honest fp32 replays differ by ~1e-7..1e-6, the mildest attacks by >= 0.25
+HONEST_BOUND = 1e-5
 
 
 @dataclass
@@ -40,7 +43,9 @@ class Setup:
     rows: list[dict[str, Any]]
     contribution: Contribution
 
-    def replay(self, contribution: Contribution | None = None, model: torch.nn.Module | None = None, **kwargs: Any):
+    def replay(
+        self, contribution: Contribution | None = None, model: torch.nn.Module | None = None, **kwargs: Any
+    ):
         return replay_gradient(
             model or self.model, self.tokenizer, self.recipe, contribution or self.contribution, **kwargs
         )
@@ -53,7 +58,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
         ModelConfig(), recipe.tokenizer_alphabet(), Path(tmp_path_factory.mktemp("models"))
     )
     rows = recipe.assigned_rows("run", "peer", 0, 4)
-    contribution = capture_contribution(model, tokenizer, recipe, rows, GRPOSettings(num_generations=4, seed=7))
+    contribution = capture_contribution(
+        model, tokenizer, recipe, rows, GRPOSettings(num_generations=4, seed=7)
+    )
     return Setup(model, tokenizer, recipe, rows, contribution)
 
 
@@ -63,7 +70,10 @@ def test_capture_records_the_rollouts_and_leaves_the_model_alone(setup: Setup) -
     assert contribution.num_completions == 16
     assert contribution.rewards.shape == (16, 2) and contribution.advantages.shape == (16,)
     assert contribution.reward_names == ["correct", "number_format"]
-    assert contribution.completion_ids.shape[0] == 16 and contribution.completion_mask.shape == contribution.completion_ids.shape
+    assert (
+        contribution.completion_ids.shape[0] == 16
+        and contribution.completion_mask.shape == contribution.completion_ids.shape
+    )
     assert len(contribution.gradient) == len(contribution.param_names) > 0
     assert sum(float(g.norm()) for g in contribution.gradient) > 0  # the rewards differ, so there is a signal
     prompts = setup.tokenizer.batch_decode(contribution.prompt_token_ids)
@@ -90,8 +100,10 @@ def test_honest_replay_passes_with_other_thread_counts_and_micro_batches(setup: 
         torch.set_num_threads(threads)
     reordered = setup.replay(setup.contribution.with_changes(order=setup.contribution.order[::-1]))
     between = relative_error(one.details["replayed_gradient"], two.details["replayed_gradient"])
-    print(f"\nhonest replay: 1 thread {one.error:.3e}, 2 threads {two.error:.3e}, other order {reordered.error:.3e};"
-          f" replay(1 thread) vs replay(2 threads) {between:.3e}")
+    print(
+        f"\nhonest replay: 1 thread {one.error:.3e}, 2 threads {two.error:.3e}, other order {reordered.error:.3e};"
+        f" replay(1 thread) vs replay(2 threads) {between:.3e}"
+    )
     for result in (one, two, reordered):
         assert result.verdict is Verdict.PASS and result.error < HONEST_BOUND
     assert between < HONEST_BOUND
@@ -105,8 +117,10 @@ def test_honest_replay_with_another_micro_batch_split_needs_a_looser_tolerance(s
         loose = setup.replay(micro_batch_size=micro, tolerance=OTHER_SPLIT_TOLERANCE)
         assert loose.verdict is Verdict.PASS, loose.error
         errors[micro] = loose.error
-    print(f"\nhonest replay with other micro-batch splits: {', '.join(f'{m}: {e:.3e}' for m, e in errors.items())}"
-          f" (peer used one micro-batch of 16; strict verdict for 8: {strict.verdict.value})")
+    print(
+        f"\nhonest replay with other micro-batch splits: {', '.join(f'{m}: {e:.3e}' for m, e in errors.items())}"
+        f" (peer used one micro-batch of 16; strict verdict for 8: {strict.verdict.value})"
+    )
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "scaled_half", "zero"])
@@ -133,7 +147,8 @@ def test_forged_advantages_fail(setup: Setup) -> None:
 
 
 def test_other_rows_fail_as_wrong_data(setup: Setup) -> None:
-    other_rows = setup.recipe.assigned_rows("run", "peer", 1, 4)  # the next epoch's rows, not the assigned ones
+    # the next epoch's rows, not the assigned ones
+    other_rows = setup.recipe.assigned_rows("run", "peer", 1, 4)
     result = setup.replay(rows=other_rows)
     assert result.verdict is Verdict.WRONG_DATA
 
@@ -142,7 +157,9 @@ def test_replay_from_another_state_fails_and_stale_gradient_fails(setup: Setup) 
     later = copy.deepcopy(setup.model)
     optimizer = torch.optim.AdamW([p for p in later.parameters() if p.requires_grad], lr=1e-2)
     # an honest step with the optimizer taking the step: the contribution is made at the shared state ...
-    stepped = capture_contribution(later, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(seed=8), optimizer)
+    stepped = capture_contribution(
+        later, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(seed=8), optimizer
+    )
     assert stepped.state_hash == setup.contribution.state_hash != param_checksum(later)
     assert setup.replay(stepped).verdict is Verdict.PASS
     # ... an auditor one optimizer step later refuses to replay it
@@ -156,7 +173,8 @@ def test_replay_from_another_state_fails_and_stale_gradient_fails(setup: Setup) 
 
 
 def test_micro_batched_contribution_replays_exactly_with_its_recorded_order(setup: Setup) -> None:
-    settings = GRPOSettings(num_generations=4, seed=11, micro_batch_size=4)  # four accumulation steps, TRL shuffles
+    # four accumulation steps, TRL shuffles
+    settings = GRPOSettings(num_generations=4, seed=11, micro_batch_size=4)
     contribution = capture_contribution(setup.model, setup.tokenizer, setup.recipe, setup.rows, settings)
     result = setup.replay(contribution)
     print(f"\nhonest micro-batched (4 x 4) replay: relative error {result.error:.3e}")
@@ -167,7 +185,9 @@ def test_capture_and_replay_leave_the_model_forward_unwrapped(setup: Setup) -> N
     """TRL wraps the forward once per GRPOTrainer; a peer builds one per epoch and per audit, so the wrappers must
     not pile up (they did, until RecursionError after ~950 trainers)."""
     before = setup.model.__dict__.get("forward")
-    capture_contribution(setup.model, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(num_generations=4))
+    capture_contribution(
+        setup.model, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(num_generations=4)
+    )
     setup.replay()
     assert setup.model.__dict__.get("forward") is before
 
@@ -176,15 +196,23 @@ def test_a_replayer_reusing_its_trainer_gives_the_same_verdicts(setup: Setup) ->
     """The auditor's Replayer keeps one TRL trainer for many replays: every replay must still be exact."""
     replayer = Replayer(setup.model, setup.tokenizer, setup.recipe)
     other_rows = setup.recipe.assigned_rows("run", "peer", 1, 4)
-    other = capture_contribution(setup.model, setup.tokenizer, setup.recipe, other_rows, GRPOSettings(num_generations=4))
+    other = capture_contribution(
+        setup.model, setup.tokenizer, setup.recipe, other_rows, GRPOSettings(num_generations=4)
+    )
     flipped = setup.contribution.with_changes(gradient=[-g for g in setup.contribution.gradient])
     for _ in range(2):
-        for contribution, rows in ((setup.contribution, setup.rows), (other, other_rows), (flipped, setup.rows)):
+        for contribution, rows in (
+            (setup.contribution, setup.rows),
+            (other, other_rows),
+            (flipped, setup.rows),
+        ):
             cached = replayer.replay(contribution, rows=rows)
             fresh = setup.replay(contribution, rows=rows)
             assert (cached.verdict, cached.error) == (fresh.verdict, fresh.error)
-            assert all(torch.equal(a, b) for a, b in
-                       zip(cached.details["replayed_gradient"], fresh.details["replayed_gradient"]))
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(cached.details["replayed_gradient"], fresh.details["replayed_gradient"])
+            )
         assert replayer.replay(other, rows=setup.rows).verdict is Verdict.WRONG_DATA
     assert len(replayer._cache) == 1  # one trainer served all of them
     assert param_checksum(setup.model) == setup.contribution.state_hash

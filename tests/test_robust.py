@@ -21,6 +21,7 @@ def _honest_and_outlier(seed: int, size: int = 64) -> tuple[torch.Tensor, torch.
     return honest, outlier
 
 
+@pytest.mark.unit
 def test_centered_clip_with_an_infinite_radius_is_the_weighted_mean() -> None:
     parts = torch.randn(4, 10, 7, generator=torch.Generator().manual_seed(0))
     weights = torch.tensor([1.0, 2.0, 0.5, 3.0])
@@ -30,6 +31,7 @@ def test_centered_clip_with_an_infinite_radius_is_the_weighted_mean() -> None:
     assert torch.allclose(result, expected, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 1.0, 1.5]])
 def test_one_huge_outlier_moves_centered_clip_by_at_most_tau_times_its_weight_share(weights) -> None:
     honest, outlier = _honest_and_outlier(1)
@@ -46,15 +48,20 @@ def test_one_huge_outlier_moves_centered_clip_by_at_most_tau_times_its_weight_sh
     assert (mean - honest_mean).norm().item() > 100 * bound  # what the plain mean lets the outlier do
 
 
+@pytest.mark.unit
 def test_a_sender_with_weight_zero_has_no_influence_on_centered_clip() -> None:
     honest, outlier = _honest_and_outlier(2)
-    with_outlier = centered_clip(torch.cat([honest, outlier[None]]), torch.tensor([1.0, 2.0, 1.0, 0.0]), 5.0, 50)
+    with_outlier = centered_clip(
+        torch.cat([honest, outlier[None]]), torch.tensor([1.0, 2.0, 1.0, 0.0]), 5.0, 50
+    )
     without = centered_clip(honest, torch.tensor([1.0, 2.0, 1.0]), 5.0, 50)
     assert torch.allclose(with_outlier, without, atol=1e-6)
     assert torch.equal(centered_clip(honest, torch.zeros(3), 5.0, 50), torch.zeros(64))
 
 
-def _reduce(make_reducer: Callable[[], TensorPartReducer], inputs: list[list[torch.Tensor]], weights: list[float]):
+def _reduce(
+    make_reducer: Callable[[], TensorPartReducer], inputs: list[list[torch.Tensor]], weights: list[float]
+):
     """Every sender sends all its parts in order (as hivemind's runner does); the results each sender got."""
     return asyncio.run(_send_all(make_reducer, inputs, weights))
 
@@ -76,6 +83,7 @@ def _parts(seed: int, senders: int, shapes=((50,), (3, 4))) -> list[list[torch.T
     return [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(senders)]
 
 
+@pytest.mark.unit
 def test_mean_reducer_matches_hivemind_and_every_sender_gets_the_same_result() -> None:
     inputs, weights = _parts(3, 3), [1.0, 2.0, 0.0]
     shapes = [part.shape for part in inputs[0]]
@@ -87,6 +95,7 @@ def test_mean_reducer_matches_hivemind_and_every_sender_gets_the_same_result() -
         assert torch.equal(ours[0][part_index], theirs[0][part_index])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("aggregation", ["mean", "centered_clip"])
 def test_banned_or_malformed_senders_count_as_zeros_at_weight_zero(aggregation: str) -> None:
     inputs = _parts(4, 6)
@@ -108,6 +117,7 @@ def test_banned_or_malformed_senders_count_as_zeros_at_weight_zero(aggregation: 
     assert all(not part.any() for part in nobody[0])  # zeros, not NaN, when no weight is left
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("aggregation", ["centered_clip", "mean"])
 def test_a_member_with_a_huge_tensor_is_clipped_in_a_real_group(dhts, aggregation: str) -> None:  # noqa: F811
@@ -117,7 +127,9 @@ def test_a_member_with_a_huge_tensor_is_clipped_in_a_real_group(dhts, aggregatio
     inputs[2][0] = inputs[2][0] * 100  # the outlier
     honest_mean = (inputs[0][0] + inputs[1][0]) / 2
     # min_group_size=3: under CPU load two members could otherwise start a round of 2 before the outlier joins
-    options = dict(aggregation=aggregation, clip_tau=tau, clip_iterations=100, part_size_bytes=2**12, min_group_size=3)
+    options = dict(
+        aggregation=aggregation, clip_tau=tau, clip_iterations=100, part_size_bytes=2**12, min_group_size=3
+    )
     with started_averagers(dhts, inputs, **options) as averagers:
         results = step_all(averagers, [1.0, 1.0, 1.0], timeouts=[40.0] * 3)
         assert all(isinstance(result, dict) and len(result) == 3 for result in results), results

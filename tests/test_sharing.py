@@ -29,6 +29,7 @@ from swarm.network.rollout_records import (
     inflate_bundle,
     rollouts_key,
 )
+from swarm.node.state import param_checksum
 from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import (
     GroupLimits,
@@ -41,7 +42,6 @@ from swarm.sharing import (
     external_count,
 )
 from swarm.training.model import load_model_and_tokenizer
-from swarm.training.state import param_checksum
 from swarm.verify.commitment import contribution_bytes, load_contribution, rollouts_hash
 from swarm.verify.replay import (
     GradientRecorder,
@@ -65,9 +65,11 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> list[Identity]:
 
 
 def config(**sharing: Any) -> SwarmConfig:
-    return SwarmConfig(run_id=RUN, training=dict(prompts_per_round=4, num_generations=GENERATIONS,
-                                                 max_completion_length=4),
-                       sharing=dict(dict(enabled=True, external_fraction=0.5), **sharing))
+    return SwarmConfig(
+        run_id=RUN,
+        training=dict(prompts_per_round=4, num_generations=GENERATIONS, max_completion_length=4),
+        sharing=dict(dict(enabled=True, external_fraction=0.5), **sharing),
+    )
 
 
 def bundle_of(identity: Identity, epoch: int, groups: list[SharedGroup], run_id: str = RUN):
@@ -79,6 +81,7 @@ GROUP = SharedGroup(0, ((5, 6), (7,), (8, 9), (5,)))
 
 
 # ---- bundles ---------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_a_bundle_round_trips_and_its_signature_checks(identities: list[Identity]) -> None:
     canonical, signature = bundle_of(identities[0], 3, [GROUP, SharedGroup(2, ((1,),) * 4)])
     bundle = RolloutBundle.from_canonical(canonical)
@@ -87,6 +90,7 @@ def test_a_bundle_round_trips_and_its_signature_checks(identities: list[Identity
     assert bundle.canonical_bytes() == canonical
 
 
+@pytest.mark.unit
 def test_a_tampered_or_misattributed_bundle_is_refused(identities: list[Identity]) -> None:
     canonical, signature = bundle_of(identities[0], 3, [GROUP])
     tampered = canonical.replace(b"[5,6]", b"[5,7]")
@@ -101,16 +105,21 @@ def test_a_tampered_or_misattributed_bundle_is_refused(identities: list[Identity
     assert other_canonical != canonical
 
 
-@pytest.mark.parametrize("data, problem", [
-    (b"\xff", "not JSON"),
-    (b"[]", "not a swarm.rollouts/1 bundle"),
-    (b'{"schema": "swarm.rollouts/1"}', "unexpected or missing fields"),
-])
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"\xff", "not JSON"),
+        (b"[]", "not a swarm.rollouts/1 bundle"),
+        (b'{"schema": "swarm.rollouts/1"}', "unexpected or missing fields"),
+    ],
+)
 def test_malformed_bundles_are_refused_with_a_reason(data: bytes, problem: str) -> None:
     with pytest.raises(SharingError, match=problem):
         RolloutBundle.from_canonical(data)
 
 
+@pytest.mark.unit
 def test_malformed_groups_are_refused(identities: list[Identity]) -> None:
     canonical, _ = bundle_of(identities[0], 1, [GROUP])
     for bad in (b'"groups":[[0,[[5,6],[7],[8,9],[-5]]]]', b'"groups":[[0,"x"]]', b'"groups":[[-1,[]]]'):
@@ -120,11 +129,18 @@ def test_malformed_groups_are_refused(identities: list[Identity]) -> None:
             RolloutBundle.from_canonical(canonical[:start] + bad + canonical[end:])
 
 
+@pytest.mark.unit
 def test_group_limits_name_what_is_wrong() -> None:
-    limits = GroupLimits(num_generations=4, max_completion_length=3, vocab_size=10, eos_token_ids=frozenset({1}),
-                         rows_per_round=4)
+    limits = GroupLimits(
+        num_generations=4,
+        max_completion_length=3,
+        vocab_size=10,
+        eos_token_ids=frozenset({1}),
+        rows_per_round=4,
+    )
     assert limits.problem(GROUP) is None
-    assert "row index 4" in limits.problem(SharedGroup(4, GROUP.completions))  # would make receivers build rows
+    # would make receivers build rows
+    assert "row index 4" in limits.problem(SharedGroup(4, GROUP.completions))
     assert "3 completions" in limits.problem(SharedGroup(0, GROUP.completions[:3]))
     assert "tokens (1..3" in limits.problem(SharedGroup(0, ((5, 6, 7, 8),) + GROUP.completions[1:]))
     assert "vocabulary" in limits.problem(SharedGroup(0, ((5, 10),) + GROUP.completions[1:]))
@@ -132,6 +148,7 @@ def test_group_limits_name_what_is_wrong() -> None:
     assert limits.problem(SharedGroup(0, ((5, 1),) + GROUP.completions[1:])) is None  # ends with EOS: fine
 
 
+@pytest.mark.unit
 def test_the_mix_follows_the_configured_fraction() -> None:
     assert external_count(config(external_fraction=0.5)) == 2
     assert external_count(config(external_fraction=1.0)) == 4
@@ -146,8 +163,15 @@ class MemoryBoard:
     def __init__(self) -> None:
         self.entries: list[tuple[str, int, bytes, bytes]] = []
 
-    def add(self, identity: Identity, epoch: int, groups: list[SharedGroup], owner: str | None = None,
-            signature: bytes | None = None, run_id: str = RUN) -> None:
+    def add(
+        self,
+        identity: Identity,
+        epoch: int,
+        groups: list[SharedGroup],
+        owner: str | None = None,
+        signature: bytes | None = None,
+        run_id: str = RUN,
+    ) -> None:
         canonical, signed = bundle_of(identity, epoch, groups, run_id)
         self.entries.append((owner or str(identity.peer_id), epoch, canonical, signature or signed))
 
@@ -169,20 +193,32 @@ class Offline:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def limits(self, max_completion_length: int = 4) -> GroupLimits:
-        return GroupLimits(GENERATIONS, max_completion_length, self.model.get_input_embeddings().num_embeddings,
-                           frozenset([self.tokenizer.eos_token_id]), rows_per_round=4)
+        return GroupLimits(
+            GENERATIONS,
+            max_completion_length,
+            self.model.get_input_embeddings().num_embeddings,
+            frozenset([self.tokenizer.eos_token_id]),
+            rows_per_round=4,
+        )
 
     def sharing(self, identity: Identity, board: MemoryBoard, banned: tuple[str, ...] = (), **options: Any):
-        return RolloutSharing(config(**options), identity, self.recipe, board, self.limits(),
-                              decode=lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True),
-                              banned=lambda: banned)
+        return RolloutSharing(
+            config(**options),
+            identity,
+            self.recipe,
+            board,
+            self.limits(),
+            decode=lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True),
+            banned=lambda: banned,
+        )
 
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory: pytest.TempPathFactory) -> Offline:
     recipe = load_recipe("arithmetic")
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(), recipe.tokenizer_alphabet(),
-                                                Path(tmp_path_factory.mktemp("models")))
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(), recipe.tokenizer_alphabet(), Path(tmp_path_factory.mktemp("models"))
+    )
     return Offline(model, tokenizer, recipe)
 
 
@@ -195,12 +231,14 @@ def answered(offline: Offline, sender: Identity, epoch: int, row_index: int, rig
     return SharedGroup(row_index, tuple(correct if k < right else wrong for k in range(GENERATIONS)))
 
 
+@pytest.mark.unit
 def test_a_receiver_takes_other_peers_informative_groups_and_regenerates_their_rows(
     offline: Offline, identities: list[Identity]
 ) -> None:
     me, alice, bob = identities
     board = MemoryBoard()
-    board.add(alice, 4, [answered(offline, alice, 4, 0, 2), answered(offline, alice, 4, 1, 0)])  # row 1: no signal
+    # row 1: no signal
+    board.add(alice, 4, [answered(offline, alice, 4, 0, 2), answered(offline, alice, 4, 1, 0)])
     board.add(bob, 4, [answered(offline, bob, 4, 3, 1)])
     board.add(me, 4, [answered(offline, me, 4, 0, 2)])  # my own: never taken
     board.add(alice, 2, [answered(offline, alice, 2, 0, 2)])  # too old at epoch 5 (max_age_epochs 1)
@@ -209,13 +247,17 @@ def test_a_receiver_takes_other_peers_informative_groups_and_regenerates_their_r
     assert {group.key for group in chosen} == {(str(alice.peer_id), 4, 0), (str(bob.peer_id), 4, 3)}
     for group in chosen:
         sender_rows = offline.recipe.assigned_rows(RUN, group.sender, group.epoch, group.row_index + 1)
-        assert group.row == sender_rows[group.row_index]  # the receiver's own copy, not anything the sender sent
+        # the receiver's own copy, not anything the sender sent
+        assert group.row == sender_rows[group.row_index]
     assert [group.key for group in sharing.select(5, 4)] == [group.key for group in chosen]  # seeded
     keep_all = offline.sharing(me, board, skip_uninformative=False).select(5, 4)
     assert len(keep_all) == 3
 
 
-def test_a_receiver_drops_forged_banned_and_malformed_bundles(offline: Offline, identities: list[Identity]) -> None:
+@pytest.mark.unit
+def test_a_receiver_drops_forged_banned_and_malformed_bundles(
+    offline: Offline, identities: list[Identity]
+) -> None:
     me, alice, bob = identities
     board = MemoryBoard()
     good = answered(offline, alice, 0, 0, 1)
@@ -237,8 +279,16 @@ def capture_with_shared(offline: Offline, identity: Identity, epoch: int, local:
     named = [(name, param) for name, param in offline.model.named_parameters() if param.requires_grad]
     recorder = GradientRecorder(named, None)
     with tempfile.TemporaryDirectory() as scratch, keeps_forward(offline.model):
-        trainer = make_recording_trainer(offline.model, offline.tokenizer, offline.recipe, rows, settings, recorder,
-                                         scratch, forced_rows=forced)
+        trainer = make_recording_trainer(
+            offline.model,
+            offline.tokenizer,
+            offline.recipe,
+            rows,
+            settings,
+            recorder,
+            scratch,
+            forced_rows=forced,
+        )
         trainer.train()
     contribution = contribution_from_record(trainer, recorder, param_checksum(offline.model), rows, settings)
     bundles, groups = contribution_sharing(shared)
@@ -256,64 +306,102 @@ def mixed(offline: Offline, identities: list[Identity]):
     return capture_with_shared(offline, me, 7, 2, shared), shared
 
 
-def test_training_on_a_mix_samples_local_rows_and_takes_shared_completions_as_given(offline: Offline, mixed) -> None:
+@pytest.mark.unit
+def test_training_on_a_mix_samples_local_rows_and_takes_shared_completions_as_given(
+    offline: Offline, mixed
+) -> None:
     contribution, shared = mixed
     assert contribution.num_completions == 4 * GENERATIONS
     for index, group in enumerate(shared):
         start = (2 + index) * GENERATIONS
-        assert contribution.completion_token_ids[start:start + GENERATIONS] == [list(ids) for ids in group.completions]
-        prompts = offline.tokenizer.batch_decode(contribution.prompt_token_ids[start:start + GENERATIONS])
+        assert contribution.completion_token_ids[start : start + GENERATIONS] == [
+            list(ids) for ids in group.completions
+        ]
+        prompts = offline.tokenizer.batch_decode(contribution.prompt_token_ids[start : start + GENERATIONS])
         assert prompts == [group.row["prompt"]] * GENERATIONS
     # the receiver's own reward functions scored the shared completions: the right answers earn "correct"
     correct = contribution.reward_names.index("correct")
     for index, group in enumerate(shared):
         answer = offline.encode(group.row["answer"])
-        scored = contribution.rewards[(2 + index) * GENERATIONS:(3 + index) * GENERATIONS, correct].tolist()
+        scored = contribution.rewards[(2 + index) * GENERATIONS : (3 + index) * GENERATIONS, correct].tolist()
         assert scored == [1.0 if ids == answer else 0.0 for ids in group.completions]
         assert 0 < sum(scored) < GENERATIONS
 
 
-def test_an_auditor_accepts_an_honest_mix_and_replays_it_exactly(offline: Offline, identities: list[Identity],
-                                                                 mixed) -> None:
+@pytest.mark.unit
+def test_an_auditor_accepts_an_honest_mix_and_replays_it_exactly(
+    offline: Offline, identities: list[Identity], mixed
+) -> None:
     contribution, _ = mixed
     contribution = load_contribution(contribution_bytes(contribution))  # as served over the network
     me = str(identities[0].peer_id)
-    shared_rows = check_shared(config(), offline.recipe, me, 7, contribution.shared_bundles,
-                               contribution.shared_groups, contribution.completion_token_ids, len(contribution.rows))
-    rows = [*offline.recipe.assigned_rows(RUN, me, 7, len(contribution.rows) - len(shared_rows)), *shared_rows]
+    shared_rows = check_shared(
+        config(),
+        offline.recipe,
+        me,
+        7,
+        contribution.shared_bundles,
+        contribution.shared_groups,
+        contribution.completion_token_ids,
+        len(contribution.rows),
+    )
+    rows = [
+        *offline.recipe.assigned_rows(RUN, me, 7, len(contribution.rows) - len(shared_rows)),
+        *shared_rows,
+    ]
     assert rows == contribution.rows
     result = replay_gradient(offline.model, offline.tokenizer, offline.recipe, contribution, rows=rows)
     assert result.verdict is Verdict.PASS and result.error == 0.0
 
 
+@pytest.mark.unit
 def test_the_commitment_binds_the_shared_bundles(mixed) -> None:
     contribution, _ = mixed
     swapped = contribution.with_changes(shared_groups=contribution.shared_groups[::-1])
     assert swapped.shared_groups != contribution.shared_groups
     assert rollouts_hash(swapped) != rollouts_hash(contribution)
     canonical, signature = contribution.shared_bundles[0]
-    resigned = contribution.with_changes(shared_bundles=[[canonical, signature + b"x"], *contribution.shared_bundles[1:]])
+    resigned = contribution.with_changes(
+        shared_bundles=[[canonical, signature + b"x"], *contribution.shared_bundles[1:]]
+    )
     assert rollouts_hash(resigned) != rollouts_hash(contribution)
 
 
+@pytest.mark.unit
 def test_an_auditor_refuses_shared_groups_that_were_not_published_as_claimed(
     offline: Offline, identities: list[Identity], mixed
 ) -> None:
     contribution, _ = mixed
     me = str(identities[0].peer_id)
 
-    def check(changed=contribution, cfg: SwarmConfig | None = None, audited: str = me, epoch: int = 7) -> None:
-        check_shared(cfg or config(), offline.recipe, audited, epoch, changed.shared_bundles, changed.shared_groups,
-                     changed.completion_token_ids, len(changed.rows))
+    def check(
+        changed=contribution, cfg: SwarmConfig | None = None, audited: str = me, epoch: int = 7
+    ) -> None:
+        check_shared(
+            cfg or config(),
+            offline.recipe,
+            audited,
+            epoch,
+            changed.shared_bundles,
+            changed.shared_groups,
+            changed.completion_token_ids,
+            len(changed.rows),
+        )
 
     check()
     completions = [list(ids) for ids in contribution.completion_token_ids]
-    completions[2 * GENERATIONS][0] = (completions[2 * GENERATIONS][0] + 1) % 10  # hand-made, not the sender's
+    completions[2 * GENERATIONS][0] = (
+        completions[2 * GENERATIONS][0] + 1
+    ) % 10  # hand-made, not the sender's
     with pytest.raises(SharingError, match="not what"):
         check(contribution.with_changes(completion_token_ids=completions))
     bundle, signature = contribution.shared_bundles[0]
     with pytest.raises(SharingError, match="invalid signature"):
-        check(contribution.with_changes(shared_bundles=[[bundle, signature[::-1]], *contribution.shared_bundles[1:]]))
+        check(
+            contribution.with_changes(
+                shared_bundles=[[bundle, signature[::-1]], *contribution.shared_bundles[1:]]
+            )
+        )
     with pytest.raises(SharingError, match="own"):
         sender = RolloutBundle.from_canonical(bundle).sender
         check(audited=sender)
@@ -335,26 +423,37 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, identities: list[Identit
     try:
         for index in range(2):
             peers = [str(addr) for node in nodes for addr in node.get_visible_maddrs()][:1]
-            nodes.append(start_dht(NetworkConfig(client_mode=False, initial_peers=peers), identities[index],
-                                   root / str(index), run_id=RUN))
+            nodes.append(
+                start_dht(
+                    NetworkConfig(client_mode=False, initial_peers=peers),
+                    identities[index],
+                    root / str(index),
+                    run_id=RUN,
+                )
+            )
         yield nodes
     finally:
         for node in nodes:
             node.shutdown()
 
 
+@pytest.mark.integration
 def test_bundles_travel_through_the_dht_and_junk_is_dropped(two_nodes, identities: list[Identity]) -> None:
     alice_node, bob_node = two_nodes
     alice = identities[0]
     board = RolloutBoard(alice_node, RUN, alice, ttl=60, max_record_bytes=64 * 1024)
     canonical, signature = bundle_of(alice, 11, [GROUP])
     assert board.publish(11, canonical, signature)
-    assert not RolloutBoard(alice_node, RUN, alice, ttl=60, max_record_bytes=16).publish(12, canonical, signature)
+    assert not RolloutBoard(alice_node, RUN, alice, ttl=60, max_record_bytes=16).publish(
+        12, canonical, signature
+    )
     expiration = get_dht_time() + 60
     marker = owner_marker(alice)
-    junk = {b"13:": {"bundle": b"not zlib", "signature": b"s"},
-            b"14:": {"bundle": zlib.compress(b"0" * (20 << 20)), "signature": b"s"},  # inflates past 16 MiB
-            b"15:": "not a dict"}
+    junk = {
+        b"13:": {"bundle": b"not zlib", "signature": b"s"},
+        b"14:": {"bundle": zlib.compress(b"0" * (20 << 20)), "signature": b"s"},  # inflates past 16 MiB
+        b"15:": "not a dict",
+    }
     for prefix, value in junk.items():
         # a guarded node takes bytes it cannot check cheaply (the reader inflates them), not a value of another shape
         stored = alice_node.store(rollouts_key(RUN), value, expiration, subkey=prefix + marker)
@@ -365,6 +464,7 @@ def test_bundles_travel_through_the_dht_and_junk_is_dropped(two_nodes, identitie
     assert inflate_bundle(compress_bundle(canonical)) == canonical and inflate_bundle(b"junk") is None
 
 
+@pytest.mark.integration
 def test_dht_nodes_refuse_rollout_values_that_cannot_be_bundles(two_nodes) -> None:
     alice_node, bob_node = two_nodes
     # a plain value would replace every peer's bundles at once: a guarded node does not store it
@@ -379,6 +479,7 @@ def test_dht_nodes_refuse_rollout_values_that_cannot_be_bundles(two_nodes) -> No
     assert validator.validate(replace(record, key=other, value=b"v" * (MAX_STORED_BYTES + 1)))  # not its key
 
 
+@pytest.mark.unit
 def test_the_dashboard_shows_shared_rollouts_only_when_sharing_is_on() -> None:
     from rich.console import Console
 
@@ -391,14 +492,22 @@ def test_the_dashboard_shows_shared_rollouts_only_when_sharing_is_on() -> None:
 
     state = DashboardState(name="peer", run_id=RUN)
     assert "shared rollouts" not in text(state)
-    state.sharing = {"sharing/published_groups": 12, "sharing/used_groups": 5, "sharing/received_groups": 9,
-                     "sharing/dropped": 0}
+    state.sharing = {
+        "published_groups": 12,
+        "used_groups": 5,
+        "received_groups": 9,
+        "dropped": 0,
+    }
     assert "12 / 5 groups" in text(state)
 
 
-def test_an_auditor_refuses_a_shared_row_beyond_any_peers_own_rows(offline: Offline, identities: list[Identity]) -> None:
+@pytest.mark.unit
+def test_an_auditor_refuses_a_shared_row_beyond_any_peers_own_rows(
+    offline: Offline, identities: list[Identity]
+) -> None:
     me, alice = str(identities[0].peer_id), identities[1]
-    far = SharedGroup(10**6, ((5,),) * GENERATIONS)  # a receiver would have to build a million rows to check it
+    # a receiver would have to build a million rows to check it
+    far = SharedGroup(10**6, ((5,),) * GENERATIONS)
     canonical, signature = bundle_of(alice, 6, [far])
     completions = [list(ids) for ids in far.completions]
     with pytest.raises(SharingError, match="beyond"):

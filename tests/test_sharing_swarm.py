@@ -4,31 +4,32 @@ contributions, and the peers stay in lock-step."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from swarm.verify.commitment import load_contribution
-from tests.conftest import PROJECT_ROOT, clean_env, read_json
+from tests.conftest import clean_env, local_argv, read_json, run_swarm
+
+pytestmark = pytest.mark.e2e
 
 PEERS = 3
 EPOCHS = 4
 OVERRIDES = [
-    "training.prompts_per_round=4", "training.num_generations=4",
-    "sharing.enabled=true", "sharing.external_fraction=0.5",
-    "verify.audit_probability=1.0", "averaging.peer_timeout=8", "averaging.round_timeout=40",
+    "training.prompts_per_round=4",
+    "training.num_generations=4",
+    "sharing.enabled=true",
+    "sharing.external_fraction=0.5",
+    "verify.audit_probability=1.0",
+    "averaging.peer_timeout=8",
+    "averaging.round_timeout=40",
 ]
 
 
 @pytest.mark.timeout(400)
 def test_peers_train_on_each_others_rollouts_and_pass_every_audit(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(PEERS), "--max-epochs", str(EPOCHS),
-               "--plain", "--workdir", str(tmp_path), "--timeout", "300"]
-    for override in OVERRIDES:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=360)
+    argv = local_argv(tmp_path, PEERS, EPOCHS, OVERRIDES, "--timeout", "300")
+    result = run_swarm(argv, tmp_path, 360, clean_env())
     names = [f"peer_{index}" for index in range(PEERS)]
     logs = {name: (tmp_path / name / "stdout.log").read_text(errors="replace") for name in names}
     assert result.returncode == 0, result.stderr[-2000:] + logs["peer_0"][-2000:]
@@ -39,13 +40,17 @@ def test_peers_train_on_each_others_rollouts_and_pass_every_audit(tmp_path: Path
     peer_ids = {summary["peer_id"] for summary in summaries.values()}
     for name in names:
         status = read_json(tmp_path / name / "status.json")
-        assert status["sharing/published_groups"] >= 2 * EPOCHS, status  # 2 local groups per epoch
-        assert status["sharing/used_groups"] >= 1, f"{name} never trained on a shared group:\n{logs[name][-2000:]}"
-        assert status["sharing/dropped"] == 0
-        assert status["my_audits_failed"] == 0 and status["my_audits_passed"] >= 1, status
-        assert status["cheats_found"] == 0 and status["banned"] == [], logs[name][-3000:]
-        assert not (tmp_path / name / "audit_events.jsonl").is_file() or not (
-            tmp_path / name / "audit_events.jsonl").read_text().strip()
+        assert status["sharing"]["published_groups"] >= 2 * EPOCHS, status  # 2 local groups per epoch
+        assert status["sharing"]["used_groups"] >= 1, (
+            f"{name} never trained on a shared group:\n{logs[name][-2000:]}"
+        )
+        assert status["sharing"]["dropped"] == 0
+        assert status["verify"]["my_audits_failed"] == 0 and status["verify"]["my_audits_passed"] >= 1, status
+        assert status["verify"]["cheats_found"] == 0 and status["verify"]["banned"] == [], logs[name][-3000:]
+        assert (
+            not (tmp_path / name / "audit_events.jsonl").is_file()
+            or not (tmp_path / name / "audit_events.jsonl").read_text().strip()
+        )
 
     # the contributions that were audited carry other peers' signed groups, never the peer's own
     shared_seen = 0

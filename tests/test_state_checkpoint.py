@@ -1,4 +1,4 @@
-"""Tests for the tiny offline model, the flat training state peers exchange (swarm.training.state) and
+"""Tests for the tiny offline model, the flat training state peers exchange (swarm.node.state) and
 crash-safe checkpoints (swarm.training.checkpoint)."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import torch
 import swarm.training.checkpoint as checkpoint_module
 import swarm.training.model as model_module
 from swarm.config import ModelConfig
+from swarm.node.state import TrainingState, param_checksum, tensors_hash
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.model import build_char_tokenizer, load_model_and_tokenizer, tiny_model_dir
-from swarm.training.state import TrainingState, param_checksum, tensors_hash
+
+pytestmark = pytest.mark.unit
 
 ALPHABET = "0123456789+="
 TEXTS = ["12+7=19", "3+4=7", "9+9=18"]
@@ -43,7 +45,8 @@ def _step(model: torch.nn.Module, tokenizer, optimizer: torch.optim.Optimizer, t
 
 def _optimizer_stats(state: TrainingState) -> list[dict[str, torch.Tensor]]:
     return [
-        {key: value.clone() for key, value in state.optimizer.state.get(param, {}).items()} for param in state.params
+        {key: value.clone() for key, value in state.optimizer.state.get(param, {}).items()}
+        for param in state.params
     ]
 
 
@@ -222,7 +225,9 @@ def _payload(cache_root: Path, epoch: int) -> dict:
     model, tokenizer, optimizer = _fresh(cache_root)
     _step(model, tokenizer, optimizer, TEXTS[epoch % len(TEXTS)])
     metadata, tensors = TrainingState(model, optimizer).snapshot(epoch=epoch)
-    return dict(metadata=metadata, tensors=tensors, history=[dict(epoch=epoch, reward=0.5)], samples=16 * epoch)
+    return dict(
+        metadata=metadata, tensors=tensors, history=[dict(epoch=epoch, reward=0.5)], samples=16 * epoch
+    )
 
 
 def _assert_same_payload(loaded: dict | None, expected: dict) -> None:
@@ -278,7 +283,9 @@ def test_leftover_staging_file_never_replaces_the_checkpoint(cache_root: Path, t
     _assert_same_payload(load_checkpoint(path), newer)
 
 
-def test_crash_while_saving_keeps_the_previous_checkpoint(cache_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_crash_while_saving_keeps_the_previous_checkpoint(
+    cache_root: Path, tmp_path: Path, monkeypatch
+) -> None:
     path = tmp_path / CHECKPOINT_FILE
     payload = _payload(cache_root, epoch=1)
     save_checkpoint(path, payload)

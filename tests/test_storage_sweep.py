@@ -49,6 +49,7 @@ def patched_store() -> Iterator[None]:
         TimedStorage.store = _hivemind_store
 
 
+@pytest.mark.unit
 def test_restoring_an_unchanged_entry_leaves_no_heap_entry(patched_store) -> None:
     storage = DHTLocalStorage()
     key = DHTID.generate(source="k")
@@ -63,6 +64,7 @@ def test_restoring_an_unchanged_entry_leaves_no_heap_entry(patched_store) -> Non
     assert storage.get(key).value.get(b"s") is not None
 
 
+@pytest.mark.unit
 def test_hivemind_alone_keeps_a_heap_entry_per_store() -> None:
     """The fault the patch removes (if a hivemind upgrade fixes it, this test says so)."""
     storage = DHTLocalStorage()
@@ -73,6 +75,7 @@ def test_hivemind_alone_keeps_a_heap_entry_per_store() -> None:
     assert len(storage.get(key).value.expiration_heap) == 100
 
 
+@pytest.mark.unit
 def test_sweep_drops_expired_subkeys_of_untouched_keys_and_ghosts() -> None:
     storage = DHTLocalStorage()
     idle, busy = DHTID.generate(source="idle"), DHTID.generate(source="busy")
@@ -82,7 +85,8 @@ def test_sweep_drops_expired_subkeys_of_untouched_keys_and_ghosts() -> None:
         storage.store(idle, b"x" * 100, now + 0.1, subkey=f"{index}".encode())
         storage.store(busy, b"y", now + 600 + index, subkey=b"same")  # a refresh: one ghost each
     time.sleep(0.2)
-    assert len(storage.data[idle].value.data) == 51  # nobody touched it again: hivemind keeps the expired ones
+    # nobody touched it again: hivemind keeps the expired ones
+    assert len(storage.data[idle].value.data) == 51
     stats = sweep_storage(storage)
     assert list(storage.data[idle].value.data) == [b"alive"]
     assert stats.subkeys == 50
@@ -91,6 +95,7 @@ def test_sweep_drops_expired_subkeys_of_untouched_keys_and_ghosts() -> None:
     assert len(storage.expiration_heap) <= 2 * len(storage.data) + 16
 
 
+@pytest.mark.unit
 def test_epoch_window_follows_the_owners_own_epoch_only() -> None:
     storage = DHTLocalStorage()
     key = DHTID.generate(source=commitments_key(RUN))
@@ -117,8 +122,9 @@ def nodes(tmp_path: Path) -> Iterator[list]:
     identities = [Identity.load_or_create(tmp_path / f"key{index}") for index in range(2)]
     first = start_dht(NetworkConfig(client_mode=False), identities[0], tmp_path / "a", run_id=RUN)
     peers = [str(addr) for addr in first.get_visible_maddrs()]
-    second = start_dht(NetworkConfig(client_mode=False, initial_peers=peers), identities[1], tmp_path / "b",
-                       run_id=RUN)
+    second = start_dht(
+        NetworkConfig(client_mode=False, initial_peers=peers), identities[1], tmp_path / "b", run_id=RUN
+    )
     started = [(first, identities[0]), (second, identities[1])]
     try:
         yield started
@@ -129,23 +135,48 @@ def nodes(tmp_path: Path) -> Iterator[list]:
 
 def _commitment(peer_id: str, epoch: int) -> Commitment:
     digest = hashlib.sha256(f"{peer_id}:{epoch}".encode()).hexdigest()
-    return Commitment(peer_id=peer_id, epoch=epoch, state_hash=digest, data_seed=digest, samples=8, tokens=64,
-                      rollouts_hash=digest, gradient_hash=digest, precision="fp32")
+    return Commitment(
+        peer_id=peer_id,
+        epoch=epoch,
+        state_hash=digest,
+        data_seed=digest,
+        samples=8,
+        tokens=64,
+        rollouts_hash=digest,
+        gradient_hash=digest,
+        precision="fp32",
+    )
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_nodes_keep_only_the_audit_window_of_commitments_and_verdicts(nodes) -> None:
     (dht_a, id_a), (dht_b, id_b) = nodes
     ttl = 600.0  # far longer than this test: only the epoch window can drop anything
-    boards = [(CommitmentBoard(dht, RUN, identity, ttl), VerdictBoard(dht, RUN, identity, ttl), str(identity.peer_id))
-              for dht, identity in nodes]
+    boards = [
+        (
+            CommitmentBoard(dht, RUN, identity, ttl),
+            VerdictBoard(dht, RUN, identity, ttl),
+            str(identity.peer_id),
+        )
+        for dht, identity in nodes
+    ]
     epochs = 24
     for epoch in range(epochs):
         for commitments, _, peer_id in boards:
             commitments.publish(_commitment(peer_id, epoch))
         for (_, verdicts, auditor), (_, _, audited) in zip(boards, reversed(boards)):
-            verdicts.publish(AuditVerdict(auditor=auditor, audited=audited, epoch=epoch, commitment="0" * 64,
-                                          verdict="pass", error=0.0, role="primary"))
+            verdicts.publish(
+                AuditVerdict(
+                    auditor=auditor,
+                    audited=audited,
+                    epoch=epoch,
+                    commitment="0" * 64,
+                    verdict="pass",
+                    error=0.0,
+                    role="primary",
+                )
+            )
         boards[0][0].fetch(epoch)  # readers make nodes cache and re-store what they find
         boards[1][1].fetch(None)
     keys = [commitments_key(RUN), verdicts_key(RUN)]
@@ -167,6 +198,7 @@ def test_nodes_keep_only_the_audit_window_of_commitments_and_verdicts(nodes) -> 
     assert len(boards[0][1].fetch(epochs - 1)) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_installed_sweeper_runs_in_the_dht_process(nodes) -> None:
     (dht, identity), _ = nodes

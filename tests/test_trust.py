@@ -19,11 +19,15 @@ from swarm.identity import Identity
 from swarm.ledger.balances import Rules
 from swarm.ledger.entries import GENESIS_HASH, MICRO, LedgerEntry
 from swarm.ledger.weights import trusted_weights
-from swarm.training.peer import SwarmPeer
-from swarm.training.state import TrainingState
+from swarm.node.peer import SwarmPeer
+from swarm.node.rounds import Outcome
+from swarm.node.state import TrainingState
+from swarm.node.trust import Trust, initial_peer_ids
+from swarm.training.strategies import RoundInput
 from swarm.training.strategies.sync import SyncGradientAveraging
-from swarm.training.trust import Trust, initial_peer_ids
 from tests.test_catch_up import LIAR_EPOCH, MemoryBoard
+
+pytestmark = pytest.mark.unit
 
 RULES = Rules(provisional_epochs=2)
 SAMPLES = 16
@@ -32,8 +36,10 @@ SAMPLES = 16
 @pytest.fixture(scope="module")
 def people(tmp_path_factory) -> dict[str, Identity]:
     root = tmp_path_factory.mktemp("keys")
-    return {name: Identity.load_or_create(root / f"{name}.key")
-            for name in ("me", "alice", "bob", "sybil1", "sybil2", "sybil3")}
+    return {
+        name: Identity.load_or_create(root / f"{name}.key")
+        for name in ("me", "alice", "bob", "sybil1", "sybil2", "sybil3")
+    }
 
 
 def digest(peer: Identity, epoch: int) -> str:
@@ -46,26 +52,46 @@ _seq = itertools.count()
 def contribution(author: Identity, epoch: int, attests: list[Identity]) -> LedgerEntry:
     """``author``'s contribution entry of ``epoch``, listing the commitments of ``attests`` (as a round member)."""
     seq = next(_seq) + 1
-    return LedgerEntry.create(author, kind="contribution", seq=seq, prev_hash="ab" * 32, subject=str(author.peer_id),
-                              epoch=epoch, samples=SAMPLES, refs=[digest(author, epoch), *(digest(other, epoch)
-                                                                                         for other in attests)])
+    return LedgerEntry.create(
+        author,
+        kind="contribution",
+        seq=seq,
+        prev_hash="ab" * 32,
+        subject=str(author.peer_id),
+        epoch=epoch,
+        samples=SAMPLES,
+        refs=[digest(author, epoch), *(digest(other, epoch) for other in attests)],
+    )
 
 
 def slash(author: Identity, subject: Identity, epoch: int) -> LedgerEntry:
-    return LedgerEntry.create(author, kind="slash", seq=0, prev_hash=GENESIS_HASH, subject=str(subject.peer_id),
-                              epoch=epoch, samples=SAMPLES, refs=[digest(subject, epoch)])
+    return LedgerEntry.create(
+        author,
+        kind="slash",
+        seq=0,
+        prev_hash=GENESIS_HASH,
+        subject=str(subject.peer_id),
+        epoch=epoch,
+        samples=SAMPLES,
+        refs=[digest(subject, epoch)],
+    )
 
 
 def weights(entries, people, current_epoch: int, roots=("me",)) -> dict[str, float]:
-    found = trusted_weights(entries, RULES, current_epoch, {str(people[name].peer_id) for name in roots}, MICRO)
+    found = trusted_weights(
+        entries, RULES, current_epoch, {str(people[name].peer_id) for name in roots}, MICRO
+    )
     names = {str(identity.peer_id): name for name, identity in people.items()}
     return {names[peer]: credit / MICRO for peer, credit in found.items()}
 
 
 def rounds(people, members: list[str], epochs: range) -> list[LedgerEntry]:
     """Every member writes its contribution entry for every epoch, attesting the other members."""
-    return [contribution(people[name], epoch, [people[other] for other in members if other != name])
-            for epoch in epochs for name in members]
+    return [
+        contribution(people[name], epoch, [people[other] for other in members if other != name])
+        for epoch in epochs
+        for name in members
+    ]
 
 
 def test_work_attested_by_a_trusted_peer_gains_weight_once_its_audit_window_closed(people) -> None:
@@ -76,7 +102,9 @@ def test_work_attested_by_a_trusted_peer_gains_weight_once_its_audit_window_clos
 
 
 def test_fresh_identities_attesting_each_other_never_gain_weight(people) -> None:
-    entries = rounds(people, ["me", "alice"], range(5)) + rounds(people, ["sybil1", "sybil2", "sybil3"], range(50))
+    entries = rounds(people, ["me", "alice"], range(5)) + rounds(
+        people, ["sybil1", "sybil2", "sybil3"], range(50)
+    )
     found = weights(entries, people, current_epoch=60)
     assert set(found) == {"me", "alice"}
 
@@ -108,12 +136,17 @@ def test_initial_peer_ids_are_read_from_multiaddrs() -> None:
 def make_peer(tmp_path: Path):
     identity = Identity.load_or_create(tmp_path / "identity.key")
 
-    def make(epoch: int, newcomer_wait: float = 1.0, newcomer_budget: float = 2.0) -> tuple[SwarmPeer, MemoryBoard]:
+    def make(
+        epoch: int, newcomer_wait: float = 1.0, newcomer_budget: float = 2.0
+    ) -> tuple[SwarmPeer, MemoryBoard]:
         model = torch.nn.Linear(4, 2)
         state = TrainingState(model, torch.optim.AdamW(model.parameters()))
-        config = SwarmConfig(workdir=tmp_path, network=dict(client_mode=False),
-                             averaging=dict(matchmaking_time=3.5),
-                             trust=dict(newcomer_wait=newcomer_wait, newcomer_budget=newcomer_budget))
+        config = SwarmConfig(
+            workdir=tmp_path,
+            network=dict(client_mode=False),
+            averaging=dict(matchmaking_time=3.5),
+            trust=dict(newcomer_wait=newcomer_wait, newcomer_budget=newcomer_budget),
+        )
         # a ledger that is not there yet: weights come from the roots and round members only (as in the first
         # epochs of a swarm)
         trust = Trust(str(identity.peer_id), config, tmp_path / "no-ledger-yet.db", RULES)
@@ -152,7 +185,9 @@ def test_a_late_joiner_follows_its_initial_peer_not_more_sybils(make_peer) -> No
     assert late._support((7, "poisoned"), late.other_peers()) == 0
 
 
-def test_busy_and_lagging_sybils_cost_the_barrier_newcomer_wait_until_their_budget_is_spent(make_peer) -> None:
+def test_busy_and_lagging_sybils_cost_the_barrier_newcomer_wait_until_their_budget_is_spent(
+    make_peer,
+) -> None:
     peer, board = make_peer(epoch=5, newcomer_wait=1.0, newcomer_budget=2.0)
     peer.trust.note_round(4, ["member"])
     board.add("member", 5, peer.state_hash)
@@ -200,7 +235,8 @@ def test_ready_sybils_that_never_come_stop_holding_the_first_peer_of_a_swarm(mak
         rounds.append(barrier(strategy))
         strategy._charge_no_shows({}, 0.5)  # nobody came
     assert [verdict[:2] for verdict in rounds[:4]] == [("go", 11)] * 4
-    assert rounds[4][0] == "alone" and rounds[4][2] < 1.0  # stepped on its own at once, not at the round's end
+    # stepped on its own at once, not at the round's end
+    assert rounds[4][0] == "alone" and rounds[4][2] < 1.0
     board.add("honest-newcomer", 0, peer.state_hash)  # a newcomer that does come is still expected
     assert barrier(strategy)[:2] == ("go", 2)
 
@@ -229,7 +265,8 @@ def test_the_first_peer_of_a_new_swarm_waits_for_newcomers_every_epoch(make_peer
         assert (verdict, group) == ("go", 2) and waited >= 1.0
     board.add("busy-sybil", 0, peer.state_hash, ready=False)
     board.add("newcomer", 0, peer.state_hash, left=True)
-    started = time.monotonic()  # one that never gets ready holds it until the round's deadline: it has nobody else
+    # one that never gets ready holds it until the round's deadline: it has nobody else
+    started = time.monotonic()
     assert strategy._barrier(0, deadline=time.monotonic() + 3.0) == "alone"
     assert 2.8 <= time.monotonic() - started < 4.0
 
@@ -275,7 +312,9 @@ def test_after_the_wait_ready_newcomers_still_join_while_busy_sybils_are_left_be
     assert strategy._expected == {"newcomer-a", "newcomer-b"}
 
 
-def test_a_member_of_equal_weight_claiming_a_far_epoch_is_not_followed_but_an_initial_peer_is(make_peer) -> None:
+def test_a_member_of_equal_weight_claiming_a_far_epoch_is_not_followed_but_an_initial_peer_is(
+    make_peer,
+) -> None:
     # the first peer averaged once with a liar only (the honest newcomers were slow); the liar then claims far ahead
     peer, board = make_peer(epoch=1)
     peer.trust.note_round(0, ["liar"])
@@ -300,3 +339,34 @@ def test_slash_entries_signed_by_fresh_identities_take_nobodys_weight(people) ->
     assert found["alice"] > 0
     entries += [slash(people["me"], people["alice"], 2), slash(people["bob"], people["alice"], 2)]
     assert "alice" not in weights(entries, people, current_epoch=10)
+
+
+def test_the_first_peer_whose_side_of_the_first_all_reduce_failed_follows_the_group_instead_of_stepping_alone(
+    make_peer, monkeypatch
+) -> None:
+    """hivemind's all-reduce can fail on one side only: the others step with this peer's gradient averaged in. A
+    founding peer (nobody has weight) that then stepped alone forked itself off the swarm it founded (its rounds,
+    audits and bans were no longer the others'); it follows the peers it formed the round with instead."""
+    peer, board = make_peer(epoch=0, newcomer_wait=1.0, newcomer_budget=120.0)
+    others = ["second", "third"]
+    for name in others:
+        board.add(name, 0, peer.state_hash)
+    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
+
+    def failed_on_this_side(*_args) -> None:
+        for name in others:  # the others' all-reduce succeeded: they stepped to epoch 1
+            board.add(name, 1, "their-state")
+        return None
+
+    monkeypatch.setattr(strategy, "_average", failed_on_this_side)
+    monkeypatch.setattr(peer, "check_alive", lambda: None)
+    synced = []
+    monkeypatch.setattr(
+        peer, "sync_with_swarm", lambda: synced.append(peer.swarm_target(peer.other_peers())) or True
+    )
+    result = strategy.round(RoundInput(epoch=0, gradient=[torch.zeros(2)], samples=8, commitment=None))
+    assert result.outcome == Outcome.RESYNCED and result.update is None
+    assert synced == [(1, "their-state")]
+    # a stranger announcing a later state that this peer never formed a round with is still not followed
+    board.add("stranger", 2, "elsewhere")
+    assert peer.swarm_target(peer.other_peers()) == (1, "their-state")

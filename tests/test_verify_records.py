@@ -1,4 +1,4 @@
-"""Commitments and audit verdicts (DESIGN §3 steps 4 and 7): signed DHT records that the storing DHT nodes and the
+"""Commitments and audit verdicts (docs/design.md §2, steps 4 and 7): signed DHT records that the storing DHT nodes and the
 readers both refuse when forged, replayed, malformed or oversized, without any node going down."""
 
 from __future__ import annotations
@@ -41,16 +41,31 @@ LOGGER = "swarm.network.records"
 
 
 def _commitment(identity: Identity | str, **changes: Any) -> Commitment:
-    fields = dict(peer_id=str(getattr(identity, "peer_id", identity)), epoch=3, state_hash="s" * 64,
-                  data_seed="d" * 64, samples=8, tokens=512, rollouts_hash="r" * 64, gradient_hash="g" * 64,
-                  precision="fp32")
+    fields = dict(
+        peer_id=str(getattr(identity, "peer_id", identity)),
+        epoch=3,
+        state_hash="s" * 64,
+        data_seed="d" * 64,
+        samples=8,
+        tokens=512,
+        rollouts_hash="r" * 64,
+        gradient_hash="g" * 64,
+        precision="fp32",
+    )
     fields.update(changes)
     return Commitment(**fields)
 
 
 def _verdict(auditor: Identity, audited: Identity | str, **changes: Any) -> AuditVerdict:
-    fields = dict(auditor=str(auditor.peer_id), audited=str(getattr(audited, "peer_id", audited)), epoch=3,
-                  commitment="c" * 64, verdict="pass", error=3e-7, role="primary")
+    fields = dict(
+        auditor=str(auditor.peer_id),
+        audited=str(getattr(audited, "peer_id", audited)),
+        epoch=3,
+        commitment="c" * 64,
+        verdict="pass",
+        error=3e-7,
+        role="primary",
+    )
     fields.update(changes)
     return AuditVerdict(**fields)
 
@@ -62,21 +77,34 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Identity]:
 
 
 # ---- the models ---------------------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_models_are_strict_and_the_digest_is_canonical(identities) -> None:
     alice = identities["alice"]
     commitment = _commitment(alice)
     assert commitment.digest() == Commitment.model_validate(commitment.model_dump()).digest()
     assert commitment.digest() != _commitment(alice, tokens=513).digest()
     assert len(commitment.digest()) == 64
-    for bad in (dict(samples=True), dict(samples=1.0), dict(epoch=-1), dict(precision="int8"), dict(extra=1),
-                dict(state_hash="x" * 129)):
+    for bad in (
+        dict(samples=True),
+        dict(samples=1.0),
+        dict(epoch=-1),
+        dict(precision="int8"),
+        dict(extra=1),
+        dict(state_hash="x" * 129),
+    ):
         with pytest.raises(ValidationError):
             _commitment(alice, **bad)
     verdict = _verdict(alice, identities["bob"])
     assert verdict.passed and not _verdict(alice, "x", verdict="gradient_mismatch").passed
     assert _verdict(alice, "x", error=None).error is None
-    for bad in (dict(error=math.nan), dict(error=math.inf), dict(verdict="Pass!"), dict(verdict="a" * 33),
-                dict(role="judge"), dict(error="0.1")):
+    for bad in (
+        dict(error=math.nan),
+        dict(error=math.inf),
+        dict(verdict="Pass!"),
+        dict(verdict="a" * 33),
+        dict(role="judge"),
+        dict(error="0.1"),
+    ):
         with pytest.raises(ValidationError):
             _verdict(alice, "x", **bad)
 
@@ -91,26 +119,40 @@ class _Signer:
         self.validator = CompositeValidator([self.rsa, VerificationRecordValidator(RUN)])
 
     def record(self, key: str, subkey: Any, value: Any, signed: bool = True, raw: bool = False) -> DHTRecord:
-        record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey),
-                           value if raw else MSGPackSerializer.dumps(value), get_dht_time() + 30)
+        record = DHTRecord(
+            DHTID.generate(source=key).to_bytes(),
+            MSGPackSerializer.dumps(subkey),
+            value if raw else MSGPackSerializer.dumps(value),
+            get_dht_time() + 30,
+        )
         if signed:  # sign whatever owner key the subkey holds with this key (as a forger would)
             signature = self.rsa._private_key.sign(self.rsa._serialize_record(record))
             record = dataclasses.replace(record, value=record.value + b"[signature:" + signature + b"]")
         return record
 
 
+@pytest.mark.unit
 def test_validator_rejects_each_bad_record_with_one_warning_line(identities, caplog) -> None:
     alice, bob = _Signer(identities["alice"]), _Signer(identities["bob"])
     honest_c = _commitment(identities["alice"])
     honest_v = _verdict(identities["alice"], identities["bob"])
+    # validated in reverse: the signature first
     assert [type(v).__name__ for v in alice.validator._validators] == [
-        "VerificationRecordValidator", "RSASignatureValidator"]  # validated in reverse: the signature first
+        "VerificationRecordValidator",
+        "RSASignatureValidator",
+    ]
     good = [
         alice.record(commitments_key(RUN), b"3:" + alice.marker, honest_c.model_dump()),
-        alice.record(verdicts_key(RUN), f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
-                     honest_v.model_dump()),
-        alice.record(verdicts_key(RUN), f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
-                     _verdict(identities["alice"], identities["bob"], error=None, role="recheck").model_dump()),
+        alice.record(
+            verdicts_key(RUN),
+            f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
+            honest_v.model_dump(),
+        ),
+        alice.record(
+            verdicts_key(RUN),
+            f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
+            _verdict(identities["alice"], identities["bob"], error=None, role="recheck").model_dump(),
+        ),
         alice.record("run.peers", alice.marker, {"anything": "goes here"}),  # other keys pass untouched
         alice.record("other-run.commitments", b"anon", "not checked"),
     ]
@@ -121,25 +163,40 @@ def test_validator_rejects_each_bad_record_with_one_warning_line(identities, cap
     bad = {
         "forged": bob.record(commitments_key(RUN), b"3:" + bob.marker, honest_c.model_dump()),
         "replayed": alice.record(commitments_key(RUN), b"4:" + alice.marker, honest_c.model_dump()),
-        "non-canonical epoch": alice.record(commitments_key(RUN), b"03:" + alice.marker, honest_c.model_dump()),
-        "missing field": alice.record(commitments_key(RUN), b"3:" + alice.marker,
-                                      {k: v for k, v in honest_c.model_dump().items() if k != "tokens"}),
-        "wrong type": alice.record(commitments_key(RUN), b"3:" + alice.marker,
-                                   honest_c.model_dump() | {"samples": "8"}),
+        "non-canonical epoch": alice.record(
+            commitments_key(RUN), b"03:" + alice.marker, honest_c.model_dump()
+        ),
+        "missing field": alice.record(
+            commitments_key(RUN),
+            b"3:" + alice.marker,
+            {k: v for k, v in honest_c.model_dump().items() if k != "tokens"},
+        ),
+        "wrong type": alice.record(
+            commitments_key(RUN), b"3:" + alice.marker, honest_c.model_dump() | {"samples": "8"}
+        ),
         "oversized": alice.record(commitments_key(RUN), b"3:" + alice.marker, oversized),
         "not a dict": alice.record(commitments_key(RUN), b"3:" + alice.marker, [1, 2, 3]),
         "no subkey": alice.record(commitments_key(RUN), None, honest_c.model_dump()),
         "unowned": alice.record(commitments_key(RUN), b"3:", honest_c.model_dump(), signed=False),
-        "key with a comment": alice.record(commitments_key(RUN), b"3:" + alice.marker[:-1] + b" c]",
-                                           honest_c.model_dump()),
-        "nan error": alice.record(verdicts_key(RUN), f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
-                                  honest_v.model_dump() | {"error": math.nan}),
+        "key with a comment": alice.record(
+            commitments_key(RUN), b"3:" + alice.marker[:-1] + b" c]", honest_c.model_dump()
+        ),
+        "nan error": alice.record(
+            verdicts_key(RUN),
+            f"3:{identities['bob'].peer_id}:".encode() + alice.marker,
+            honest_v.model_dump() | {"error": math.nan},
+        ),
         "verdict for another auditor": bob.record(
-            verdicts_key(RUN), f"3:{identities['bob'].peer_id}:".encode() + bob.marker, honest_v.model_dump()),
-        "other audited": alice.record(verdicts_key(RUN), f"3:{mallory.peer_id}:".encode() + alice.marker,
-                                      honest_v.model_dump()),
-        "self audit": alice.record(verdicts_key(RUN), f"3:{identities['alice'].peer_id}:".encode() + alice.marker,
-                                   _verdict(identities["alice"], identities["alice"]).model_dump()),
+            verdicts_key(RUN), f"3:{identities['bob'].peer_id}:".encode() + bob.marker, honest_v.model_dump()
+        ),
+        "other audited": alice.record(
+            verdicts_key(RUN), f"3:{mallory.peer_id}:".encode() + alice.marker, honest_v.model_dump()
+        ),
+        "self audit": alice.record(
+            verdicts_key(RUN),
+            f"3:{identities['alice'].peer_id}:".encode() + alice.marker,
+            _verdict(identities["alice"], identities["alice"]).model_dump(),
+        ),
         "garbage bytes": alice.record(commitments_key(RUN), b"3:" + alice.marker, b"\xc1\xff" * 10, raw=True),
     }
     # a third party re-storing alice's signed record under another subkey: the signature no longer matches
@@ -152,9 +209,18 @@ def test_validator_rejects_each_bad_record_with_one_warning_line(identities, cap
     warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(warnings) == len(bad) and all("\n" not in line for line in warnings)  # one line each
     text = "\n".join(warnings)
-    for phrase in ("forged", "replayed", "oversized", "not a valid Commitment", "not a valid AuditVerdict",
-                   "audits itself", "not a canonical RSA public key", "without a subkey", "not msgpack",
-                   "0 owner keys"):
+    for phrase in (
+        "forged",
+        "replayed",
+        "oversized",
+        "not a valid Commitment",
+        "not a valid AuditVerdict",
+        "audits itself",
+        "not a canonical RSA public key",
+        "without a subkey",
+        "not msgpack",
+        "0 owner keys",
+    ):
         assert phrase in text, phrase
 
 
@@ -185,15 +251,25 @@ def swarm(tmp_path: Path, identities):
     as an attacker with modified code would, so everything she stores lands at least in her own storage."""
     nodes: list[hivemind.DHT] = []
     try:
-        first = start_dht(NetworkConfig(client_mode=False), identities["alice"], tmp_path / "alice", run_id=RUN)
+        first = start_dht(
+            NetworkConfig(client_mode=False), identities["alice"], tmp_path / "alice", run_id=RUN
+        )
         nodes.append(first)
         joining = NetworkConfig(client_mode=False, initial_peers=[str(a) for a in first.get_visible_maddrs()])
         nodes.append(start_dht(joining, identities["bob"], tmp_path / "bob", run_id=RUN))
-        nodes.append(bare_dht(initial_peers=first.get_visible_maddrs(),
-                                  record_validators=[RSASignatureValidator(identities["mallory"].private_key)]))
+        nodes.append(
+            bare_dht(
+                initial_peers=first.get_visible_maddrs(),
+                record_validators=[RSASignatureValidator(identities["mallory"].private_key)],
+            )
+        )
         yield {
-            name: Peer(identities[name], dht, CommitmentBoard(dht, RUN, identities[name], ttl=60),
-                       VerdictBoard(dht, RUN, identities[name], ttl=60))
+            name: Peer(
+                identities[name],
+                dht,
+                CommitmentBoard(dht, RUN, identities[name], ttl=60),
+                VerdictBoard(dht, RUN, identities[name], ttl=60),
+            )
             for name, dht in zip(("alice", "bob", "mallory"), nodes)
         }
     finally:
@@ -207,6 +283,7 @@ def _raw_store(peer: Peer, key: str, subkey: bytes | None, value: Any) -> bool:
     return bool(peer.dht.store(key, value, get_dht_time() + 60, subkey=subkey))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_records_round_trip_and_attacks_are_refused_by_nodes_and_readers(swarm, caplog) -> None:
     alice, bob, mallory = swarm["alice"], swarm["bob"], swarm["mallory"]
@@ -227,8 +304,9 @@ def test_records_round_trip_and_attacks_are_refused_by_nodes_and_readers(swarm, 
     assert alice.verdicts.fetch() == [verdict] and alice.verdicts.fetch(3) == [verdict]
     assert alice.verdicts.fetch(4) == []
     # peer statuses on the same guarded nodes are unaffected
-    status = PeerStatus(peer_id=str(alice.identity.peer_id), name="a", epoch=3, state_hash="h", ready_epoch=-1,
-                        samples=1)
+    status = PeerStatus(
+        peer_id=str(alice.identity.peer_id), name="a", epoch=3, state_hash="h", ready_epoch=-1, samples=1
+    )
     assert StatusBoard(alice.dht, RUN, alice.identity, ttl=60).publish(status)
     assert StatusBoard(bob.dht, RUN, bob.identity, ttl=60).fetch()[str(alice.identity.peer_id)] == status
 
@@ -241,26 +319,49 @@ def test_records_round_trip_and_attacks_are_refused_by_nodes_and_readers(swarm, 
         alice.verdicts.publish(_verdict(alice.identity, alice.identity))
     # a guarded node refuses to store even its own peer's bad record (checked with the storage below; the value
     # store() returns is the status of whichever replica answered last, and mallory's node accepts anything)
-    _raw_store(bob, commitments_key(RUN), b"4:" + bob.commitments.marker, _commitment(bob.identity).model_dump())
+    _raw_store(
+        bob, commitments_key(RUN), b"4:" + bob.commitments.marker, _commitment(bob.identity).model_dump()
+    )
 
     # mallory's attacks, each signed with her own key under her own owner marker
     m = mallory.commitments.marker
     honest_m = _commitment(mallory.identity).model_dump()
     attacks = [
         (commitments_key(RUN), b"5:" + m, _commitment(alice.identity, epoch=5).model_dump()),  # forged
-        (commitments_key(RUN), b"6:" + m, {"peer_id": str(mallory.identity.peer_id), "epoch": 6}),  # malformed
+        # malformed
+        (
+            commitments_key(RUN),
+            b"6:" + m,
+            {"peer_id": str(mallory.identity.peer_id), "epoch": 6},
+        ),
         (commitments_key(RUN), b"7:" + m, honest_m | {"epoch": 7, "samples": "many"}),  # wrong type
         (commitments_key(RUN), b"8:" + m, honest_m | {"epoch": 8, "state_hash": "x" * 3 * MAX_RECORD_BYTES}),
         (commitments_key(RUN), b"4:" + m, honest_m),  # her epoch-3 commitment replayed for epoch 4
         (commitments_key(RUN), b"3:" + m, ["not", "a", "dict"]),  # overwrite her own epoch 3 with junk
-        (verdicts_key(RUN), f"3:{alice.identity.peer_id}:".encode() + m,
-         _verdict(bob.identity, alice.identity, verdict="gradient_mismatch").model_dump()),  # claims bob audited
-        (verdicts_key(RUN), f"3:{bob.identity.peer_id}:".encode() + m,
-         _verdict(mallory.identity, bob.identity).model_dump() | {"error": math.nan}),  # NaN error
-        (verdicts_key(RUN), f"4:{alice.identity.peer_id}:".encode() + m,
-         _verdict(mallory.identity, alice.identity, verdict="gradient_mismatch").model_dump()),  # replayed epoch
-        (verdicts_key(RUN), f"3:{mallory.identity.peer_id}:".encode() + m,
-         _verdict(mallory.identity, mallory.identity).model_dump()),  # self-audit
+        # claims bob audited
+        (
+            verdicts_key(RUN),
+            f"3:{alice.identity.peer_id}:".encode() + m,
+            _verdict(bob.identity, alice.identity, verdict="gradient_mismatch").model_dump(),
+        ),
+        # NaN error
+        (
+            verdicts_key(RUN),
+            f"3:{bob.identity.peer_id}:".encode() + m,
+            _verdict(mallory.identity, bob.identity).model_dump() | {"error": math.nan},
+        ),
+        # replayed epoch
+        (
+            verdicts_key(RUN),
+            f"4:{alice.identity.peer_id}:".encode() + m,
+            _verdict(mallory.identity, alice.identity, verdict="gradient_mismatch").model_dump(),
+        ),
+        # self-audit
+        (
+            verdicts_key(RUN),
+            f"3:{mallory.identity.peer_id}:".encode() + m,
+            _verdict(mallory.identity, mallory.identity).model_dump(),
+        ),
     ]
     for key, subkey, value in attacks:
         _raw_store(mallory, key, subkey, value)  # her own node may accept; the guarded ones must not

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROJECT_ROOT, clean_env, read_json, read_metrics
+from tests.conftest import clean_env, local_argv, read_json, read_metrics, run_swarm
+
+pytestmark = pytest.mark.e2e
 
 PEERS = 4
 EPOCHS = 5
@@ -19,20 +20,25 @@ EPOCHS = 5
 # and a gradient sent into averaging that is not the committed one
 FAMILIES = ["sign_flip", "wrong_data", "forged_rewards", "lower_precision", "send_mismatch"]
 SMALL_AND_AUDITED = [
-    "training.prompts_per_round=4", "training.num_generations=4",
-    "verify.audit_probability=1.0", "verify.recheck_auditors=2",
-    "averaging.peer_timeout=8", "averaging.round_timeout=40",
+    "training.prompts_per_round=4",
+    "training.num_generations=4",
+    "verify.audit_probability=1.0",
+    "verify.recheck_auditors=2",
+    "averaging.peer_timeout=8",
+    "averaging.round_timeout=40",
 ]
 
+# for the runs with a peer that announces a far-ahead epoch (see test_a_peer_announcing_a_far_ahead_epoch_...)
+LIAR_ROUND_TIMEOUT = "averaging.round_timeout=15"
 
-def run_swarm(root: Path, attack: str | None) -> tuple[dict[str, dict], subprocess.CompletedProcess]:
-    """Run ``swarm local`` with ``verify.attack`` (applied to the last peer); peers' summaries by directory name."""
-    overrides = [*SMALL_AND_AUDITED, *([f"verify.attack={attack}"] if attack else [])]
-    command = [sys.executable, "-m", "swarm.cli", "local", "--peers", str(PEERS), "--max-epochs", str(EPOCHS),
-               "--plain", "--workdir", str(root), "--timeout", "500"]
-    for override in overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=clean_env(), capture_output=True, text=True, timeout=560)
+
+def run_attack(
+    root: Path, attack: str | None, *settings: str
+) -> tuple[dict[str, dict], subprocess.CompletedProcess]:
+    """Run ``swarm local`` with ``verify.attack`` (applied to the last peer) and ``settings``; peers' summaries by
+    directory name."""
+    overrides = [*SMALL_AND_AUDITED, *([f"verify.attack={attack}"] if attack else []), *settings]
+    result = run_swarm(local_argv(root, PEERS, EPOCHS, overrides, "--timeout", "500"), root, 560, clean_env())
     summaries = {}
     for index in range(PEERS):
         summary = read_json(root / f"peer_{index}" / "summary.json")
@@ -49,7 +55,7 @@ def audit_events(workdir: Path) -> list[dict]:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("attack", FAMILIES)
 def test_cheater_is_caught_and_excluded(tmp_path: Path, attack: str) -> None:
-    summaries, result = run_swarm(tmp_path, attack)
+    summaries, result = run_attack(tmp_path, attack)
     honest = [f"peer_{index}" for index in range(PEERS - 1)]
     cheater = summaries[f"peer_{PEERS - 1}"]["peer_id"]
     honest_ids = {summaries[name]["peer_id"] for name in honest}
@@ -60,22 +66,28 @@ def test_cheater_is_caught_and_excluded(tmp_path: Path, attack: str) -> None:
     for name in honest:
         events = audit_events(tmp_path / name)
         flagged = {event["audited"] for event in events}
-        assert flagged == {cheater}, f"{name} flagged {flagged}, expected only the cheater; log:\n{logs[name][-3000:]}"
+        assert flagged == {cheater}, (
+            f"{name} flagged {flagged}, expected only the cheater; log:\n{logs[name][-3000:]}"
+        )
         status = read_json(tmp_path / name / "status.json")
-        assert status["banned"] == [cheater]
-        assert status["my_audits_failed"] == 0 and status["my_audits_passed"] >= 1  # audited, and passed
-        assert status["audits_done"] >= 1
+        assert status["verify"]["banned"] == [cheater]
+        assert (
+            status["verify"]["my_audits_failed"] == 0 and status["verify"]["my_audits_passed"] >= 1
+        )  # audited, and passed
+        assert status["verify"]["audits_done"] >= 1
         # excluded: once banned, no honest round has the cheater in its group (groups of at most 3)
         banned_at = min(event["epoch"] for event in events)
         later = [record for record in read_metrics(tmp_path / name) if record["epoch"] > banned_at + 1]
         assert later, f"{name}: no rounds after the ban at epoch {banned_at}"
-        assert all(record["group_size"] <= PEERS - 1 for record in later), later
-    assert "CHEATING" in logs[f"peer_{PEERS - 1}"] and "CHEATING" not in "".join(logs[name] for name in honest)
+        assert all(record["swarm"]["group_size"] <= PEERS - 1 for record in later), later
+    assert "CHEATING" in logs[f"peer_{PEERS - 1}"] and "CHEATING" not in "".join(
+        logs[name] for name in honest
+    )
     # no honest peer was ever failed by a majority, on any peer (the cheater's own view included)
     for name in summaries:
-        assert not {event["audited"] for event in audit_events(tmp_path / name)} & honest_ids, logs[name][-3000:]
-
-
+        assert not {event["audited"] for event in audit_events(tmp_path / name)} & honest_ids, logs[name][
+            -3000:
+        ]
 
 
 @pytest.mark.timeout(600)
@@ -83,7 +95,9 @@ def test_a_peer_announcing_a_far_ahead_epoch_is_not_followed(tmp_path: Path) -> 
     """The last peer announces an epoch a million ahead of its own and serves scrambled parameters whose hash
     matches. Peers that followed the highest announced epoch would load them and stop at once; the honest peers
     must train every epoch and end identical, never loading its state."""
-    summaries, result = run_swarm(tmp_path, "epoch_inflation")
+    # the honest peers wait for the liar before their first epoch (it is one of swarm local's peers) and never
+    # count it (it is not at their epoch): a shorter round timeout makes that wait shorter
+    summaries, result = run_attack(tmp_path, "epoch_inflation", LIAR_ROUND_TIMEOUT)
     honest = [f"peer_{index}" for index in range(PEERS - 1)]
     liar = summaries[f"peer_{PEERS - 1}"]["peer_id"]
     logs = {name: (tmp_path / name / "stdout.log").read_text(errors="replace") for name in honest}
@@ -93,4 +107,6 @@ def test_a_peer_announcing_a_far_ahead_epoch_is_not_followed(tmp_path: Path) -> 
         assert f"from {liar}" not in logs[name], logs[name][-3000:]  # never loaded its state
         rounds = read_metrics(tmp_path / name)
         assert {record["epoch"] for record in rounds} == set(range(EPOCHS)), rounds  # one epoch at a time
-        assert sum(record["outcome"] == "averaged" for record in rounds) >= EPOCHS - 2, rounds  # together
+        assert sum(record["swarm"]["outcome"] == "averaged" for record in rounds) >= EPOCHS - 2, (
+            rounds
+        )  # together

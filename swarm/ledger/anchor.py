@@ -14,60 +14,38 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from swarm.errors import UserError
+from swarm.ledger.anchor_types import Anchor, AnchoredRoot, check_root
 from swarm.ledger.entries import LedgerError
 
 if TYPE_CHECKING:
-    from swarm.ledger.config import LedgerConfig
+    from swarm.config import LedgerConfig
+
+__all__ = [
+    "EVM_EXTRA_HINT",
+    "Anchor",
+    "AnchoredRoot",
+    "FileAnchor",
+    "NoneAnchor",
+    "anchor_key",
+    "anchor_meta",
+    "anchored_roots",
+    "make_anchor",
+    "open_anchor",
+]
 
 EVM_EXTRA_HINT = "the evm anchor needs web3: pip install '.[evm]' (or: pip install 'swarm[evm]')"
-
-_ROOT = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class AnchoredRoot:
-    """A root as posted: the ledger ``period`` it covers, the ``root`` (hex), when it was posted (unix seconds)
-    and ``ref``, where to find it (a file line, a transaction hash...)."""
-
-    period: int
-    root: str
-    posted_at: int
-    ref: str
-
-
-@runtime_checkable
-class Anchor(Protocol):
-    """Posts Merkle roots somewhere durable and lists them back."""
-
-    def post(self, root: str, period: int) -> str:
-        """Post ``root`` for ``period``; returns a reference to the posting. Posting the same root for the same
-        period again is a no-op; a different root for an anchored period raises :class:`LedgerError`."""
-        ...
-
-    def roots(self) -> list[AnchoredRoot]:
-        """Every root posted so far, oldest first."""
-        ...
-
-
-def _check(root: str, period: int) -> None:
-    if not isinstance(root, str) or not _ROOT.match(root):
-        raise LedgerError(f"anchor: root {root!r} is not a 64-digit lowercase hex hash")
-    if type(period) is not int or period < 0:
-        raise LedgerError(f"anchor: period must be a non-negative integer, got {period!r}")
 
 
 class NoneAnchor:
     """Anchoring switched off: roots are checked for form and forgotten."""
 
     def post(self, root: str, period: int) -> str:
-        _check(root, period)
+        check_root(root, period)
         return ""
 
     def roots(self) -> list[AnchoredRoot]:
@@ -85,12 +63,14 @@ class FileAnchor:
         self.path = Path(path)
 
     def post(self, root: str, period: int) -> str:
-        _check(root, period)
+        check_root(root, period)
         for anchored in self.roots():
             if anchored.period == period:
                 if anchored.root == root:
                     return anchored.ref
-                raise LedgerError(f"{self.path}: period {period} is already anchored with root {anchored.root}")
+                raise LedgerError(
+                    f"{self.path}: period {period} is already anchored with root {anchored.root}"
+                )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"period": period, "root": root, "posted_at": int(time.time())}, sort_keys=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -116,16 +96,23 @@ class FileAnchor:
             try:
                 record = json.loads(line)
                 period, root, posted_at = record["period"], record["root"], record["posted_at"]
-                _check(root, period)
+                check_root(root, period)
             except (ValueError, KeyError, TypeError, LedgerError):
                 continue
             found.append(AnchoredRoot(period, root, int(posted_at), f"file:{self.path}#period={period}"))
         return found
 
 
-def make_anchor(kind: str, path: Path | str | None = None, *, rpc_url: str | None = None,
-                contract: str | None = None, private_key: str | None = None, from_block: int = 0,
-                timeout: float = 120.0) -> Anchor:
+def make_anchor(
+    kind: str,
+    path: Path | str | None = None,
+    *,
+    rpc_url: str | None = None,
+    contract: str | None = None,
+    private_key: str | None = None,
+    from_block: int = 0,
+    timeout: float = 120.0,
+) -> Anchor:
     """The anchor adapter named ``kind``: ``none``; ``file`` (needs ``path``); ``evm`` (needs ``rpc_url`` and
     ``contract``; ``private_key`` hex, None for a read-only anchor; ``from_block``, ``timeout``: see
     :class:`~swarm.ledger.evm.EvmAnchor`).
@@ -161,8 +148,9 @@ def anchor_key(settings: LedgerConfig, environ: dict[str, str] | None = None) ->
         try:
             return Path(settings.anchor_key_file).expanduser().read_text().strip()
         except OSError as error:
-            raise LedgerError(f"ledger.anchor_key_file: cannot read {settings.anchor_key_file}: "
-                              f"{error.strerror or error}") from None
+            raise LedgerError(
+                f"ledger.anchor_key_file: cannot read {settings.anchor_key_file}: {error.strerror or error}"
+            ) from None
     value = (os.environ if environ is None else environ).get(settings.anchor_key_env, "").strip()
     return value or None
 
@@ -172,9 +160,14 @@ def open_anchor(settings: LedgerConfig, workdir: Path | str, environ: dict[str, 
     evm anchor posts with :func:`anchor_key`. Raises as :func:`make_anchor`."""
     if settings.anchor != "evm":
         return make_anchor(settings.anchor, settings.anchor_file(Path(workdir)))
-    return make_anchor("evm", rpc_url=settings.anchor_rpc_url, contract=settings.anchor_contract,
-                       private_key=anchor_key(settings, environ), from_block=settings.anchor_from_block,
-                       timeout=settings.anchor_timeout)
+    return make_anchor(
+        "evm",
+        rpc_url=settings.anchor_rpc_url,
+        contract=settings.anchor_contract,
+        private_key=anchor_key(settings, environ),
+        from_block=settings.anchor_from_block,
+        timeout=settings.anchor_timeout,
+    )
 
 
 def anchor_meta(settings: LedgerConfig, workdir: Path | str) -> dict[str, Any]:
@@ -182,8 +175,11 @@ def anchor_meta(settings: LedgerConfig, workdir: Path | str) -> dict[str, Any]:
     and, for ``file``, the path; for ``evm``, the RPC URL, contract and first block. Never a key."""
     meta: dict[str, Any] = {"kind": settings.anchor, "path": str(settings.anchor_file(Path(workdir)))}
     if settings.anchor == "evm":
-        meta.update(rpc_url=settings.anchor_rpc_url, contract=settings.anchor_contract,
-                    from_block=settings.anchor_from_block)
+        meta.update(
+            rpc_url=settings.anchor_rpc_url,
+            contract=settings.anchor_contract,
+            from_block=settings.anchor_from_block,
+        )
     return meta
 
 
@@ -198,8 +194,12 @@ def anchored_roots(meta: dict[str, Any]) -> dict[int, str]:
     if kind == "file" and meta.get("path"):
         anchor: Anchor = FileAnchor(meta["path"])
     elif kind == "evm":
-        anchor = make_anchor("evm", rpc_url=meta.get("rpc_url"), contract=meta.get("contract"),
-                             from_block=int(meta.get("from_block") or 0))
+        anchor = make_anchor(
+            "evm",
+            rpc_url=meta.get("rpc_url"),
+            contract=meta.get("contract"),
+            from_block=int(meta.get("from_block") or 0),
+        )
     else:
         return {}
     return {anchored.period: anchored.root for anchored in anchor.roots()}

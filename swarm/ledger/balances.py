@@ -20,7 +20,10 @@ The rules (all amounts in micro-credits, 1 credit = 1_000_000):
   ``slash_quorum`` distinct auditors (other than S) wrote a slash for (S, c) — each auditor that failed the audit
   writes one, so no single peer can slash another — and those slashers outnumber the auditors that audited c and
   passed it (an audit entry without a slash) together with S itself, so colluders failing an honest contribution
-  slash nobody unless they outnumber the rest of its round (a disputed failure is replayed by the whole round). S then loses ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit
+  slash nobody unless they outnumber the rest of its round (a disputed failure is replayed by the whole round).
+  Slashes are decided epoch by epoch, and a peer with a counted slash at an earlier epoch neither slashes nor
+  passes from then on (the honest peers banned it), so colluders caught once cannot slash an honest peer in a
+  later round in which they outnumber it (one that had not banned them yet). S then loses ``slash_amount + n × slash_per_sample``, final at once, and the contribution credit
   for c (if any) is void. A false accuser (an auditor whose failure the weighted re-check refuted) is slashed the
   same way, on its own commitment of that round, by every peer that saw the refutation.
   Deterrence: with audit probability p, cheating on n samples costs more than it gains when
@@ -66,10 +69,20 @@ class Rules:
 
     def __post_init__(self) -> None:
         if type(self.require_attestation) is not bool:
-            raise ValueError(f"ledger rule require_attestation must be a bool, got {self.require_attestation!r}")
+            raise ValueError(
+                f"ledger rule require_attestation must be a bool, got {self.require_attestation!r}"
+            )
         if type(self.slash_quorum) is not int or self.slash_quorum < 1:
-            raise ValueError(f"ledger rule slash_quorum must be a positive integer, got {self.slash_quorum!r}")
-        for name in ("credit_per_sample", "audit_credit", "slash_amount", "slash_per_sample", "provisional_epochs"):
+            raise ValueError(
+                f"ledger rule slash_quorum must be a positive integer, got {self.slash_quorum!r}"
+            )
+        for name in (
+            "credit_per_sample",
+            "audit_credit",
+            "slash_amount",
+            "slash_per_sample",
+            "provisional_epochs",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"ledger rule {name} must be a non-negative integer, got {value!r}")
@@ -118,7 +131,9 @@ def ledger_epoch(entries: Iterable[LedgerEntry]) -> int:
     return max((entry.epoch for entry in entries if _well_formed(entry)), default=0)
 
 
-def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | None = None) -> dict[str, Balance]:
+def balances(
+    entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | None = None
+) -> dict[str, Balance]:
     """Every peer's :class:`Balance` (keys sorted by peer id) under ``rules`` at ``current_epoch`` (default: the
     ledger's own clock, :func:`ledger_epoch`); see the module docstring for the rules. A pure function of the *set*
     of entries (and ``current_epoch``)."""
@@ -128,7 +143,9 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | 
     everything = sorted({entry for entry in entries if _well_formed(entry)}, key=lambda e: e.hash)
     attested: dict[tuple[int, str], set[str]] = {}  # (epoch, commitment) -> the peers that attested it
     slashers: dict[tuple[str, str], set[str]] = {}
-    auditors: dict[tuple[str, str], set[str]] = {}  # (subject, commitment) -> every peer that wrote an audit of it
+    auditors: dict[
+        tuple[str, str], set[str]
+    ] = {}  # (subject, commitment) -> every peer that wrote an audit of it
     for entry in everything:
         if entry.kind == "contribution":
             for ref in entry.refs[1:]:
@@ -144,13 +161,29 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | 
         return bool(attested.get((entry.epoch, entry.refs[0]), set()) - {entry.subject})
 
     unique = [entry for entry in _unique(everything) if entry.kind == "ban" or exists(entry)]
-    def counted(key: tuple[str, str]) -> bool:  # a quorum of slashers outnumbering the passers and the subject
-        against = slashers[key] - {key[0]}
-        passed = auditors.get(key, set()) - slashers[key] - {key[0]}
+
+    def counted(key: tuple[str, str], disqualified: set[str]) -> bool:
+        """A quorum of slashers outnumbering the passers and the subject, none of them slashed earlier."""
+        against = slashers[key] - {key[0]} - disqualified
+        passed = auditors.get(key, set()) - slashers[key] - {key[0]} - disqualified
         return len(against) >= rules.slash_quorum and len(against) > len(passed) + 1
 
-    slashed = {(e.subject, e.refs[0]) for e in unique if e.kind == "slash" and counted((e.subject, e.refs[0]))}
-    slashed_peers = {subject for subject, _ in slashed}
+    # epoch by epoch: a peer with a counted slash at an epoch before e no longer counts as a slasher or a passer
+    # at e (honest peers had banned it), so colluders caught once cannot slash an honest peer later
+    slash_epochs: dict[tuple[str, str], int] = {}
+    for entry in unique:
+        if entry.kind == "slash":
+            key = (entry.subject, entry.refs[0])
+            slash_epochs[key] = min(entry.epoch, slash_epochs.get(key, entry.epoch))
+    slashed: set[tuple[str, str]] = set()
+    slashed_since: dict[str, int] = {}
+    for epoch in sorted(set(slash_epochs.values())):
+        disqualified = {peer for peer, since in slashed_since.items() if since < epoch}
+        now = {key for key, at in slash_epochs.items() if at == epoch and counted(key, disqualified)}
+        slashed |= now
+        for subject, _ in now:
+            slashed_since.setdefault(subject, epoch)
+    slashed_peers = set(slashed_since)
     banned_at: dict[str, int] = {}
     for entry in unique:
         if entry.kind == "ban" and entry.subject in slashed_peers:
@@ -182,6 +215,8 @@ def balances(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int | 
             sources[entry.subject]["penalties"] += penalty
     peers = sorted({entry.author if entry.kind == "audit" else entry.subject for entry in unique})
     return {
-        peer: Balance(final.get(peer, 0), provisional.get(peer, 0), peer in banned_at, **sources.get(peer, {}))
+        peer: Balance(
+            final.get(peer, 0), provisional.get(peer, 0), peer in banned_at, **sources.get(peer, {})
+        )
         for peer in peers
     }

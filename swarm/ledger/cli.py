@@ -35,7 +35,9 @@ def add_ledger_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     balance = command("balance", help="balances in credits (all peers, or one)")
     balance.add_argument("peer", nargs="?", help="peer id or peer name")
-    balance.add_argument("--epoch", type=int, help="current epoch for provisional credit (default: latest in ledger)")
+    balance.add_argument(
+        "--epoch", type=int, help="current epoch for provisional credit (default: latest in ledger)"
+    )
     balance.add_argument("--json", action="store_true", help="print JSON (micro-credits)")
     command("show", help="list every entry")
     command("verify", help="check every hash, signature and chain; exit 1 naming the first bad entry")
@@ -44,7 +46,9 @@ def add_ledger_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     export.add_argument("--output", type=Path, help="write here instead of stdout")
     proof = command("proof", help="Merkle inclusion proof of a peer's balance (JSON)")
     proof.add_argument("peer", help="peer id or peer name")
-    proof.add_argument("--epoch", type=int, help="current epoch for provisional credit (default: latest in ledger)")
+    proof.add_argument(
+        "--epoch", type=int, help="current epoch for provisional credit (default: latest in ledger)"
+    )
     return ledger
 
 
@@ -96,7 +100,9 @@ def _resolve(peer: str, known: list[str]) -> str:
     named = [p for p in known if peer_name(p) == peer]
     if len(named) == 1:
         return named[0]
-    raise UserError(f"peer {peer!r} has no balance in this ledger" if not named else f"name {peer!r} is ambiguous")
+    raise UserError(
+        f"peer {peer!r} has no balance in this ledger" if not named else f"name {peer!r} is ambiguous"
+    )
 
 
 def _balances(store: LedgerStore, epoch: int | None):
@@ -115,15 +121,27 @@ def _balance(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
         peer = _resolve(args.peer, list(table))
         table = {peer: table[peer]}
     if args.json:
-        rows = {p: {"final": b.final, "provisional": b.provisional, "banned": b.banned, "work": b.work,
-                    "audits": b.audits, "penalties": b.penalties} for p, b in table.items()}
+        rows = {
+            p: {
+                "final": b.final,
+                "provisional": b.provisional,
+                "banned": b.banned,
+                "work": b.work,
+                "audits": b.audits,
+                "penalties": b.penalties,
+            }
+            for p, b in table.items()
+        }
         print(json.dumps(rows, indent=2, sort_keys=True), file=out)
         return 0
     print(f"{'peer':<54} {'name':<26} {'final':>16} {'provisional':>16}", file=out)
     for peer, balance in table.items():
         flag = "  BANNED" if balance.banned else ""
-        print(f"{peer:<54} {peer_name(peer):<26} {credits(balance.final):>16} "
-              f"{credits(balance.provisional):>16}{flag}", file=out)
+        print(
+            f"{peer:<54} {peer_name(peer):<26} {credits(balance.final):>16} "
+            f"{credits(balance.provisional):>16}{flag}",
+            file=out,
+        )
     return 0
 
 
@@ -132,8 +150,11 @@ def _show(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
 
     for e in store.entries():
         ref = e.refs[0][:12] if e.refs else "-"
-        print(f"{e.hash[:12]} {peer_name(e.author):<26} #{e.seq:<4} {e.kind:<12} subject={peer_name(e.subject)} "
-              f"epoch={e.epoch} samples={e.samples} tokens={e.tokens} ref={ref}", file=out)
+        print(
+            f"{e.hash[:12]} {peer_name(e.author):<26} #{e.seq:<4} {e.kind:<12} subject={peer_name(e.subject)} "
+            f"epoch={e.epoch} samples={e.samples} tokens={e.tokens} ref={ref}",
+            file=out,
+        )
     return 0
 
 
@@ -153,14 +174,31 @@ def _verify(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-_COLUMNS = ("hash", "kind", "author", "seq", "prev_hash", "subject", "epoch", "samples", "tokens", "credit",
-            "refs", "created_at", "author_public_key", "signature")
+_COLUMNS = (
+    "hash",
+    "kind",
+    "author",
+    "seq",
+    "prev_hash",
+    "subject",
+    "epoch",
+    "samples",
+    "tokens",
+    "credit",
+    "refs",
+    "created_at",
+    "author_public_key",
+    "signature",
+)
 
 
 def _row(entry: LedgerEntry) -> dict[str, object]:
     row = {name: getattr(entry, name) for name in _COLUMNS}
-    row.update(refs=" ".join(entry.refs), author_public_key=entry.author_public_key.decode("ascii"),
-               signature=entry.signature.decode("ascii", errors="replace"))
+    row.update(
+        refs=" ".join(entry.refs),
+        author_public_key=entry.author_public_key.decode("ascii"),
+        signature=entry.signature.decode("ascii", errors="replace"),
+    )
     return row
 
 
@@ -188,9 +226,13 @@ def _proof(store: LedgerStore, args: argparse.Namespace, out: TextIO) -> int:
     peer = _resolve(args.peer, list(table))
     tree = MerkleTree(table)
     document = {
-        "peer": peer, "final": table[peer].final, "provisional": table[peer].provisional,
-        "epoch": _current(store.entries(), args.epoch), "root": tree.root,
-        "leaf": tree.leaf(peer).decode(), "proof": [list(step) for step in tree.proof(peer)],
+        "peer": peer,
+        "final": table[peer].final,
+        "provisional": table[peer].provisional,
+        "epoch": _current(store.entries(), args.epoch),
+        "root": tree.root,
+        "leaf": tree.leaf(peer).decode(),
+        "proof": [list(step) for step in tree.proof(peer)],
     }
     print(json.dumps(document, indent=2), file=out)
     return 0

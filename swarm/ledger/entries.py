@@ -35,8 +35,18 @@ _HEX = re.compile(r"^[0-9a-f]{1,128}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _INT_BOUND = 2**62  # every integer stays exact in SQLite, JSON parsers and sums of many entries
 _FIELDS = (
-    "kind", "author", "author_public_key", "seq", "prev_hash", "subject", "epoch",
-    "samples", "tokens", "credit", "refs", "created_at",
+    "kind",
+    "author",
+    "author_public_key",
+    "seq",
+    "prev_hash",
+    "subject",
+    "epoch",
+    "samples",
+    "tokens",
+    "credit",
+    "refs",
+    "created_at",
 )
 
 
@@ -170,7 +180,9 @@ class LedgerEntry:
             payload["author_public_key"] = payload["author_public_key"].encode("ascii")
             payload["refs"] = tuple(payload["refs"])
         except (ValueError, UnicodeError) as error:  # JSONDecodeError is a ValueError
-            raise LedgerError(f"undecodable ledger entry sha256 {hashlib.sha256(data).hexdigest()}: {error}") from None
+            raise LedgerError(
+                f"undecodable ledger entry sha256 {hashlib.sha256(data).hexdigest()}: {error}"
+            ) from None
         entry = cls(**payload, signature=signature)
         if entry.canonical_bytes() != data:
             raise LedgerError(f"ledger entry {hashlib.sha256(data).hexdigest()} is not in canonical form")
@@ -179,15 +191,37 @@ class LedgerEntry:
     # --- signing ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, identity: Identity, *, kind: str, seq: int, prev_hash: str, subject: str, epoch: int,
-               samples: int = 0, tokens: int = 0, credit: int = 0, refs: tuple[str, ...] | list[str] = (),
-               created_at: int | None = None) -> LedgerEntry:
+    def create(
+        cls,
+        identity: Identity,
+        *,
+        kind: str,
+        seq: int,
+        prev_hash: str,
+        subject: str,
+        epoch: int,
+        samples: int = 0,
+        tokens: int = 0,
+        credit: int = 0,
+        refs: tuple[str, ...] | list[str] = (),
+        created_at: int | None = None,
+    ) -> LedgerEntry:
         """A new entry written and signed by ``identity``; ``created_at`` defaults to now."""
         public_key = identity.private_key.get_public_key().to_bytes()
-        entry = cls(kind=kind, author=str(identity.peer_id), author_public_key=public_key, seq=seq,
-                    prev_hash=prev_hash, subject=subject, epoch=epoch, samples=samples, tokens=tokens,
-                    credit=credit, refs=tuple(refs),
-                    created_at=int(time.time()) if created_at is None else created_at)
+        entry = cls(
+            kind=kind,
+            author=str(identity.peer_id),
+            author_public_key=public_key,
+            seq=seq,
+            prev_hash=prev_hash,
+            subject=subject,
+            epoch=epoch,
+            samples=samples,
+            tokens=tokens,
+            credit=credit,
+            refs=tuple(refs),
+            created_at=int(time.time()) if created_at is None else created_at,
+        )
         return replace(entry, signature=identity.private_key.sign(entry.canonical_bytes()))
 
     def verify(self) -> None:
@@ -230,9 +264,13 @@ class LedgerEntry:
 
         what = "contribution" if self.kind == "contribution" else "audited contribution"
         if commitment is None:
-            raise LedgerError(f"{self.describe()}: {what} does not exist — no commitment with digest {self.refs[0]}")
+            raise LedgerError(
+                f"{self.describe()}: {what} does not exist — no commitment with digest {self.refs[0]}"
+            )
         if hashlib.sha256(commitment).hexdigest() != self.refs[0]:
-            raise LedgerError(f"{self.describe()}: {what} does not exist — the commitment given is not {self.refs[0]}")
+            raise LedgerError(
+                f"{self.describe()}: {what} does not exist — the commitment given is not {self.refs[0]}"
+            )
         try:
             parsed = Commitment.model_validate_json(commitment)
         except ValueError as error:
@@ -246,8 +284,10 @@ class LedgerEntry:
             expected["tokens"] = self.tokens
         for name, value in expected.items():
             if getattr(parsed, name) != value:
-                raise LedgerError(f"{self.describe()}: says {name}={value!r} but commitment {self.refs[0]} has "
-                                  f"{getattr(parsed, name)!r}")
+                raise LedgerError(
+                    f"{self.describe()}: says {name}={value!r} but commitment {self.refs[0]} has "
+                    f"{getattr(parsed, name)!r}"
+                )
 
     def describe(self) -> str:
         """``entry <hash> (kind, author <id> seq <n>)``: how every error names an entry."""

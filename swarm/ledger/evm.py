@@ -36,7 +36,7 @@ from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.exceptions import TimeExhausted
 
-from swarm.ledger.anchor import AnchoredRoot, _check
+from swarm.ledger.anchor_types import AnchoredRoot, check_root
 from swarm.ledger.entries import LedgerError
 
 # ---- the contract -----------------------------------------------------------------------------------------------
@@ -197,10 +197,31 @@ end:
 """
 
 _OPCODES = {
-    "STOP": 0x00, "LT": 0x10, "EQ": 0x14, "ISZERO": 0x15, "SHL": 0x1B, "SHR": 0x1C, "SHA3": 0x20,
-    "CALLER": 0x33, "CALLVALUE": 0x34, "CALLDATALOAD": 0x35, "CALLDATASIZE": 0x36, "CODECOPY": 0x39,
-    "TIMESTAMP": 0x42, "POP": 0x50, "MSTORE": 0x52, "SLOAD": 0x54, "SSTORE": 0x55, "JUMP": 0x56, "JUMPI": 0x57,
-    "JUMPDEST": 0x5B, "DUP1": 0x80, "DUP2": 0x81, "LOG2": 0xA2, "RETURN": 0xF3, "REVERT": 0xFD,
+    "STOP": 0x00,
+    "LT": 0x10,
+    "EQ": 0x14,
+    "ISZERO": 0x15,
+    "SHL": 0x1B,
+    "SHR": 0x1C,
+    "SHA3": 0x20,
+    "CALLER": 0x33,
+    "CALLVALUE": 0x34,
+    "CALLDATALOAD": 0x35,
+    "CALLDATASIZE": 0x36,
+    "CODECOPY": 0x39,
+    "TIMESTAMP": 0x42,
+    "POP": 0x50,
+    "MSTORE": 0x52,
+    "SLOAD": 0x54,
+    "SSTORE": 0x55,
+    "JUMP": 0x56,
+    "JUMPI": 0x57,
+    "JUMPDEST": 0x5B,
+    "DUP1": 0x80,
+    "DUP2": 0x81,
+    "LOG2": 0xA2,
+    "RETURN": 0xF3,
+    "REVERT": 0xFD,
     **{f"PUSH{n}": 0x5F + n for n in range(1, 33)},
 }
 
@@ -258,16 +279,37 @@ INIT: bytes = assemble(INIT_ASM, {"runtime_size": len(RUNTIME)}) + RUNTIME
 """The deployment transaction's data: :data:`INIT_ASM` followed by :data:`RUNTIME`."""
 
 ABI: list[dict[str, Any]] = [
-    {"type": "function", "name": "post", "stateMutability": "nonpayable", "outputs": [],
-     "inputs": [{"name": "period", "type": "uint256"}, {"name": "root", "type": "bytes32"}]},
-    {"type": "function", "name": "rootOf", "stateMutability": "view",
-     "inputs": [{"name": "period", "type": "uint256"}], "outputs": [{"name": "", "type": "bytes32"}]},
-    {"type": "function", "name": "owner", "stateMutability": "view", "inputs": [],
-     "outputs": [{"name": "", "type": "address"}]},
-    {"type": "event", "name": "Anchored", "anonymous": False,
-     "inputs": [{"name": "period", "type": "uint256", "indexed": True},
-                {"name": "root", "type": "bytes32", "indexed": False},
-                {"name": "timestamp", "type": "uint256", "indexed": False}]},
+    {
+        "type": "function",
+        "name": "post",
+        "stateMutability": "nonpayable",
+        "outputs": [],
+        "inputs": [{"name": "period", "type": "uint256"}, {"name": "root", "type": "bytes32"}],
+    },
+    {
+        "type": "function",
+        "name": "rootOf",
+        "stateMutability": "view",
+        "inputs": [{"name": "period", "type": "uint256"}],
+        "outputs": [{"name": "", "type": "bytes32"}],
+    },
+    {
+        "type": "function",
+        "name": "owner",
+        "stateMutability": "view",
+        "inputs": [],
+        "outputs": [{"name": "", "type": "address"}],
+    },
+    {
+        "type": "event",
+        "name": "Anchored",
+        "anonymous": False,
+        "inputs": [
+            {"name": "period", "type": "uint256", "indexed": True},
+            {"name": "root", "type": "bytes32", "indexed": False},
+            {"name": "timestamp", "type": "uint256", "indexed": False},
+        ],
+    },
     {"type": "error", "name": "NotOwner", "inputs": []},
     {"type": "error", "name": "AlreadyAnchored", "inputs": []},
     {"type": "error", "name": "BadCall", "inputs": []},
@@ -336,7 +378,9 @@ def _transact(web3: Web3, account: Sender, tx: dict[str, Any], timeout: float) -
             tx_hash = web3.eth.send_raw_transaction(signed.raw_transaction)
         receipt = web3.eth.wait_for_transaction_receipt(tx_hash, timeout=timeout)
     except TimeExhausted:
-        raise LedgerError(f"evm anchor: no receipt within {timeout:.0f}s (the transaction may still be mined)") from None
+        raise LedgerError(
+            f"evm anchor: no receipt within {timeout:.0f}s (the transaction may still be mined)"
+        ) from None
     except Exception as error:  # noqa: BLE001 - providers raise their own types (web3, eth-tester, OSError...)
         reason = revert_reason(error)
         if reason is not None:
@@ -401,8 +445,15 @@ class EvmAnchor:
     :raises LedgerError: when the node is unreachable or ``contract`` holds other code
     """
 
-    def __init__(self, web3: Web3, contract: str, account: Sender | None = None, *, from_block: int = 0,
-                 timeout: float = 120.0):
+    def __init__(
+        self,
+        web3: Web3,
+        contract: str,
+        account: Sender | None = None,
+        *,
+        from_block: int = 0,
+        timeout: float = 120.0,
+    ):
         self.web3, self.account, self.from_block, self.timeout = web3, account, from_block, timeout
         try:
             self.address = to_checksum_address(contract)
@@ -410,13 +461,22 @@ class EvmAnchor:
         except Exception as error:  # noqa: BLE001 - any provider failure
             raise LedgerError(f"evm anchor: cannot read contract {contract!r}: {str(error)[:300]}") from None
         if code != RUNTIME:
-            raise LedgerError(f"evm anchor: {self.address} is not a swarm root registry "
-                              f"({'no code' if not code else 'different code'} there)")
+            raise LedgerError(
+                f"evm anchor: {self.address} is not a swarm root registry "
+                f"({'no code' if not code else 'different code'} there)"
+            )
         self.contract = web3.eth.contract(address=self.address, abi=ABI)
 
     @classmethod
-    def connect(cls, rpc_url: str, contract: str, private_key: str | None = None, *, from_block: int = 0,
-                timeout: float = 120.0) -> EvmAnchor:
+    def connect(
+        cls,
+        rpc_url: str,
+        contract: str,
+        private_key: str | None = None,
+        *,
+        from_block: int = 0,
+        timeout: float = 120.0,
+    ) -> EvmAnchor:
         """An anchor on the node at ``rpc_url`` (``http(s)://`` or ``ws(s)://`` URL, or an IPC socket path),
         posting with ``private_key`` (hex; None: read-only)."""
         if rpc_url.startswith(("http://", "https://")):
@@ -444,20 +504,24 @@ class EvmAnchor:
         :raises LedgerError: a malformed root or period (including period >= 2**256 and the all-zero root), a
             read-only anchor, an account that is not the owner, a period anchored with another root, or a failed
             transaction"""
-        _check(root, period)
+        check_root(root, period)
         if period >= 2**256 or not int(root, 16):
             raise LedgerError(f"evm anchor: cannot anchor root {root} for period {period}")
         existing = self.root_of(period)
         if existing is not None:
             if existing == root:
                 return next((r.ref for r in self.roots() if r.period == period), "")
-            raise LedgerError(f"evm anchor: period {period} is already anchored on {self.address} with root "
-                              f"{existing}; refusing {root}")
+            raise LedgerError(
+                f"evm anchor: period {period} is already anchored on {self.address} with root "
+                f"{existing}; refusing {root}"
+            )
         if self.account is None:
             raise LedgerError("evm anchor: read-only (no private key configured), cannot post")
         sender, owner = _address(self.account), self.owner()
         if sender != owner:
-            raise LedgerError(f"evm anchor: account {sender} cannot post to {self.address}: only its owner {owner} can")
+            raise LedgerError(
+                f"evm anchor: account {sender} cannot post to {self.address}: only its owner {owner} can"
+            )
         data = self.contract.encode_abi("post", args=[period, bytes.fromhex(root)])
         try:
             tx_hash, _ = _transact(self.web3, self.account, {"to": self.address, "data": data}, self.timeout)
@@ -467,25 +531,38 @@ class EvmAnchor:
             if existing == root:
                 return next((r.ref for r in self.roots() if r.period == period), "")
             if existing is not None:
-                raise LedgerError(f"evm anchor: period {period} was anchored on {self.address} with root "
-                                  f"{existing} meanwhile; refusing {root}") from None
+                raise LedgerError(
+                    f"evm anchor: period {period} was anchored on {self.address} with root "
+                    f"{existing} meanwhile; refusing {root}"
+                ) from None
             raise
         return tx_hash
 
     def roots(self) -> list[AnchoredRoot]:
         """Every root the registry holds, oldest first (from its ``Anchored`` events since ``from_block``)."""
-        logs = self._guard(lambda: self.web3.eth.get_logs({
-            "address": self.address, "fromBlock": self.from_block, "toBlock": "latest",
-            "topics": ["0x" + ANCHORED_TOPIC],
-        }))
+        logs = self._guard(
+            lambda: self.web3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": self.from_block,
+                    "toBlock": "latest",
+                    "topics": ["0x" + ANCHORED_TOPIC],
+                }
+            )
+        )
         found = []
         for log in sorted(logs, key=lambda log: (log["blockNumber"], log["logIndex"])):
             topics, data = log["topics"], bytes(log["data"])
             if len(topics) != 2 or len(data) != 64:
                 continue  # cannot come from RUNTIME; ignore rather than trust
-            found.append(AnchoredRoot(period=int.from_bytes(bytes(topics[1]), "big"), root=data[:32].hex(),
-                                      posted_at=int.from_bytes(data[32:], "big"),
-                                      ref="0x" + bytes(log["transactionHash"]).hex()))
+            found.append(
+                AnchoredRoot(
+                    period=int.from_bytes(bytes(topics[1]), "big"),
+                    root=data[:32].hex(),
+                    posted_at=int.from_bytes(data[32:], "big"),
+                    ref="0x" + bytes(log["transactionHash"]).hex(),
+                )
+            )
         return found
 
     def _call(self, function: Any) -> Any:
@@ -495,8 +572,20 @@ class EvmAnchor:
         try:
             return read()
         except Exception as error:  # noqa: BLE001 - any provider failure
-            raise LedgerError(f"evm anchor: {self.address}: {type(error).__name__}: {str(error)[:300]}") from None
+            raise LedgerError(
+                f"evm anchor: {self.address}: {type(error).__name__}: {str(error)[:300]}"
+            ) from None
 
 
-__all__: Sequence[str] = ("ABI", "CODEHASH", "INIT", "RUNTIME", "EvmAnchor", "assemble", "deploy_anchor_contract",
-                          "load_private_key", "period_slot", "revert_reason")
+__all__: Sequence[str] = (
+    "ABI",
+    "CODEHASH",
+    "INIT",
+    "RUNTIME",
+    "EvmAnchor",
+    "assemble",
+    "deploy_anchor_contract",
+    "load_private_key",
+    "period_slot",
+    "revert_reason",
+)

@@ -30,7 +30,9 @@ class _Amounts(Protocol):
 
 def leaf_bytes(peer_id: str, final: int, provisional: int) -> bytes:
     """The bytes a peer's leaf commits to."""
-    return json.dumps([peer_id, int(final), int(provisional)], separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(
+        [peer_id, int(final), int(provisional)], separators=(",", ":"), ensure_ascii=True
+    ).encode()
 
 
 def _leaf_hash(leaf: bytes) -> bytes:

@@ -122,7 +122,8 @@ class LedgerStore:
         position is chosen under the write lock."""
         with self._write_transaction():
             last = self._db.execute(
-                "SELECT seq, hash FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1", (str(identity.peer_id),)
+                "SELECT seq, hash FROM entries WHERE author = ? ORDER BY seq DESC LIMIT 1",
+                (str(identity.peer_id),),
             ).fetchone()
             seq, prev_hash = (0, GENESIS_HASH) if last is None else (last[0] + 1, last[1])
             entry = LedgerEntry.create(identity, seq=seq, prev_hash=prev_hash, **fields)  # type: ignore[arg-type]
@@ -148,22 +149,31 @@ class LedgerStore:
             "SELECT hash FROM entries WHERE author = ? AND seq = ?", (entry.author, entry.seq)
         ).fetchone()
         if taken:
-            raise LedgerError(f"{entry.describe()}: replayed position — the author's seq {entry.seq} is {taken[0]}")
+            raise LedgerError(
+                f"{entry.describe()}: replayed position — the author's seq {entry.seq} is {taken[0]}"
+            )
         if entry.seq > 0:
             previous = self._db.execute(
                 "SELECT hash FROM entries WHERE author = ? AND seq = ?", (entry.author, entry.seq - 1)
             ).fetchone()
             if previous is None:
-                raise LedgerError(f"{entry.describe()}: the author's previous entry (seq {entry.seq - 1}) is missing")
+                raise LedgerError(
+                    f"{entry.describe()}: the author's previous entry (seq {entry.seq - 1}) is missing"
+                )
             if previous[0] != entry.prev_hash:
-                raise LedgerError(f"{entry.describe()}: broken chain — prev_hash is not the author's seq "
-                                  f"{entry.seq - 1} ({previous[0]})")
+                raise LedgerError(
+                    f"{entry.describe()}: broken chain — prev_hash is not the author's seq "
+                    f"{entry.seq - 1} ({previous[0]})"
+                )
         credited = self._db.execute(
-            "SELECT hash FROM entries WHERE author = ? AND idempotency_key = ?", (entry.author, entry.idempotency_key)
+            "SELECT hash FROM entries WHERE author = ? AND idempotency_key = ?",
+            (entry.author, entry.idempotency_key),
         ).fetchone()
         if credited:
-            raise DuplicateCredit(f"{entry.describe()}: duplicate — {entry.idempotency_key} is already "
-                                  f"recorded by entry {credited[0]}")
+            raise DuplicateCredit(
+                f"{entry.describe()}: duplicate — {entry.idempotency_key} is already "
+                f"recorded by entry {credited[0]}"
+            )
         if commitment is None and entry.refs and entry.kind != "ban":
             commitment = self.commitment(entry.refs[0])
         entry.check_references(commitment)
@@ -172,12 +182,20 @@ class LedgerStore:
         self._db.execute(
             "INSERT INTO entries (hash, author, seq, kind, idempotency_key, canonical, signature) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (entry.hash, entry.author, entry.seq, entry.kind, entry.idempotency_key, entry.canonical_bytes(),
-             entry.signature),
+            (
+                entry.hash,
+                entry.author,
+                entry.seq,
+                entry.kind,
+                entry.idempotency_key,
+                entry.canonical_bytes(),
+                entry.signature,
+            ),
         )
         if commitment is not None and entry.kind != "ban":
-            self._db.execute("INSERT OR IGNORE INTO commitments (digest, body) VALUES (?, ?)",
-                             (entry.refs[0], commitment))
+            self._db.execute(
+                "INSERT OR IGNORE INTO commitments (digest, body) VALUES (?, ?)", (entry.refs[0], commitment)
+            )
 
     def commitment(self, digest: str) -> bytes | None:
         """The stored canonical body of the commitment with this digest, or None."""
@@ -200,21 +218,29 @@ class LedgerStore:
 
     def record_root(self, period: int, epoch: int, upto_id: int, root: str, anchor_ref: str) -> None:
         """Remember the root of ``period``: balances at ``epoch`` over the entries with id <= ``upto_id``."""
-        self._db.execute("INSERT OR REPLACE INTO roots (period, epoch, upto_id, root, anchor_ref) VALUES (?, ?, ?, ?, ?)",
-                         (period, epoch, upto_id, root, anchor_ref))
+        self._db.execute(
+            "INSERT OR REPLACE INTO roots (period, epoch, upto_id, root, anchor_ref) VALUES (?, ?, ?, ?, ?)",
+            (period, epoch, upto_id, root, anchor_ref),
+        )
 
     def roots(self) -> list[tuple[int, int, int, str, str]]:
         """(period, epoch, upto_id, root, anchor_ref) of every recorded root, by period."""
-        return list(self._db.execute("SELECT period, epoch, upto_id, root, anchor_ref FROM roots ORDER BY period"))
+        return list(
+            self._db.execute("SELECT period, epoch, upto_id, root, anchor_ref FROM roots ORDER BY period")
+        )
 
     def rows_with_commitments(self, author: str, from_seq: int) -> list[tuple[LedgerEntry, bytes | None]]:
         """``author``'s entries from ``from_seq`` on, by seq, each with the body of the commitment it references."""
         rows = self._db.execute(
             "SELECT e.canonical, e.signature, c.body FROM entries e LEFT JOIN commitments c "
             "ON e.kind != 'ban' AND c.digest = json_extract(e.canonical, '$.refs[0]') "
-            "WHERE e.author = ? AND e.seq >= ? ORDER BY e.seq", (author, from_seq),
+            "WHERE e.author = ? AND e.seq >= ? ORDER BY e.seq",
+            (author, from_seq),
         )
-        return [(LedgerEntry.from_canonical(bytes(a), bytes(b)), None if c is None else bytes(c)) for a, b, c in rows]
+        return [
+            (LedgerEntry.from_canonical(bytes(a), bytes(b)), None if c is None else bytes(c))
+            for a, b, c in rows
+        ]
 
     # --- reading ----------------------------------------------------------------------------------------------
 
@@ -232,8 +258,9 @@ class LedgerStore:
         holding the same entries. Parses without verifying signatures; run :meth:`verify` to check the store."""
         if upto_id is None:
             return [LedgerEntry.from_canonical(bytes(row[5]), bytes(row[6])) for row in self._rows()]
-        rows = self._db.execute("SELECT canonical, signature FROM entries WHERE id <= ? ORDER BY author, seq",
-                                (upto_id,))
+        rows = self._db.execute(
+            "SELECT canonical, signature FROM entries WHERE id <= ? ORDER BY author, seq", (upto_id,)
+        )
         return [LedgerEntry.from_canonical(bytes(a), bytes(b)) for a, b in rows]
 
     def heads(self) -> dict[str, int]:
@@ -264,13 +291,19 @@ class LedgerStore:
                 previous_author, previous_hash, expected_seq = author, GENESIS_HASH, 0
             problem = _row_problem(row, previous_hash, expected_seq, self.commitment)
             if problem:
-                raise LedgerCorrupted(f"bad entry {stored_hash} (author {author} seq {seq}): {problem}",
-                                      stored_hash, author, seq)
+                raise LedgerCorrupted(
+                    f"bad entry {stored_hash} (author {author} seq {seq}): {problem}",
+                    stored_hash,
+                    author,
+                    seq,
+                )
             previous_hash, expected_seq, count = stored_hash, seq + 1, count + 1
         self._verify_roots(anchored or {})
         return count
 
-    def rules(self):  # -> Rules (imported lazily: balances imports nothing from here, but keep the layers flat)
+    def rules(
+        self,
+    ):  # -> Rules (imported lazily: balances imports nothing from here, but keep the layers flat)
         """The credit rules this ledger was written under (stored by the recorder), or the defaults."""
         from swarm.ledger.balances import Rules
 
@@ -285,11 +318,19 @@ class LedgerStore:
         for period, epoch, upto_id, root, _ in self.roots():
             recomputed = MerkleTree(balances(self.entries(upto_id), rules, epoch)).root
             if recomputed != root:
-                raise LedgerCorrupted(f"bad root of period {period}: recorded {root}, but its entries give "
-                                      f"{recomputed}", root, "", period)
+                raise LedgerCorrupted(
+                    f"bad root of period {period}: recorded {root}, but its entries give {recomputed}",
+                    root,
+                    "",
+                    period,
+                )
             if period in anchored and anchored[period] != root:
-                raise LedgerCorrupted(f"bad root of period {period}: the anchor holds {anchored[period]}, this ledger "
-                                      f"{root}", root, "", period)
+                raise LedgerCorrupted(
+                    f"bad root of period {period}: the anchor holds {anchored[period]}, this ledger {root}",
+                    root,
+                    "",
+                    period,
+                )
 
 
 def _row_problem(row: tuple, previous_hash: str, expected_seq: int, commitment) -> str | None:

@@ -43,8 +43,9 @@ def _slashed_by(entries: set[LedgerEntry], rules: Rules, judges: set[str]) -> se
     return slashed
 
 
-def trusted_weights(entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int, roots: Iterable[str],
-                    min_credit: int) -> dict[str, int]:
+def trusted_weights(
+    entries: Iterable[LedgerEntry], rules: Rules, current_epoch: int, roots: Iterable[str], min_credit: int
+) -> dict[str, int]:
     """Peer id → weight in micro-credits, for every trusted peer that earned attested, final credit (roots included,
     possibly with 0); peers that are not trusted are absent. Deterministic in the *set* of entries.
 
@@ -60,11 +61,16 @@ def trusted_weights(entries: Iterable[LedgerEntry], rules: Rules, current_epoch:
         for ref in entry.refs[1:]:
             attesters.setdefault((entry.epoch, ref), set()).add(entry.author)
         if entry.epoch + rules.provisional_epochs <= current_epoch:
-            work.setdefault(entry.subject, {})[(entry.epoch, entry.refs[0])] = entry.samples * rules.credit_per_sample
+            work.setdefault(entry.subject, {})[(entry.epoch, entry.refs[0])] = (
+                entry.samples * rules.credit_per_sample
+            )
 
     def credit(peer: str, trusted: set[str]) -> int:
-        return sum(amount for key, amount in work.get(peer, {}).items()
-                   if (attesters.get(key, set()) - {peer}) & trusted)
+        return sum(
+            amount
+            for key, amount in work.get(peer, {}).items()
+            if (attesters.get(key, set()) - {peer}) & trusted
+        )
 
     def spread(excluded: set[str]) -> set[str]:
         trusted = set(roots) - excluded

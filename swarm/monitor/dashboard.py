@@ -13,9 +13,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from swarm.ledger.balances import Balance
-from swarm.ledger.cli import credits
-from swarm.training.callbacks import SwarmCallback
+from swarm.monitor.callbacks import SwarmCallback
 
 
 @dataclass
@@ -36,10 +34,12 @@ class DashboardState:
     group_size: int = 0
     my_samples: int = 0
     swarm_samples: int = 0
-    last_compute_s: float | None = None  # how long computing the previous epoch took: the ETA of the next averaging
+    # how long computing the previous epoch took: the ETA of the next averaging
+    last_compute_s: float | None = None
     audits: dict[str, int] | None = None  # verification figures (Verifier.figures()); None: verification off
     credit: str | None = None  # this peer's ledger balance, as text; None: ledger off
-    sharing: dict[str, int] | None = None  # rollout sharing figures (RolloutSharing.figures()); None: sharing off
+    # rollout sharing figures (RolloutSharing.figures()); None: sharing off
+    sharing: dict[str, int] | None = None
     held_out: str | None = None  # the last held-out evaluation, as text; None: none yet
 
     def set_phase(self, phase: str) -> None:
@@ -63,8 +63,14 @@ def render(state: DashboardState) -> Table:
         ("epoch", str(state.epoch)),
         ("peers online", str(state.peers_online)),
         ("my samples/s", "…" if state.samples_per_s is None else f"{state.samples_per_s:.1f}"),
-        ("mean reward", "— (SFT round: no rewards)" if state.trainer == "sft" and state.reward is None
-         else "…" if state.reward is None else f"{state.reward:.3f}"),
+        (
+            "mean reward",
+            "— (SFT round: no rewards)"
+            if state.trainer == "sft" and state.reward is None
+            else "…"
+            if state.reward is None
+            else f"{state.reward:.3f}",
+        ),
         ("loss", "…" if state.loss is None else f"{state.loss:.4f}"),
         ("last round", f"{state.last_round} (group of {state.group_size})" if state.last_round else "…"),
         ("samples (mine / swarm)", f"{state.my_samples} / {state.swarm_samples}"),
@@ -78,21 +84,24 @@ def render(state: DashboardState) -> Table:
     return table
 
 
-def format_credit(balance: Balance | None) -> str:
-    """'12.000000 (4.000000 provisional)' — a balance in credits, with the part still inside its audit window."""
-    if balance is None:
-        return "0.000000"
-    text = credits(balance.total)
-    if balance.provisional:
-        text += f" ({credits(balance.provisional)} provisional)"
-    return text + (" · banned" if balance.banned else "")
+def format_credit(ledger: dict) -> str:
+    """'12.000000 (4.000000 provisional)' — this peer's credit (the ``ledger`` group of an epoch's metrics), with the
+    part still inside its audit window."""
+    text = f"{ledger['my_credit']:.6f}"
+    if ledger["my_credit_provisional"]:
+        text += f" ({ledger['my_credit_provisional']:.6f} provisional)"
+    return text + (" · banned" if ledger["banned"] else "")
 
 
 def _sharing_rows(sharing: dict[str, int] | None) -> list[tuple[str, str]]:
     if sharing is None:
         return []
-    return [("shared rollouts (published / used)",
-             f"{sharing['sharing/published_groups']} / {sharing['sharing/used_groups']} groups")]
+    return [
+        (
+            "shared rollouts (published / used)",
+            f"{sharing['published_groups']} / {sharing['used_groups']} groups",
+        )
+    ]
 
 
 def _audit_rows(audits: dict[str, int] | None) -> list[tuple[str, str]]:
@@ -134,8 +143,11 @@ class Dashboard:
 def format_held_out(evaluation: dict) -> str:
     """'epoch 20: greedy reward 0.612 · correct 0.410 · sampled reward 0.550'."""
     figures = evaluation["figures"]
-    greedy = [f"{key.removeprefix('eval/greedy/')} {value:.3f}" for key, value in figures.items()
-              if key.startswith("eval/greedy/")]
+    greedy = [
+        f"{key.removeprefix('eval/greedy/')} {value:.3f}"
+        for key, value in figures.items()
+        if key.startswith("eval/greedy/")
+    ]
     sampled = figures.get("eval/sampled/reward")
     text = f"epoch {evaluation['epoch']}: greedy " + " · ".join(greedy)
     return text + (f" · sampled reward {sampled:.3f}" if sampled is not None else "")
@@ -154,19 +166,18 @@ class DashboardCallback(SwarmCallback):
     def on_eval(self, trainer, evaluation) -> None:
         self.state.held_out = format_held_out(evaluation)
 
-    def on_epoch_end(self, trainer, record) -> None:
-        state = self.state
-        state.epoch = trainer.peer.epoch
-        state.peers_online, state.swarm_samples = trainer.peer.swarm_view()
-        state.my_samples = trainer.peer.samples
-        wall = record.compute_s + record.sync_s
-        state.samples_per_s = record.samples / wall if wall > 0 else None
-        state.reward, state.loss, state.trainer = record.reward, record.loss, record.trainer
-        state.last_round, state.group_size = record.outcome, record.group_size
-        state.last_compute_s = record.compute_s
-        state.audits = trainer.verifier.figures() if trainer.verifier is not None else None
-        mine = trainer.credits().get(trainer.peer.peer_id) if trainer.ledger is not None else None
-        state.credit = None if trainer.ledger is None else format_credit(mine)
-        if state.credit is not None and (mine is None or mine.total == 0) and record.group_size < 2:
+    def on_epoch_end(self, trainer, metrics) -> None:
+        state, train, swarm = self.state, metrics.train, metrics.swarm
+        state.epoch = swarm["epoch"]
+        state.peers_online, state.swarm_samples = swarm["peers_online"], swarm["swarm_samples"]
+        state.my_samples = train["total_samples"]
+        wall = train["compute_s"] + swarm["sync_s"]
+        state.samples_per_s = train["samples"] / wall if wall > 0 else None
+        state.reward, state.loss, state.trainer = train["reward"], train["loss"], train["trainer"]
+        state.last_round, state.group_size = swarm["outcome"], swarm["group_size"]
+        state.last_compute_s = train["compute_s"]
+        state.audits = metrics.verify or None
+        state.credit = format_credit(metrics.ledger) if metrics.ledger else None
+        if state.credit is not None and not metrics.ledger["my_credit"] and swarm["group_size"] < 2:
             state.credit += " (solo: nothing to audit, nothing credited)"
-        state.sharing = trainer.sharing.figures() if trainer.sharing is not None else None
+        state.sharing = metrics.sharing or None

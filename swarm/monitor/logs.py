@@ -50,5 +50,7 @@ def setup_logging(
     transformers.utils.logging.set_verbosity_error()
     hivemind_logger = logging.getLogger("hivemind")
     hivemind_logger.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
-    if level != "debug":  # failed rounds are retried and reported by swarm itself, without hivemind's tracebacks
+    if (
+        level != "debug"
+    ):  # failed rounds are retried and reported by swarm itself, without hivemind's tracebacks
         logging.getLogger("hivemind.averaging").setLevel(logging.CRITICAL)

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 STATUS_FILE = "status.json"
-COMPLETIONS_FILE = "completions.jsonl"  # a few rollouts with their rewards every monitor.completions_every epochs
+# a few rollouts with their rewards every monitor.completions_every epochs
+COMPLETIONS_FILE = "completions.jsonl"
 METRICS_FILE = "metrics.jsonl"  # one JSON object per epoch: reward, loss, outcome, timings, bytes sent
 PEER_SUMMARY_FILE = "summary.json"
-EVALUATIONS_FILE = "evaluations.jsonl"  # one JSON object per held-out evaluation: epoch, samples, time, figures
+# one JSON object per held-out evaluation: epoch, samples, time, figures
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from swarm.config import SwarmConfig
 from swarm.ledger.entries import MICRO
-from swarm.training.callbacks import SwarmCallback
+from swarm.monitor.callbacks import SwarmCallback
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ class RunTracker:
         try:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, **({} if step is None else dict(step=step)))
+            self.run.log(
+                {key: wandb.Table(columns=columns, data=rows)}, **({} if step is None else dict(step=step))
+            )
         except Exception as error:
             logger.warning(f"W&B table logging failed: {error}")
 
@@ -108,29 +110,27 @@ class WandbCallback(SwarmCallback):
     def on_start(self, trainer) -> None:
         self.tracker = RunTracker.start(trainer.config, trainer.identity.name, str(trainer.identity.peer_id))
 
-    def on_epoch_end(self, trainer, record) -> None:
-        peers_online, swarm_samples = trainer.peer.swarm_view()
-        audits = {f"verify/{key}": value for key, value in trainer.verifier.figures().items()} if trainer.verifier else {}
-        balances = trainer.credits()
-        mine = balances.get(trainer.peer.peer_id)
-        ledger = {} if trainer.ledger is None else {
-            "ledger/my_credit": (mine.total if mine else 0) / MICRO,
-            "ledger/my_credit_provisional": (mine.provisional if mine else 0) / MICRO,
-            "ledger/swarm_credit": sum(balance.total for balance in balances.values()) / MICRO,
-        }
-        sharing = trainer.sharing.figures() if trainer.sharing is not None else {}
-        self.tracker.log(
-            dict(record.metrics(), peers_online=peers_online, swarm_samples=swarm_samples, **audits, **ledger,
-                 **sharing),
-            record.epoch,
-        )
+    def on_epoch_end(self, trainer, metrics) -> None:
+        self.tracker.log(metrics.flat(), metrics.epoch)
 
     def on_completions(self, trainer, samples) -> None:
         names = sorted({name for sample in samples for name in sample["rewards"]})
-        rows = [[sample["epoch"], sample["prompt"], sample["completion"], sample["reward"],
-                 *(sample["rewards"].get(name) for name in names)] for sample in samples]
-        self.tracker.log_table("completions", ["epoch", "prompt", "completion", "reward", *names], rows,
-                               step=samples[0]["epoch"] if samples else None)
+        rows = [
+            [
+                sample["epoch"],
+                sample["prompt"],
+                sample["completion"],
+                sample["reward"],
+                *(sample["rewards"].get(name) for name in names),
+            ]
+            for sample in samples
+        ]
+        self.tracker.log_table(
+            "completions",
+            ["epoch", "prompt", "completion", "reward", *names],
+            rows,
+            step=samples[0]["epoch"] if samples else None,
+        )
 
     def on_eval(self, trainer, evaluation) -> None:
         self.tracker.log(evaluation["figures"], evaluation["epoch"])
@@ -138,7 +138,9 @@ class WandbCallback(SwarmCallback):
     def on_end(self, trainer) -> None:
         balances = trainer.credits()
         if balances:
-            rows = [[peer, balance.final / MICRO, balance.provisional / MICRO, balance.banned]
-                    for peer, balance in sorted(balances.items())]
+            rows = [
+                [peer, balance.final / MICRO, balance.provisional / MICRO, balance.banned]
+                for peer, balance in sorted(balances.items())
+            ]
             self.tracker.log_table("credits", ["peer", "final", "provisional", "banned"], rows)
         self.tracker.finish()

@@ -88,8 +88,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         container.return_deltas = False
         my_index = self.ordered_peer_ids.index(self.peer_id)
         # where the parts this peer reduces start in the flattened gradient (parts are consecutive runs of it)
-        self.span_offset = sum(len(part) for index in range(my_index) for part, _ in container._input_parts_by_peer[index])
-        self.received: dict[int, list[torch.Tensor]] = {}  # sender index -> the parts it sent, as decoded here
+        self.span_offset = sum(
+            len(part) for index in range(my_index) for part, _ in container._input_parts_by_peer[index]
+        )
+        self.received: dict[
+            int, list[torch.Tensor]
+        ] = {}  # sender index -> the parts it sent, as decoded here
         self._own_part_compression = [
             container.compression.compress(part, info).compression
             for part, info in list(container._input_parts_by_peer[my_index])[:1]
@@ -128,7 +132,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=min(self.weight, self._weight_caps[sender_index])
+                sender_index,
+                part_index,
+                tensor_part,
+                weight=min(self.weight, self._weight_caps[sender_index]),
             )
             self.tensor_part_container.register_processed_part(
                 peer_index, part_index, self._as_received(averaged_part)
@@ -175,7 +182,9 @@ def round_consensus(keys: Sequence[RoundKey]) -> RoundKey:
     return max(counts, key=lambda key: (counts[key], key[0], _invert(key[1])))
 
 
-def weighted_consensus(keys: Mapping[str, RoundKey | None], weight: Callable[[str], float]) -> RoundKey | None:
+def weighted_consensus(
+    keys: Mapping[str, RoundKey | None], weight: Callable[[str], float]
+) -> RoundKey | None:
     """The (epoch, state hash) that members of the most total ``weight`` announce (peer id -> key); ties as
     :func:`round_consensus`. None when no member with weight announced a key. Members of weight 0 — identities
     nobody vouches for — cannot move it, however many they are."""
@@ -279,14 +288,20 @@ class SwarmAverager(DecentralizedAverager):
         self._state_provider = state_provider
         self.aggregation, self.clip_tau, self.clip_iterations = aggregation, clip_tau, clip_iterations
         self.contributions_dir = None if contributions_dir is None else Path(contributions_dir)
-        self._banned_peers: frozenset[str] = frozenset()  # base58 peer ids; the averager process holds the live set
+        # base58 peer ids; the averager process holds the live set
+        self._banned_peers: frozenset[str] = frozenset()
+        # the only peers matchmaking groups with (base58 ids); None: anyone not banned
+        self._admitted: frozenset[str] | None = None
         self._member_weights: dict[str, float] | None = None  # None: members count as identities
         self.keep_received_epochs = keep_received_epochs
         self.max_weight = max_weight
         self._weight_caps: dict[PeerID, float] = {}
-        self._received: dict[int, tuple[int, dict[str, list[torch.Tensor]]]] = {}  # epoch -> (offset, sender -> parts)
+        self._received: dict[
+            int, tuple[int, dict[str, list[torch.Tensor]]]
+        ] = {}  # epoch -> (offset, sender -> parts)
         self._round_epoch: int | None = None
-        self.bytes_sent = mp.Value(ctypes.c_int64, 0)  # payload bytes sent in all-reduce, shared with the host
+        # payload bytes sent in all-reduce, shared with the host
+        self.bytes_sent = mp.Value(ctypes.c_int64, 0)
         super().__init__(gradient_buffers, dht, **kwargs)
 
     def run(self) -> None:
@@ -297,7 +312,12 @@ class SwarmAverager(DecentralizedAverager):
         """hivemind's registration, with handlers that refuse junk streams in one log line per (kind, source peer)
         and no traceback (:mod:`swarm.network.handlers`); honest calls are served exactly as by hivemind."""
         self.network_input_log = await add_quiet_handlers(
-            self, p2p, wrapper, namespace=namespace, balanced=balanced, log=getattr(self, "network_input_log", None)
+            self,
+            p2p,
+            wrapper,
+            namespace=namespace,
+            balanced=balanced,
+            log=getattr(self, "network_input_log", None),
         )
 
     # ---- bans -------------------------------------------------------------------------------------------------
@@ -321,8 +341,9 @@ class SwarmAverager(DecentralizedAverager):
         return str(peer_id) in self._banned_peers
 
     def _refuses_in_matchmaking(self, peer_id: PeerID) -> bool:
-        """Whether matchmaking keeps ``peer_id`` out (both ways); banned peers by default."""
-        return self._is_banned(peer_id)
+        """Whether matchmaking keeps ``peer_id`` out (both ways): banned peers, and peers not admitted to the next
+        round (:meth:`set_admitted`)."""
+        return self._is_banned(peer_id) or (self._admitted is not None and str(peer_id) not in self._admitted)
 
     def _member_weight(self, peer_id: str) -> float:
         """A group member's say in the group's consensus: 1 each until :meth:`set_member_weights`; then the weight
@@ -335,7 +356,11 @@ class SwarmAverager(DecentralizedAverager):
     def set_member_weights(self, weights: Mapping[str, float]) -> None:
         """The weight of each peer (base58 id) in the next groups' consensus (see :func:`weighted_consensus`);
         the training process computes the same consensus from the same weights after the round."""
-        clean = {str(peer): float(weight) for peer, weight in weights.items() if math.isfinite(weight) and weight > 0}
+        clean = {
+            str(peer): float(weight)
+            for peer, weight in weights.items()
+            if math.isfinite(weight) and weight > 0
+        }
         future = MPFuture()
         self._outer_pipe.send(("_set_member_weights", [], dict(weights=clean, future=future)))
         future.result(timeout=30)
@@ -356,12 +381,25 @@ class SwarmAverager(DecentralizedAverager):
         self._banned_peers = banned
         future.set_result(None)
 
+    def set_admitted(self, peer_ids: Iterable[str] | None) -> None:
+        """The only peers (base58 ids) the next groups may hold besides this one, as leader and as follower; None:
+        anyone not banned. A round's group has a target size: a peer nobody expected in it (its status says another
+        epoch) must not take the place of one that was expected and leave it out of the round."""
+        admitted = None if peer_ids is None else frozenset(str(peer_id) for peer_id in peer_ids)
+        future = MPFuture()
+        self._outer_pipe.send(("_set_admitted", [], dict(admitted=admitted, future=future)))
+        future.result(timeout=30)
+
+    async def _set_admitted(self, admitted: frozenset[str] | None, future: MPFuture) -> None:
+        self._admitted = admitted
+        future.set_result(None)
+
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:
         """Refuse a banned peer (hivemind's follower treats any code but ACCEPTED as a rejection), else hivemind's."""
         if self._refuses_in_matchmaking(context.remote_id):
-            logger.debug(f"Refused a join request from banned peer {context.remote_id}")
+            logger.debug(f"Refused a join request from banned or unexpected peer {context.remote_id}")
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for response in super().rpc_join_group(request, context):
@@ -388,7 +426,9 @@ class SwarmAverager(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         banned = [peer_id for peer_id in group_info.peer_ids if self._is_banned(peer_id)]
         if banned:
-            logger.warning(f"Banned peers {[str(peer) for peer in banned]} are in our group: their input is dropped")
+            logger.warning(
+                f"Banned peers {[str(peer) for peer in banned]} are in our group: their input is dropped"
+            )
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -408,7 +448,9 @@ class SwarmAverager(DecentralizedAverager):
         averaged = [tensor async for tensor in runner]
         failed = runner.tensor_part_container.failed_size
         if failed or len(averaged) != len(tensors):
-            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not reduced")
+            raise AllreduceException(
+                f"{failed} of {runner.tensor_part_container.total_size} values were not reduced"
+            )
         for tensor, value in zip(tensors, averaged):
             tensor.copy_(value)
         self.last_updated = time.time()
@@ -459,7 +501,9 @@ class SwarmAverager(DecentralizedAverager):
         future.set_result(None)
 
     # ---- state ------------------------------------------------------------------------------------------------
-    def download_state(self, peer_id: PeerID, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
+    def download_state(
+        self, peer_id: PeerID, timeout: float
+    ) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """Download the training state of one given peer; None if it does not answer in ``timeout`` seconds."""
         future = MPFuture()
         request = dict(peer_bytes=peer_id.to_bytes(), timeout=timeout, future=future)
@@ -498,7 +542,6 @@ class SwarmAverager(DecentralizedAverager):
             logger.debug(f"Downloading state from {peer_id} failed: {error!r}")
             if not future.done():
                 future.set_result(None)
-
 
     # ---- contributions ----------------------------------------------------------------------------------------
     # hivemind has no generic message for this, so both directions reuse ``averaging_pb2.DownloadData``: the request's
@@ -555,7 +598,10 @@ class SwarmAverager(DecentralizedAverager):
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         future = MPFuture()
         request = dict(
-            peer_bytes=PeerID.from_base58(peer_id).to_bytes(), epoch=epoch, timeout=timeout, max_bytes=max_bytes,
+            peer_bytes=PeerID.from_base58(peer_id).to_bytes(),
+            epoch=epoch,
+            timeout=timeout,
+            max_bytes=max_bytes,
             future=future,
         )
         self._outer_pipe.send(("_download_contribution", [], request))
@@ -592,7 +638,9 @@ class SwarmAverager(DecentralizedAverager):
         finally:
             try:
                 await stream.aclose()
-            except RuntimeError as error:  # as in hivemind's matchmaking: closing a finished stream may complain
+            except (
+                RuntimeError
+            ) as error:  # as in hivemind's matchmaking: closing a finished stream may complain
                 logger.debug(repr(error))
         return b"".join(chunks) if size else None
 
@@ -607,7 +655,9 @@ def quiet_interrupted_steps() -> None:
     default_hook = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if isinstance(unraisable.exc_value, AssertionError) and "attached trigger" in str(unraisable.exc_value):
+        if isinstance(unraisable.exc_value, AssertionError) and "attached trigger" in str(
+            unraisable.exc_value
+        ):
             logger.debug("an averaging step was interrupted before it started")
             return
         default_hook(unraisable)
@@ -618,7 +668,12 @@ def quiet_interrupted_steps() -> None:
 def _declared_weight(gathered: Any, max_weight: float) -> float:
     """The weight a member declared to its group (``samples`` in its gathered metadata), capped; 0 if malformed."""
     samples = gathered.get("samples") if isinstance(gathered, dict) else None
-    if isinstance(samples, bool) or not isinstance(samples, int | float) or not math.isfinite(samples) or samples < 0:
+    if (
+        isinstance(samples, bool)
+        or not isinstance(samples, int | float)
+        or not math.isfinite(samples)
+        or samples < 0
+    ):
         return 0.0
     return float(min(samples, max_weight))
 

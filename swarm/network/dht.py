@@ -66,7 +66,9 @@ def _last_line(error: BaseException) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
-def _start_node(network: NetworkConfig, identity: Identity, validators: list[RecordValidatorBase]) -> SwarmDHT:
+def _start_node(
+    network: NetworkConfig, identity: Identity, validators: list[RecordValidatorBase]
+) -> SwarmDHT:
     dht = SwarmDHT(
         initial_peers=network.initial_peers,
         host_maddrs=network.host_maddrs,
@@ -101,7 +103,9 @@ def check_multiaddrs(addresses: list[str], what: str) -> None:
         try:
             parsed = Multiaddr(address)
         except Exception as error:
-            raise UserError(f"{what}: {address!r} is not a valid multiaddress ({error})", exit_code=2) from None
+            raise UserError(
+                f"{what}: {address!r} is not a valid multiaddress ({error})", exit_code=2
+            ) from None
         if what == "initial peer" and "/p2p/" not in str(parsed):
             raise UserError(f"initial peer: {address!r} lacks the peer id part (/p2p/Qm...)", exit_code=2)
 
@@ -157,20 +161,29 @@ def start_dht(
                 release_ports()
             break
         except Exception as error:  # p2pd reports an unreachable bootstrap peer as a generic daemon error
-            if network.host_maddrs != requested.host_maddrs and "address already in use" in str(error).lower():
-                logger.warning(f"the kept port is in use after all: listening on a random port ({_last_line(error)})")
+            if (
+                network.host_maddrs != requested.host_maddrs
+                and "address already in use" in str(error).lower()
+            ):
+                logger.warning(
+                    f"the kept port is in use after all: listening on a random port ({_last_line(error)})"
+                )
                 network = requested
                 continue
             # a lone node that failed for a reason of its own (a port in use) would fail the same way again
             retry = bool(network.initial_peers) or isinstance(error, StartStalled)
             reason = _last_line(error)[:200]
             if "already taken by another peer" in reason:  # hivemind's identity check: no retry changes that
-                raise UserError(f"the identity {identity.path} is in use by a peer that is running (two peers in one "
-                                f"work directory?): give this peer a work directory of its own with --workdir DIR",
-                                exit_code=2) from None
+                raise UserError(
+                    f"the identity {identity.path} is in use by a peer that is running (two peers in one "
+                    f"work directory?): give this peer a work directory of its own with --workdir DIR",
+                    exit_code=2,
+                ) from None
             if retry and attempt < attempts:
                 what = "join the swarm" if network.initial_peers else "start the DHT node"
-                logger.warning(f"Could not {what} (attempt {attempt}/{attempts}: {reason}), retrying in {delay:.1f}s")
+                logger.warning(
+                    f"Could not {what} (attempt {attempt}/{attempts}: {reason}), retrying in {delay:.1f}s"
+                )
                 time.sleep(delay)
                 delay *= 2
                 continue

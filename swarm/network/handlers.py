@@ -31,7 +31,8 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 32 << 20  # a request frame larger than this is refused unread (all-reduce parts are ~0.5 MiB)
+# a request frame larger than this is refused unread (all-reduce parts are ~0.5 MiB)
+MAX_FRAME_BYTES = 32 << 20
 MAX_PREFETCH = 5  # requests buffered per stream, as hivemind's default
 MAX_LOGGED_SOURCES = 4096  # (kind, peer) pairs remembered; past this, refusals are logged at debug level only
 
@@ -59,8 +60,10 @@ class NetworkInputLog:
         first = pair not in self._seen and len(self._seen) < MAX_LOGGED_SOURCES
         if first:
             self._seen.add(pair)
-        self._logger.log(self._level if first else logging.DEBUG,
-                         f"Refused {kind} from {source}{': ' + detail if detail else ''}")
+        self._logger.log(
+            self._level if first else logging.DEBUG,
+            f"Refused {kind} from {source}{': ' + detail if detail else ''}",
+        )
 
 
 def _one_line(error: BaseException) -> str:
@@ -116,7 +119,9 @@ def quiet_stream_handler(
     refusals (see the module docstring). ``name`` appears in log lines."""
     short = name.rsplit(".", 1)[-1]
 
-    async def handle(stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(
+        stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         source: PeerID = stream_info.peer_id
         context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=source)
         requests: asyncio.Queue = asyncio.Queue(MAX_PREFETCH)
@@ -180,7 +185,12 @@ async def _report(error: BaseException, writer: asyncio.StreamWriter) -> None:
 
 
 async def add_quiet_handlers(
-    servicer: Any, p2p: P2P, wrapper: Any = None, *, namespace: str | None = None, balanced: bool = False,
+    servicer: Any,
+    p2p: P2P,
+    wrapper: Any = None,
+    *,
+    namespace: str | None = None,
+    balanced: bool = False,
     log: NetworkInputLog | None = None,
 ) -> NetworkInputLog:
     """``ServicerBase.add_p2p_handlers`` with :func:`quiet_stream_handler` for every streaming ``rpc_*`` method
@@ -193,10 +203,13 @@ async def add_quiet_handlers(
         name = servicer._get_handle_name(namespace, handler.method_name)
         method = getattr(target, handler.method_name)
         if not handler.stream_input and not handler.stream_output:
-            registrations.append(p2p.add_protobuf_handler(name, method, handler.request_type, balanced=balanced))
+            registrations.append(
+                p2p.add_protobuf_handler(name, method, handler.request_type, balanced=balanced)
+            )
             continue
-        stream_handler = quiet_stream_handler(p2p, name, method, handler.request_type, handler.stream_input,
-                                              handler.stream_output, log)
+        stream_handler = quiet_stream_handler(
+            p2p, name, method, handler.request_type, handler.stream_input, handler.stream_output, log
+        )
         registrations.append(p2p.add_binary_stream_handler(name, stream_handler, balanced=balanced))
     await asyncio.gather(*registrations)
     return log

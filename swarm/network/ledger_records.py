@@ -1,4 +1,4 @@
-"""The ledger's DHT records: how peers publish their ledger entries and pull everybody else's (DESIGN §3 step 8).
+"""The ledger's DHT records: how peers publish their ledger entries and pull everybody else's (docs/design.md §2, step 7).
 
 Layout, all owner-signed (``[owner:...]`` subkeys, so hivemind's ``RSASignatureValidator`` lets only that key write):
 
@@ -78,8 +78,10 @@ def decode_chunk(data: Any) -> list[LedgerItem] | None:
         return None
     if not isinstance(items, list) or len(items) > MAX_CHUNK_ITEMS:
         return None
-    if not all(isinstance(item, list) and len(item) == 3 and all(isinstance(part, bytes) for part in item)
-               for item in items):
+    if not all(
+        isinstance(item, list) and len(item) == 3 and all(isinstance(part, bytes) for part in item)
+        for item in items
+    ):
         return None
     return [tuple(item) for item in items]  # type: ignore[misc]
 
@@ -99,8 +101,9 @@ class LedgerBoard:
         """:raises ValueError: if the head is not this identity's"""
         if head.author != self.peer_id:
             raise ValueError(f"a head of {head.author} cannot be published as {self.peer_id}")
-        return bounded_store(self.dht, heads_key(self.run_id), head.model_dump(), get_dht_time() + self.ttl,
-                             subkey=self.marker)
+        return bounded_store(
+            self.dht, heads_key(self.run_id), head.model_dump(), get_dht_time() + self.ttl, subkey=self.marker
+        )
 
     def publish_chunk(self, first_seq: int, data: bytes) -> bool:
         """Store a chunk (from :func:`encode_chunk`) of this peer's entries starting at ``first_seq``.
@@ -110,12 +113,20 @@ class LedgerBoard:
         if len(data) > MAX_RECORD_BYTES:
             raise ValueError(f"a ledger chunk of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
         subkey = f"{first_seq}:".encode() + self.marker
-        return bounded_store(self.dht, chunks_key(self.run_id, self.peer_id), dict(first_seq=first_seq, data=data),
-                             get_dht_time() + self.ttl, subkey=subkey)
+        return bounded_store(
+            self.dht,
+            chunks_key(self.run_id, self.peer_id),
+            dict(first_seq=first_seq, data=data),
+            get_dht_time() + self.ttl,
+            subkey=subkey,
+        )
 
     def fetch_heads(self) -> dict[str, LedgerHead]:
         """Author -> its head, for heads signed by the author they name; others are dropped."""
-        return {head.author: head for head in owned_records(self.dht, heads_key(self.run_id), LedgerHead, "author")}
+        return {
+            head.author: head
+            for head in owned_records(self.dht, heads_key(self.run_id), LedgerHead, "author")
+        }
 
     def fetch_chunks(self, author: str) -> list[tuple[int, list[LedgerItem]]]:
         """``author``'s chunks as (first seq, items), by first seq: only those its key signed and that decode."""
@@ -127,7 +138,7 @@ class LedgerBoard:
             if type(first_seq) is not int or first_seq < 0 or items is None:
                 logger.debug(f"Dropped a malformed ledger chunk of {author}")
                 continue
-            if subkey != f"{first_seq}:".encode() + subkey[subkey.index(b"[owner:"):]:
+            if subkey != f"{first_seq}:".encode() + subkey[subkey.index(b"[owner:") :]:
                 continue  # signed for another position
             chunks.append((first_seq, items))
         return sorted(chunks, key=lambda chunk: chunk[0])

@@ -92,11 +92,15 @@ def stable_host_maddrs(host_maddrs: list[str], workdir: Path) -> list[str]:
         family = socket.AF_INET6 if "ip6" in protocols else socket.AF_INET
         host = parsed.value_for_protocol("ip6" if family == socket.AF_INET6 else "ip4")
         if chosen is None:
-            candidates = ([kept] if kept is not None else []) + [port for port in DEFAULT_PORTS if port != kept]
+            candidates = ([kept] if kept is not None else []) + [
+                port for port in DEFAULT_PORTS if port != kept
+            ]
             chosen = next((port for port in candidates if _claim(host, port, family)), 0)
             if kept is not None and chosen != kept:
-                logger.warning(f"port {kept} (kept in {kept_file}) is taken: listening on {chosen or 'a random port'}"
-                               " instead; give out the new address")
+                logger.warning(
+                    f"port {kept} (kept in {kept_file}) is taken: listening on {chosen or 'a random port'}"
+                    " instead; give out the new address"
+                )
             if chosen:
                 Path(workdir).mkdir(parents=True, exist_ok=True)
                 kept_file.write_text(f"{chosen}\n")

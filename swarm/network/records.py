@@ -4,7 +4,7 @@ Every record a peer owns sits under a subkey holding its public key (``[owner:..
 ``RSASignatureValidator`` lets only that key write it, and the reader checks that the claimed peer id is the one
 derived from that key. Anything malformed is dropped, never raised: the network is untrusted input.
 
-The verification layer's records (DESIGN §3 steps 4 and 7) are also checked by the DHT nodes that store and
+The verification layer's records (docs/design.md §2, steps 4 and 7) are also checked by the DHT nodes that store and
 return them (:class:`VerificationRecordValidator`, registered by :func:`swarm.network.dht.start_dht`):
 
 * ``<run_id>.commitments``, subkey ``b"<epoch>:[owner:<key>]"``: a :class:`Commitment`, one per (peer, epoch);
@@ -58,7 +58,8 @@ class PeerStatus(BaseModel):
     name: str = Field(max_length=64)
     epoch: int = Field(ge=0)
     state_hash: str = Field(max_length=128)
-    ready_epoch: int = Field(ge=-1)  # the epoch whose gradient this peer has computed and wants to average; -1: busy
+    # the epoch whose gradient this peer has computed and wants to average; -1: busy
+    ready_epoch: int = Field(ge=-1)
     samples: int = Field(ge=0)  # samples this peer contributed since it started
     reward: float | None = None  # mean reward of its last round
     client_mode: bool = False
@@ -97,7 +98,9 @@ class StatusBoard:
         self.subkey = RSASignatureValidator(identity.private_key).local_public_key
 
     def publish(self, status: PeerStatus) -> bool:
-        return bounded_store(self.dht, self.key, status.model_dump(), get_dht_time() + self.ttl, subkey=self.subkey)
+        return bounded_store(
+            self.dht, self.key, status.model_dump(), get_dht_time() + self.ttl, subkey=self.subkey
+        )
 
     def fetch(self) -> dict[str, PeerStatus]:
         """Peers by peer id (this one included once published), including those whose last status says they
@@ -105,7 +108,7 @@ class StatusBoard:
         return {status.peer_id: status for status in owned_records(self.dht, self.key, PeerStatus, "peer_id")}
 
 
-# ---- verification records (DESIGN §3 steps 4 and 7) ---------------------------------------------------------------
+# ---- verification records (docs/design.md §2, steps 4 and 7) ---------------------------------------------------------------
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -122,7 +125,8 @@ class Commitment(BaseModel):
     samples: int = Field(ge=0)
     tokens: int = Field(ge=0)
     rollouts_hash: str = Field(max_length=128)  # sha256 over prompt/completion token ids and claimed rewards
-    gradient_hash: str = Field(max_length=128)  # sha256 over the gradient tensors actually sent into averaging
+    # sha256 over the gradient tensors actually sent into averaging
+    gradient_hash: str = Field(max_length=128)
     precision: Precision
 
     def digest(self) -> str:
@@ -195,7 +199,9 @@ def _short(text: Any, limit: int = 80) -> str:
 _SUBKEY_EPOCH_RE = re.compile(rb"^(\d{1,20}):")
 
 
-def verify_entry(model: type[Commitment] | type[AuditVerdict], subkey: Any, value: Any) -> Commitment | AuditVerdict:
+def verify_entry(
+    model: type[Commitment] | type[AuditVerdict], subkey: Any, value: Any
+) -> Commitment | AuditVerdict:
     """Check one entry of a verification key (deserialized subkey and value, signature already verified and
     stripped) and return the record it holds.
 
@@ -337,11 +343,19 @@ def _bounded(future: Any, timeout: float, kind: str, key: str, late: str) -> tup
 def bounded_get(dht: hivemind.DHT, key: str, timeout: float = READ_TIMEOUT) -> Any:
     """``dht.get(key, latest=True)`` that returns None after ``timeout`` seconds instead of waiting forever (hivemind's
     read never answers when it meets a value it cannot decode), or when the read fails; one log line either way."""
-    return _bounded(dht.get(key, latest=True, return_future=True), timeout, "read", key, "going on without it")[1]
+    return _bounded(
+        dht.get(key, latest=True, return_future=True), timeout, "read", key, "going on without it"
+    )[1]
 
 
-def bounded_store(dht: hivemind.DHT, key: str, value: Any, expiration_time: float, subkey: Any = None,
-                  timeout: float = STORE_TIMEOUT) -> bool:
+def bounded_store(
+    dht: hivemind.DHT,
+    key: str,
+    value: Any,
+    expiration_time: float,
+    subkey: Any = None,
+    timeout: float = STORE_TIMEOUT,
+) -> bool:
     """``dht.store(...)``: False if it was refused, failed or did not answer within ``timeout`` seconds."""
     kwargs = {} if subkey is None else dict(subkey=subkey)
     future = dht.store(key, value, expiration_time, return_future=True, **kwargs)
@@ -369,7 +383,9 @@ def owned_records(dht: hivemind.DHT, key: str, model: type[_Model], owner_field:
             logger.debug(f"Dropped a malformed {model.__name__}")
             continue
         if owner_peer_id(subkey) != getattr(record, owner_field):
-            logger.debug(f"Dropped a {model.__name__} for {getattr(record, owner_field)!r} not signed by its key")
+            logger.debug(
+                f"Dropped a {model.__name__} for {getattr(record, owner_field)!r} not signed by its key"
+            )
             continue
         records.append(record)
     return records
@@ -377,7 +393,11 @@ def owned_records(dht: hivemind.DHT, key: str, model: type[_Model], owner_field:
 
 def _log_dropped(model: type[BaseModel], error: RecordRejected) -> None:
     text = str(error)
-    level = logging.WARNING if text.startswith(("forged", "replayed")) or "audits itself" in text else logging.DEBUG
+    level = (
+        logging.WARNING
+        if text.startswith(("forged", "replayed")) or "audits itself" in text
+        else logging.DEBUG
+    )
     logger.log(level, f"Dropped a {model.__name__}: {text}")
 
 
@@ -406,7 +426,9 @@ class CommitmentBoard:
         if commitment.peer_id != self.peer_id:
             raise ValueError(f"a commitment for {commitment.peer_id} cannot be published as {self.peer_id}")
         subkey = commitment.subkey_prefix() + self.marker
-        return bounded_store(self.dht, self.key, commitment.model_dump(), get_dht_time() + self.ttl, subkey=subkey)
+        return bounded_store(
+            self.dht, self.key, commitment.model_dump(), get_dht_time() + self.ttl, subkey=subkey
+        )
 
     def fetch(self, epoch: int) -> dict[str, Commitment]:
         """Peer id → that peer's commitment for ``epoch`` (this peer's own included once published). Forged,
@@ -449,14 +471,20 @@ class VerdictBoard:
         if verdict.audited == self.peer_id:
             raise ValueError("a peer cannot publish a verdict on itself")
         subkey = verdict.subkey_prefix() + self.marker
-        return bounded_store(self.dht, self.key, verdict.model_dump(), get_dht_time() + self.ttl, subkey=subkey)
+        return bounded_store(
+            self.dht, self.key, verdict.model_dump(), get_dht_time() + self.ttl, subkey=subkey
+        )
 
     def fetch(self, epoch: int | None = None) -> list[AuditVerdict]:
         """Valid verdicts (of ``epoch`` only, unless None), sorted by (epoch, audited, auditor). Forged, replayed
         or malformed entries are dropped and logged, never raised."""
         verdicts = []
         for subkey, value in dict_entries(self.dht, self.key):
-            if epoch is not None and isinstance(subkey, bytes) and not subkey.startswith(f"{epoch}:".encode()):
+            if (
+                epoch is not None
+                and isinstance(subkey, bytes)
+                and not subkey.startswith(f"{epoch}:".encode())
+            ):
                 continue
             try:
                 verdict = verify_entry(AuditVerdict, subkey, value)

@@ -51,7 +51,8 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float, iterat
     for _ in range(iterations):
         diffs = flat - center
         distances = diffs.norm(dim=1)
-        scales = torch.clamp(tau / distances, max=1.0).nan_to_num(nan=1.0)  # a distance of 0 needs no clipping
+        # a distance of 0 needs no clipping
+        scales = torch.clamp(tau / distances, max=1.0).nan_to_num(nan=1.0)
         step = (norm_weights * scales) @ diffs
         if not step.any():
             break
@@ -92,7 +93,9 @@ class SwarmPartReducer(TensorPartReducer):
         check_aggregation(aggregation, clip_tau, clip_iterations)
         self.aggregation, self.clip_tau, self.clip_iterations = aggregation, clip_tau, clip_iterations
         self.ignored_senders = frozenset(ignored_senders)
-        self._received: list[tuple[torch.Tensor, float]] = []  # parts of the current index (centered_clip only)
+        self._received: list[
+            tuple[torch.Tensor, float]
+        ] = []  # parts of the current index (centered_clip only)
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -129,7 +132,9 @@ class SwarmPartReducer(TensorPartReducer):
         while part_index > self.current_part_index:
             await _wait_first(self.current_part_future, self.finished)
             if self.finished.is_set():
-                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+                raise AllreduceException(
+                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
+                )
 
         if self.sender_failed_after[sender_index] != float("inf"):
             raise BannedException(f"sender {sender_index} was banned in background")

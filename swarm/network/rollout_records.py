@@ -70,12 +70,15 @@ class RolloutBoard:
         """Store a signed bundle under ``epoch``'s subkey; False if it is too large or the DHT refused it."""
         compressed = compress_bundle(canonical)
         if len(compressed) > self.max_record_bytes:
-            logger.warning(f"rollout sharing: the epoch {epoch} bundle is {len(compressed)} bytes compressed, over"
-                           f" sharing.max_record_kb; not published")
+            logger.warning(
+                f"rollout sharing: the epoch {epoch} bundle is {len(compressed)} bytes compressed, over"
+                f" sharing.max_record_kb; not published"
+            )
             return False
         value = {"bundle": compressed, "signature": signature}
-        return bounded_store(self.dht, self.key, value, get_dht_time() + self.ttl,
-                             subkey=f"{epoch}:".encode() + self.marker)
+        return bounded_store(
+            self.dht, self.key, value, get_dht_time() + self.ttl, subkey=f"{epoch}:".encode() + self.marker
+        )
 
     def fetch(self, epochs: set[int]) -> list[tuple[str, int, bytes, bytes]]:
         """(owner peer id, epoch, canonical bytes, signature) of every readable bundle published for ``epochs``.

@@ -10,7 +10,6 @@ multiaddrs) through a short-lived client node, before the peer's own node starts
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import hivemind
@@ -46,42 +45,11 @@ class RunBoard:
         self.subkey = RSASignatureValidator(identity.private_key).local_public_key
 
     def publish(self, announcement: RunAnnouncement) -> bool:
-        return bounded_store(self.dht, RUNS_KEY, announcement.model_dump(), get_dht_time() + self.ttl,
-                             subkey=self.subkey)
+        return bounded_store(
+            self.dht, RUNS_KEY, announcement.model_dump(), get_dht_time() + self.ttl, subkey=self.subkey
+        )
 
 
 def fetch_announcements(dht: hivemind.DHT) -> dict[str, RunAnnouncement]:
     """Every peer's announcement by peer id; malformed and forged ones are dropped."""
     return {found.peer_id: found for found in owned_records(dht, RUNS_KEY, RunAnnouncement, "peer_id")}
-
-
-def discover(initial_peers: list[str], timeout: float = 15.0) -> RunAnnouncement | None:
-    """The announcement of the first of ``initial_peers`` that answers with one within ``timeout`` seconds, read
-    through a throwaway client node (its own random key, nothing stored); None when none does (an older peer, or
-    nobody reachable: the peer's own start then says which). An announcement whose fingerprint is not that of
-    its settings is ignored."""
-    from swarm.network.dht import peer_ids_of  # dht imports validation, which imports this module
-    from swarm.network.validation import SwarmRecordValidator
-    from swarm.shared_settings import fingerprint
-
-    wanted = peer_ids_of(initial_peers)
-    if not wanted:
-        return None
-    deadline = time.monotonic() + timeout
-    try:
-        probe = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True,
-                             record_validators=[RSASignatureValidator(), SwarmRecordValidator("swarm-probe")])
-    except Exception as error:
-        logger.debug(f"Could not start a node to read the swarm's settings: {error!r}")
-        return None
-    try:
-        while True:
-            found = fetch_announcements(probe)
-            for peer_id in wanted:
-                if peer_id in found and fingerprint(found[peer_id].settings) == found[peer_id].fingerprint:
-                    return found[peer_id]
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.5)
-    finally:
-        probe.shutdown()

@@ -59,7 +59,9 @@ def _print_task_stacks(signum: int, frame) -> None:
         while awaitable is not None:
             frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
             if frame is not None:
-                lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+                lines.append(
+                    f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}'
+                )
             awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
     print("\n".join(lines), file=sys.stderr, flush=True)
 
@@ -119,7 +121,9 @@ def await_ready(process: BackgroundProcess, timeout: float, what: str) -> None:
                 pass
             kill_process_tree(tree)
             process.join(timeout=5)
-            raise StartStalled(f"the {what} process was not ready after {timeout:.0f}s (its stacks are above)")
+            raise StartStalled(
+                f"the {what} process was not ready after {timeout:.0f}s (its stacks are above)"
+            )
 
 
 def start_in_background(process: Process, timeout: float, what: str) -> Process:

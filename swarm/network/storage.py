@@ -86,8 +86,12 @@ def _drop(storage: TimedStorage, key: Any) -> None:
     storage.key_to_heap.pop(key, None)
 
 
-def sweep_storage(storage: TimedStorage, windows: dict[bytes, int] | None = None, own_marker: bytes | None = None,
-                  now: float | None = None) -> SweepStats:
+def sweep_storage(
+    storage: TimedStorage,
+    windows: dict[bytes, int] | None = None,
+    own_marker: bytes | None = None,
+    now: float | None = None,
+) -> SweepStats:
     """Sweep one ``DHTLocalStorage`` (or cache) in place; see the module docstring.
 
     :param windows: serialized key id (``DHTID.to_bytes()``) -> epochs to keep, for epoch-windowed keys
@@ -210,7 +214,9 @@ async def _install(_dht, node, windows: dict[bytes, int], interval: float) -> bo
     return True
 
 
-def install_sweeper(dht: hivemind.DHT, windows: list[EpochWindow] = (), interval: float = SWEEP_INTERVAL) -> bool:
+def install_sweeper(
+    dht: hivemind.DHT, windows: list[EpochWindow] = (), interval: float = SWEEP_INTERVAL
+) -> bool:
     """Sweep ``dht``'s storage every ``interval`` seconds, in its own process, for as long as it runs. Called again
     on the same node it only adds ``windows``. Returns whether a sweeper was started; never raises (a node that
     cannot be swept still works, it only forgets lazily)."""
@@ -279,8 +285,11 @@ async def _report(_dht, node, names: list[str]) -> StorageReport:
         for key, item in storage.data.items():
             value = item.value
             if isinstance(value, DictionaryDHTValue):
-                figures = KeyFigures(len(value.data), sum(len(s) + len(v.value) for s, v in value.data.items()),
-                                     len(value.expiration_heap))
+                figures = KeyFigures(
+                    len(value.data),
+                    sum(len(s) + len(v.value) for s, v in value.data.items()),
+                    len(value.expiration_heap),
+                )
                 report.heap[label] += figures.heap
             else:
                 figures = KeyFigures(0, len(value) if isinstance(value, bytes) else 0, 0)

@@ -76,7 +76,8 @@ logger = logging.getLogger(__name__)
 MAX_OTHER_BYTES = 64 << 10  # keys nobody in the swarm writes: at most this much per entry
 MAX_AVERAGER_BYTES = 64  # hivemind's matchmaking and state-sharing entries hold a bool or a float
 MAX_GROUP_BITS = 8  # matchmaking keys are known for group bits of up to this length (the swarm uses 8)
-MAX_LEARNT_AUTHORS = 4096  # ledger authors whose chunk key this node remembers (from their heads and statuses)
+# ledger authors whose chunk key this node remembers (from their heads and statuses)
+MAX_LEARNT_AUTHORS = 4096
 _CHUNK_OVERHEAD = 64  # msgpack framing of {"first_seq": int, "data": <= MAX_RECORD_BYTES bytes}
 
 
@@ -92,8 +93,10 @@ class RecordBounds:
     verification: float = 24 * 3600.0  # commitments and verdicts (writers: audit_window * round_timeout * 2)
     rollouts: float = 24 * 3600.0  # (writers: (sharing.max_age_epochs + 1) * round_timeout * 2)
     ledger: float = 8 * 24 * 3600.0  # heads and chunks (writers: ledger.record_ttl, 7 days by default)
-    matchmaking: float = 3600.0  # <avg>.0b... (hivemind: up to the end of a step's search, matchmaking_time * 3)
-    averager_state: float = 3600.0  # <avg>.all_averagers (hivemind: declare_state_period = averaging.peer_timeout)
+    # <avg>.0b... (hivemind: up to the end of a step's search, matchmaking_time * 3)
+    matchmaking: float = 3600.0
+    # <avg>.all_averagers (hivemind: declare_state_period = averaging.peer_timeout)
+    averager_state: float = 3600.0
     clock_slack: float = 120.0
 
     @classmethod
@@ -111,7 +114,9 @@ class RecordBounds:
 
     @property
     def longest(self) -> float:
-        return max(self.status, self.verification, self.rollouts, self.ledger, self.matchmaking, self.averager_state)
+        return max(
+            self.status, self.verification, self.rollouts, self.ledger, self.matchmaking, self.averager_state
+        )
 
 
 class Refused(ValueError):
@@ -190,8 +195,13 @@ class SwarmRecordValidator(RecordValidatorBase):
     :param local_peer_id: this node's own peer id (its ledger chunk key is known from the start)
     """
 
-    def __init__(self, run_id: str, bounds: RecordBounds | None = None, averager_prefix: str | None = None,
-                 local_peer_id: str | None = None):
+    def __init__(
+        self,
+        run_id: str,
+        bounds: RecordBounds | None = None,
+        averager_prefix: str | None = None,
+        local_peer_id: str | None = None,
+    ):
         self.bounds = bounds or RecordBounds()
         self._runs: dict[str, RecordBounds] = {run_id: self.bounds}
         self._specs: dict[bytes, _Spec] = {}
@@ -214,6 +224,7 @@ class SwarmRecordValidator(RecordValidatorBase):
                     raise Refused(f"forged: signed by {owner} but claims {_short(claimed)}")
                 if learn:
                     self._learn_author(run_id, owner)
+
             return check
 
         def verification(model: type[Commitment] | type[AuditVerdict]) -> Callable[[bytes, Any], None]:
@@ -222,6 +233,7 @@ class SwarmRecordValidator(RecordValidatorBase):
                     verify_entry(model, subkey, value)
                 except RecordRejected as error:
                     raise Refused(str(error)) from None
+
             return check
 
         def rollout(subkey: bytes, value: Any) -> None:
@@ -229,8 +241,11 @@ class SwarmRecordValidator(RecordValidatorBase):
             prefix = subkey[: len(subkey) - len(marker)]
             if not subkey.endswith(marker) or not prefix.endswith(b":") or not prefix[:-1].isdigit():
                 raise Refused("subkey is not <epoch>:[owner:...]")
-            if not isinstance(value, dict) or set(value) != {"bundle", "signature"} or not all(
-                    isinstance(part, bytes) for part in value.values()):
+            if (
+                not isinstance(value, dict)
+                or set(value) != {"bundle", "signature"}
+                or not all(isinstance(part, bytes) for part in value.values())
+            ):
                 raise Refused("value is not {bundle: bytes, signature: bytes}")
 
         def matchmaking(subkey: bytes, value: Any) -> None:
@@ -246,24 +261,35 @@ class SwarmRecordValidator(RecordValidatorBase):
                 raise Refused(f"value is a {type(value).__name__}, not a number or None")
 
         specs = {
-            f"{run_id}.peers": _Spec("peer status", MAX_RECORD_BYTES, bounds.status,
-                                     owned_model(PeerStatus, "peer_id", learn=True)),
-            heads_key(run_id): _Spec("ledger head", MAX_RECORD_BYTES, bounds.ledger,
-                                     owned_model(LedgerHead, "author", learn=True)),
-            commitments_key(run_id): _Spec("commitment", MAX_RECORD_BYTES, bounds.verification,
-                                           verification(Commitment)),
-            verdicts_key(run_id): _Spec("verdict", MAX_RECORD_BYTES, bounds.verification, verification(AuditVerdict)),
+            f"{run_id}.peers": _Spec(
+                "peer status", MAX_RECORD_BYTES, bounds.status, owned_model(PeerStatus, "peer_id", learn=True)
+            ),
+            heads_key(run_id): _Spec(
+                "ledger head", MAX_RECORD_BYTES, bounds.ledger, owned_model(LedgerHead, "author", learn=True)
+            ),
+            commitments_key(run_id): _Spec(
+                "commitment", MAX_RECORD_BYTES, bounds.verification, verification(Commitment)
+            ),
+            verdicts_key(run_id): _Spec(
+                "verdict", MAX_RECORD_BYTES, bounds.verification, verification(AuditVerdict)
+            ),
             rollouts_key(run_id): _Spec("rollout bundle", MAX_STORED_BYTES, bounds.rollouts, rollout),
-            f"{averager_prefix}.all_averagers": _Spec("averager state declaration", MAX_AVERAGER_BYTES,
-                                                     bounds.averager_state, averager_state),
-            RUNS_KEY: _Spec("run announcement", MAX_ANNOUNCEMENT_BYTES, bounds.status,
-                            owned_model(RunAnnouncement, "peer_id", learn=False)),
+            f"{averager_prefix}.all_averagers": _Spec(
+                "averager state declaration", MAX_AVERAGER_BYTES, bounds.averager_state, averager_state
+            ),
+            RUNS_KEY: _Spec(
+                "run announcement",
+                MAX_ANNOUNCEMENT_BYTES,
+                bounds.status,
+                owned_model(RunAnnouncement, "peer_id", learn=False),
+            ),
         }
         for length in range(MAX_GROUP_BITS + 1):
             for index in range(2**length):
                 bits = format(index, f"0{length}b") if length else ""
-                specs[f"{averager_prefix}.0b{bits}"] = _Spec("matchmaking", MAX_AVERAGER_BYTES,
-                                                             bounds.matchmaking, matchmaking)
+                specs[f"{averager_prefix}.0b{bits}"] = _Spec(
+                    "matchmaking", MAX_AVERAGER_BYTES, bounds.matchmaking, matchmaking
+                )
         for key, spec in specs.items():
             self._specs[_key_id(key)] = spec
 
@@ -341,7 +367,9 @@ class SwarmRecordValidator(RecordValidatorBase):
                 spec = self._chunk_spec(record.key, subkey)
                 kind = spec.kind if spec is not None else kind
             max_bytes = spec.max_bytes if spec is not None else MAX_OTHER_BYTES
-            max_ttl = spec.max_ttl if spec is not None else max(bounds.longest for bounds in self._runs.values())
+            max_ttl = (
+                spec.max_ttl if spec is not None else max(bounds.longest for bounds in self._runs.values())
+            )
             slack = max(bounds.clock_slack for bounds in self._runs.values())
             check_expiration(record.expiration_time, max_ttl, slack)
             value_bytes = RSASignatureValidator._SIGNATURE_RE.sub(b"", record.value)

@@ -20,8 +20,9 @@ from swarm.recipe import Recipe
 EVAL_SEED = 1234  # the sampled pass's generator: the same draws on every peer and at every evaluation
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, sample: bool,
-              temperature: float) -> list[str]:
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, sample: bool, temperature: float
+) -> list[str]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues each prompt from its last token
     try:
@@ -30,8 +31,12 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: in
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
-    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sample,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     if sample:
         options.update(temperature=temperature, top_k=0, top_p=1.0)
     else:
@@ -39,7 +44,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: in
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # training's random state stays as it was
         torch.manual_seed(EVAL_SEED)
         output = model.generate(**batch, **options)
-    completions = output[:, batch["input_ids"].shape[1]:]
+    completions = output[:, batch["input_ids"].shape[1] :]
     return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
@@ -50,8 +55,11 @@ def _scores(recipe: Recipe, rows: list[dict[str, Any]], completions: list[str]) 
     total = [0.0] * len(rows)
     for func in recipe.checked_reward_funcs():
         values = func(prompts=prompts, completions=completions, **columns)
-        applied = [(index, float(value)) for index, value in enumerate(values)
-                   if value is not None and not math.isnan(float(value))]
+        applied = [
+            (index, float(value))
+            for index, value in enumerate(values)
+            if value is not None and not math.isnan(float(value))
+        ]
         for index, value in applied:
             total[index] += value
         if applied:
@@ -60,8 +68,15 @@ def _scores(recipe: Recipe, rows: list[dict[str, Any]], completions: list[str]) 
     return figures
 
 
-def evaluate(model: Any, tokenizer: Any, recipe: Recipe, rows: list[dict[str, Any]], max_new_tokens: int,
-             temperature: float, examples: int = 4) -> tuple[dict[str, float], list[dict[str, str]]]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    rows: list[dict[str, Any]],
+    max_new_tokens: int,
+    temperature: float,
+    examples: int = 4,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
     """(figures, examples): ``eval/greedy/...`` and ``eval/sampled/...`` figures over ``rows`` (module
     docstring) with ``eval/rows``, and the first ``examples`` prompts with the model's greedy answer. The model is
     left in the mode it was in."""
@@ -75,9 +90,13 @@ def evaluate(model: Any, tokenizer: Any, recipe: Recipe, rows: list[dict[str, An
         shown: list[dict[str, str]] = []
         for name, sample in (("greedy", False), ("sampled", True)):
             completions = _generate(model, tokenizer, prompts, max_new_tokens, sample, temperature)
-            figures.update({f"eval/{name}/{key}": value for key, value in _scores(recipe, rows, completions).items()})
+            figures.update(
+                {f"eval/{name}/{key}": value for key, value in _scores(recipe, rows, completions).items()}
+            )
             if not sample:
-                shown = [dict(prompt=prompt, completion=answer) for prompt, answer in zip(prompts, completions)]
+                shown = [
+                    dict(prompt=prompt, completion=answer) for prompt, answer in zip(prompts, completions)
+                ]
         return figures, shown[:examples]
     finally:
         model.train(training)

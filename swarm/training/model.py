@@ -24,8 +24,15 @@ from swarm.errors import UserError
 
 SPECIAL_TOKENS = ("<pad>", "<eos>")
 # ModelConfig fields that do not change the base model's weights (left out of the tiny model's cache key)
-NOT_IN_BASE_MODEL = {"name_or_path", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                     "load_in_4bit"}
+NOT_IN_BASE_MODEL = {
+    "name_or_path",
+    "dtype",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "load_in_4bit",
+}
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
@@ -107,7 +114,9 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **quantization)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"model.name_or_path: cannot load {source!r}: {first_line[:300]}", exit_code=2) from None
+        raise UserError(
+            f"model.name_or_path: cannot load {source!r}: {first_line[:300]}", exit_code=2
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.lora_r > 0:
@@ -120,14 +129,20 @@ def _four_bit_kwargs(config: ModelConfig) -> dict:
     from swarm.hardware import check_four_bit, detect_hardware
 
     if config.lora_r <= 0:
-        raise UserError("model.load_in_4bit: a 4-bit model can only be trained through LoRA adapters: "
-                        "set model.lora_r (e.g. 16) or model.load_in_4bit=false", exit_code=2)
+        raise UserError(
+            "model.load_in_4bit: a 4-bit model can only be trained through LoRA adapters: "
+            "set model.lora_r (e.g. 16) or model.load_in_4bit=false",
+            exit_code=2,
+        )
     check_four_bit(detect_hardware())
     from transformers import BitsAndBytesConfig
 
     compute = torch.float16 if config.dtype == "float16" else torch.bfloat16
     quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
     )
     return dict(quantization_config=quantization_config, device_map={"": torch.cuda.current_device()})
 

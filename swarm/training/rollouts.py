@@ -12,8 +12,10 @@ def _text(completion: Any) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, list):
-        return "".join(str(message.get("content", "")) if isinstance(message, dict) else str(message)
-                       for message in completion)
+        return "".join(
+            str(message.get("content", "")) if isinstance(message, dict) else str(message)
+            for message in completion
+        )
     return str(completion)
 
 
@@ -24,7 +26,9 @@ def rollout_samples(trl_trainer: Any, tokenizer: Any) -> list[dict[str, Any]]:
     record = getattr(trl_trainer, "record", None)
     if record is None or record.rewards is None or record.completions is None:
         return []
-    names = list(getattr(trl_trainer, "reward_func_names", [])) or [f"reward_{i}" for i in range(record.rewards.shape[1])]
+    names = list(getattr(trl_trainer, "reward_func_names", [])) or [
+        f"reward_{i}" for i in range(record.rewards.shape[1])
+    ]
     weights = getattr(trl_trainer, "reward_weights", None)
     weights = [float(w) for w in weights.tolist()] if weights is not None else [1.0] * len(names)
     prompts = record.prompt_token_ids or []

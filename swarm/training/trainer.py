@@ -1,14 +1,19 @@
-"""SwarmTrainer: a recipe + a TRL trainer + the swarm's averaging strategy. One epoch, top to bottom:
+"""SwarmTrainer: a recipe + TRL + the swarm's averaging strategy. One epoch is :meth:`SwarmTrainer.run_epoch`,
+and it reads top to bottom:
 
     shared = sharing.select(epoch, J)                 # rollout sharing on: other peers' signed groups, re-scored
     rows = recipe.assigned_rows(run, peer, epoch)     # data nobody chooses for themselves (all but the J shared)
     verifier.remember_state(epoch)                    # θ_e, for replaying others' contributions
-    trl_trainer(rows).train()                         # TRL generates, scores, backpropagates (one optimizer step)
-      └─ optimizer.step(): contribution recorded → verifier.commit() (signed commitment, file served to auditors)
-           → sharing.publish()                        # this peer's own groups, signed, for the others' next epoch
-           → SyncGradientAveraging.finish_round()     # barrier, all-reduce, identical step
-    verifier.after_round(); verifier.process()        # audits chosen by the round's beacon, re-checks, bans
-    checkpoint, history, status                       # the ledger follows through the verifier's hooks
+    computed = TRL step, recorded, not stepped        # generate, score, backpropagate (GradientRecorder)
+    sharing.publish(...)                              # this peer's own groups, signed, for the others' next epoch
+    verifier.commit(epoch, contribution)              # signed commitment; the file is served to auditors
+    result = strategy.round(RoundInput(...))          # barrier, all-reduce or catch-up (averaging.strategy)
+    strategy.step(result)                             # θ_e -> θ_{e+1}, identical on every member of the group
+    verifier.after_round(result); verifier.process()  # audits chosen by the round's beacon, re-checks, bans
+    EpochRecord(...)                                  # the epoch's facts (kept in the checkpoint and summary)
+
+then (train()): checkpoint, one EpochMetrics record (swarm/monitor/record.py) written to status.json and
+metrics.jsonl and handed to every monitor.
 """
 
 from __future__ import annotations
@@ -27,16 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from swarm.config import SwarmConfig, dump_config
 from swarm.errors import UserError
 from swarm.hardware import check_fits, detect_hardware, row_tokens_of
 from swarm.identity import Identity
 from swarm.ledger.balances import Balance
-from swarm.ledger.config import LEDGER_FILE
-from swarm.ledger.recorder import LedgerRecorder
+from swarm.ledger.config import LEDGER_FILE, rules_of
+from swarm.ledger.entries import MICRO
+from swarm.monitor.callbacks import SwarmCallback
+from swarm.monitor.record import EpochMetrics
 from swarm.monitor.summary import (
     COMPLETIONS_FILE,
     EVALUATIONS_FILE,
@@ -47,28 +52,28 @@ from swarm.monitor.summary import (
 from swarm.network.dht import PEER_ADDR_FILE, check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
 from swarm.network.storage import install_sweeper, run_windows
+from swarm.node.peer import SwarmPeer
+from swarm.node.state import TrainingState, param_checksum
+from swarm.node.trust import Trust
 from swarm.recipe import Recipe, load_recipe
 from swarm.sharing import ExternalGroup, GroupLimits, RolloutSharing, contribution_sharing, external_count
-from swarm.training.callbacks import SwarmCallback
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.evaluation import evaluate
+from swarm.training.ledger_recorder import LedgerRecorder
 from swarm.training.model import load_model_and_tokenizer
-from swarm.training.optimizer import SwarmOptimizer
-from swarm.training.peer import SwarmPeer
+from swarm.training.pipeline import ComputedRound, ComputeRequest, HonestPipeline, install
 from swarm.training.rollouts import reward_means, rollout_samples
-from swarm.training.state import TrainingState, param_checksum
-from swarm.training.strategies.sync import Outcome, RoundResult, SyncGradientAveraging
-from swarm.training.trust import Trust
-from swarm.verify.attacks import Attack, AttackContext, make_attack
-from swarm.verify.auditor import Verifier
-from swarm.verify.replay import (
-    Contribution,
+from swarm.training.strategies import RoundInput, make_strategy, strategy_class
+from swarm.trl_adapter import (
     GradientRecorder,
     GRPOSettings,
-    contribution_from_record,
     keeps_forward,
     make_recording_trainer,
+    make_sft_trainer,
 )
+from swarm.verify.attacks import Attack, make_attack
+from swarm.verify.auditor import Verifier
+from swarm.verify.replay import contribution_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +90,13 @@ class EpochRecord:
     sync_s: float = 0.0  # waiting for peers, averaging, stepping or downloading state
     audit_s: float = 0.0  # replaying other peers' contributions (verification)
     bytes_sent: int = 0  # all-reduce payload bytes this peer sent, failed attempts included
-    rewards: dict[str, float] = field(default_factory=dict)  # mean of each reward function over this peer's rollouts
-    trainer: str = "grpo"  # what the round ran: "grpo", or "sft" (an SFT recipe, or a GRPO recipe's warm start)
+    # mean of each reward function over this peer's rollouts
+    rewards: dict[str, float] = field(default_factory=dict)
+    # what the round ran: "grpo", or "sft" (an SFT recipe, or a GRPO recipe's warm start)
+    trainer: str = "grpo"
 
     def as_summary(self) -> dict[str, Any]:
         return dict(epoch=self.epoch, reward=self.reward, loss=self.loss, trainer=self.trainer)
-
-    def metrics(self) -> dict[str, Any]:
-        """Numeric figures for trackers (W&B): the outcome becomes one 0/1 flag per kind, each reward function's
-        mean ``rewards/<function>/mean`` (TRL's name for it)."""
-        figures = {key: value for key, value in vars(self).items()
-                   if key not in ("outcome", "rewards", "trainer") and value is not None}
-        figures.update({f"round/{kind.value}": int(self.outcome == kind.value) for kind in Outcome})
-        figures["round/sft"] = int(self.trainer == "sft")
-        figures.update({f"rewards/{name}/mean": value for name, value in self.rewards.items()})
-        return figures
 
 
 @dataclass
@@ -138,7 +135,7 @@ class SwarmTrainer:
     :param config: the peer's config
     :param recipe: the recipe to train (default: ``config.recipe``, looked up by name)
     :param expected_peers: before the first epoch, wait up to ``averaging.round_timeout`` for this many peers
-    :param callbacks: monitors to notify (see :class:`swarm.training.callbacks.SwarmCallback`)
+    :param callbacks: monitors to notify (see :class:`swarm.monitor.callbacks.SwarmCallback`)
     """
 
     def __init__(
@@ -151,13 +148,18 @@ class SwarmTrainer:
         self.config = config
         self.callbacks = list(callbacks)
         check_multiaddrs(config.network.initial_peers, "initial peer")  # fail before minutes of model loading
+        strategy = strategy_class(config.averaging.strategy)  # likewise an unknown strategy
         self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
         self.trainer_kind = config.training.trainer or self.recipe.trainer
         # an SFT warm start only means something for GRPO: an SFT recipe trains on its own completions throughout
         self.warm_start_epochs = config.warm_start.epochs if self.trainer_kind == "grpo" else 0
-        if self.warm_start_epochs and self.recipe.warm_start_completion is None:  # the same on every peer of the run
-            logger.warning(f"recipe {self.recipe.name} has no warm_start_completion (a reference answer to train on): "
-                           f"no SFT warm start, warm_start.epochs={self.warm_start_epochs} is ignored")
+        if (
+            self.warm_start_epochs and self.recipe.warm_start_completion is None
+        ):  # the same on every peer of the run
+            logger.warning(
+                f"recipe {self.recipe.name} has no warm_start_completion (a reference answer to train on): "
+                f"no SFT warm start, warm_start.epochs={self.warm_start_epochs} is ignored"
+            )
             self.warm_start_epochs = 0
         self.expected_peers = expected_peers
         self.workdir = Path(config.workdir)
@@ -165,20 +167,34 @@ class SwarmTrainer:
         self.identity = Identity.load_or_create(config.key_path)
         # before anything is downloaded or allocated; rows sized by the recipe's own prompts (characters: at least
         # as many as tokens for the tokenizers in use) and completion length, not a 512-token guess
-        first_rows = self.recipe.assigned_rows(config.run_id, str(self.identity.peer_id), 0,
-                                               config.training.prompts_per_round)
-        row_tokens = row_tokens_of(first_rows, config.training.max_completion_length or self.recipe.max_completion_length)
+        first_rows = self.recipe.assigned_rows(
+            config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round
+        )
+        row_tokens = row_tokens_of(
+            first_rows, config.training.max_completion_length or self.recipe.max_completion_length
+        )
         verifies = config.verify.enabled and self.trainer_kind == "grpo"
-        check_fits(config.model, detect_hardware(), config.training, row_tokens=row_tokens,
-                   audit_window=config.verify.audit_window if verifies else 0)
+        check_fits(
+            config.model,
+            detect_hardware(),
+            config.training,
+            row_tokens=row_tokens,
+            audit_window=config.verify.audit_window if verifies else 0,
+        )
         self.model, self.tokenizer = load_model_and_tokenizer(
             config.model, self.recipe.tokenizer_alphabet(), self.workdir / "models"
         )
         # a prompt character the tokenizer cannot encode would silently train as padding: refuse it at start
         self.recipe.check_encodable(self.tokenizer, first_rows)
-        if self.warm_start_epochs:  # a recipe without a reference answer fails now, not after the model loaded
-            self.recipe.check_encodable(self.tokenizer, self.recipe.warm_start_rows(
-                config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round))
+        if (
+            self.warm_start_epochs
+        ):  # a recipe without a reference answer fails now, not after the model loaded
+            self.recipe.check_encodable(
+                self.tokenizer,
+                self.recipe.warm_start_rows(
+                    config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round
+                ),
+            )
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.training.learning_rate,
@@ -194,30 +210,56 @@ class SwarmTrainer:
         gc.freeze()
         epoch, samples = self._resume()
         self.trust = self._make_trust()
-        self.peer = SwarmPeer(config, self.identity, self.state, epoch, trust=self.trust)
-        self.peer.samples = samples
-        self.strategy = SyncGradientAveraging(self.peer, self.optimizer, config.training.max_grad_norm)
+        self.peer = SwarmPeer(config, self.identity, self.state, epoch, trust=self.trust, samples=samples)
+        self.strategy = make_strategy(
+            config.averaging.strategy,
+            self.peer,
+            self.optimizer,
+            config.training.max_grad_norm,
+            config.averaging.options,
+            cls=strategy,
+        )
+        # honest, or the configured cheater of the attack suite wrapped around the honest pipeline (tests, demos)
         self.attack = self._make_attack()
-        if self.attack is not None:
-            self.attack.deceive(self.peer)
-        self._previous_contribution: Contribution | None = None
+        self.pipeline = install(
+            HonestPipeline(self._run_grpo_step),
+            self.attack,
+            unassigned_rows=lambda request: self.recipe.assigned_rows(
+                config.run_id, f"{self.peer.peer_id}/unassigned", request.epoch, len(request.rows)
+            ),
+            other=lambda epoch: (
+                self.verifier.other_contribution(epoch) if self.verifier is not None else None
+            ),
+        )
+        self.pipeline.announce(self.peer)
         self.verifier: Verifier | None = None
         self.ledger: LedgerRecorder | None = None
         self.sharing: RolloutSharing | None = None
         if config.verify.enabled and self.trainer_kind == "grpo":
-            self.verifier = Verifier(config, self.peer, self.recipe, self.model, self.tokenizer, self._grpo_settings(0),
-                                     attack=self.attack)
+            self.verifier = Verifier(
+                config,
+                self.peer,
+                self.recipe,
+                self.model,
+                self.tokenizer,
+                self._grpo_settings(0),
+                attack=self.attack,
+            )
         elif config.verify.enabled:
-            logger.warning(f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)")
+            logger.warning(
+                f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)"
+            )
         if config.sharing.enabled and self.trainer_kind != "grpo":
-            logger.warning(f"recipe {self.recipe.name}: rollout sharing is for GRPO recipes; this SFT run shares none")
+            logger.warning(
+                f"recipe {self.recipe.name}: rollout sharing is for GRPO recipes; this SFT run shares none"
+            )
 
     def _make_trust(self) -> Trust:
         """Weights from this peer's ledger copy when there is one (verification and ledger on, GRPO), else identity
-        counting (see :mod:`swarm.training.trust`)."""
+        counting (see :mod:`swarm.node.trust`)."""
         config = self.config
         if config.verify.enabled and config.ledger.enabled and self.trainer_kind == "grpo":
-            return Trust(str(self.identity.peer_id), config, self.workdir / LEDGER_FILE, config.ledger.rules(config))
+            return Trust(str(self.identity.peer_id), config, self.workdir / LEDGER_FILE, rules_of(config))
         return Trust(str(self.identity.peer_id), config, None, None)
 
     def _make_attack(self) -> Attack | None:
@@ -225,12 +267,16 @@ class SwarmTrainer:
         if name is None:
             return None
         if self.trainer_kind != "grpo":
-            raise UserError(f"verify.attack: the attack suite cheats at GRPO; recipe {self.recipe.name} uses SFT", 2)
+            raise UserError(
+                f"verify.attack: the attack suite cheats at GRPO; recipe {self.recipe.name} uses SFT", 2
+            )
         try:
             attack = make_attack(name)
         except ValueError as error:
             raise UserError(f"verify.attack: {error}", 2) from None
-        logger.warning(f"{self.identity.name} is a CHEATING peer (verify.attack={name}), for tests and demos only")
+        logger.warning(
+            f"{self.identity.name} is a CHEATING peer (verify.attack={name}), for tests and demos only"
+        )
         return attack
 
     @property
@@ -244,7 +290,9 @@ class SwarmTrainer:
         try:
             epoch = self.state.load(payload["metadata"], payload["tensors"])
         except (KeyError, ValueError) as error:
-            logger.warning(f"{self.checkpoint_path}: checkpoint does not fit this model ({error}); starting over")
+            logger.warning(
+                f"{self.checkpoint_path}: checkpoint does not fit this model ({error}); starting over"
+            )
             return 0, 0
         for item in payload.get("history", []):
             self.history[item["epoch"]] = EpochRecord(**item)
@@ -255,7 +303,8 @@ class SwarmTrainer:
         metadata, tensors = self.peer.snapshot()
         history = [vars(record) for record in self.history.values()]
         save_checkpoint(
-            self.checkpoint_path, dict(metadata=metadata, tensors=tensors, history=history, samples=self.peer.samples)
+            self.checkpoint_path,
+            dict(metadata=metadata, tensors=tensors, history=history, samples=self.peer.samples),
         )
 
     def stop(self) -> None:
@@ -269,13 +318,21 @@ class SwarmTrainer:
         (self.workdir / "config.yaml").write_text(dump_config(config))
         self.peer.start()
         # bounded DHT memory: expired records and per-epoch records outside their window are dropped (hook for start_dht)
-        install_sweeper(self.peer.dht, run_windows(config.run_id, config.verify.audit_window,
-                                                   config.sharing.max_age_epochs if config.sharing.enabled else None))
+        install_sweeper(
+            self.peer.dht,
+            run_windows(
+                config.run_id,
+                config.verify.audit_window,
+                config.sharing.max_age_epochs if config.sharing.enabled else None,
+            ),
+        )
         try:
             addresses = [str(addr) for addr in self.peer.dht.get_visible_maddrs()]
             logger.info(f"{self.identity.name} ({self.identity.peer_id}) is in run {config.run_id!r}")
-            logger.info(f"Others join with: ./launch.sh --join {addresses[0] if addresses else '?'} (also in "
-                        f"{self.workdir / PEER_ADDR_FILE}; the port stays the same across restarts)")
+            logger.info(
+                f"Others join with: ./launch.sh --join {addresses[0] if addresses else '?'} (also in "
+                f"{self.workdir / PEER_ADDR_FILE}; the port stays the same across restarts)"
+            )
             self._emit("on_start")
             if self.expected_peers > 1:
                 self._emit("on_phase", f"waiting for {self.expected_peers} peers")
@@ -302,8 +359,9 @@ class SwarmTrainer:
                 if self.peer.epoch % config.checkpoint.every_epochs == 0:
                     with _signals_held():  # Ctrl+C stops the peer once the checkpoint is written
                         self.save_checkpoint()
-                self._write_status(record)
-                self._emit("on_epoch_end", record)
+                metrics = self.epoch_metrics(record)
+                self._write_status(metrics)
+                self._emit("on_epoch_end", metrics)
                 if self._evaluation_due(config.monitor.eval_every):
                     self.evaluate()
             if not self._stopping.is_set():
@@ -315,8 +373,11 @@ class SwarmTrainer:
                 if self.ledger is not None:
                     self._emit("on_phase", "finished: settling the ledger")
                     # only authors with weight are waited for: anyone can announce a ledger head and never back it
-                    self.ledger.settle(config.averaging.round_timeout, live=lambda: self.peer.other_peers(),
-                                       waits_for=self.trust.known)
+                    self.ledger.settle(
+                        config.averaging.round_timeout,
+                        live=lambda: self.peer.other_peers(),
+                        waits_for=self.trust.known,
+                    )
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
@@ -342,8 +403,9 @@ class SwarmTrainer:
         config = self.config
         settings = self._grpo_settings(0)
         ttl = (config.sharing.max_age_epochs + 1) * config.averaging.round_timeout * 2
-        board = RolloutBoard(self.peer.dht, config.run_id, self.identity, ttl,
-                             int(config.sharing.max_record_kb * 1024))
+        board = RolloutBoard(
+            self.peer.dht, config.run_id, self.identity, ttl, int(config.sharing.max_record_kb * 1024)
+        )
         eos = self.tokenizer.eos_token_id
         limits = GroupLimits(
             num_generations=settings.num_generations,
@@ -353,7 +415,11 @@ class SwarmTrainer:
             rows_per_round=config.training.prompts_per_round,
         )
         return RolloutSharing(
-            config, self.identity, self.recipe, board, limits,
+            config,
+            self.identity,
+            self.recipe,
+            board,
+            limits,
             decode=lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True),
             banned=lambda: self.verifier.stats.banned if self.verifier is not None else (),
         )
@@ -365,70 +431,104 @@ class SwarmTrainer:
             except Exception as error:  # a broken monitor must never stop training
                 logger.warning(f"{type(callback).__name__}.{hook} failed: {type(error).__name__}: {error}")
 
-    def _write_status(self, record: EpochRecord) -> None:
-        status = dict(vars(record), name=self.identity.name, round_epoch=record.epoch, epoch=self.peer.epoch,
-                      samples=self.peer.samples, peer_id=self.peer.peer_id)
+    def epoch_metrics(self, record: EpochRecord) -> EpochMetrics:
+        """The one metrics record of ``record``'s epoch (swarm/monitor/record.py names every figure), with this
+        peer's swarm view, verification, ledger and sharing figures as they are now."""
+        peers_online, swarm_samples = self.peer.swarm_view()
+        verify: dict[str, Any] = {}
         if self.verifier is not None:
-            status.update(self.verifier.figures(), banned=self.verifier.stats.banned)
-        if self.sharing is not None:
-            status.update(self.sharing.figures())
-        status.update(self.trust.figures())
+            verify = dict(
+                audit_s=record.audit_s, **self.verifier.figures(), banned=list(self.verifier.stats.banned)
+            )
+        ledger: dict[str, Any] = {}
+        if self.ledger is not None:
+            balances = self.credits()
+            mine = balances.get(self.peer.peer_id)
+            ledger = dict(
+                my_credit=(mine.total if mine else 0) / MICRO,
+                my_credit_provisional=(mine.provisional if mine else 0) / MICRO,
+                swarm_credit=sum(balance.total for balance in balances.values()) / MICRO,
+                banned=bool(mine and mine.banned),
+            )
+        return EpochMetrics(
+            epoch=record.epoch,
+            time=time.time(),
+            train=dict(
+                trainer=record.trainer,
+                reward=record.reward,
+                loss=record.loss,
+                samples=record.samples,
+                total_samples=self.peer.samples,
+                compute_s=record.compute_s,
+                rewards=dict(record.rewards),
+            ),
+            swarm=dict(
+                outcome=record.outcome,
+                group_size=record.group_size,
+                sync_s=record.sync_s,
+                bytes_sent=record.bytes_sent,
+                epoch=self.peer.epoch,
+                peers_online=peers_online,
+                swarm_samples=swarm_samples,
+                **self.trust.figures(),
+            ),
+            verify=verify,
+            ledger=ledger,
+            sharing=self.sharing.figures() if self.sharing is not None else {},
+        )
+
+    def _write_status(self, metrics: EpochMetrics) -> None:
+        """``status.json``: who this peer is, the epoch it is at, and the last epoch's metrics record (plus the last
+        held-out evaluation); ``metrics.jsonl``: one record per epoch."""
+        status = dict(
+            name=self.identity.name,
+            peer_id=self.peer.peer_id,
+            epoch=self.peer.epoch,
+            round_epoch=metrics.epoch,
+            **{key: value for key, value in metrics.as_json().items() if key != "epoch"},
+        )
         if self.evaluation is not None:
             status["eval"] = self.evaluation
         write_json_atomic(self.workdir / STATUS_FILE, status)
-        with open(self.workdir / METRICS_FILE, "a") as metrics:
-            metrics.write(json.dumps(dict(vars(record), time=time.time())) + "\n")
+        with open(self.workdir / METRICS_FILE, "a") as out:
+            out.write(json.dumps(metrics.as_json()) + "\n")
 
     def run_epoch(self) -> EpochRecord:
-        """Compute this peer's gradient for its current epoch with the TRL trainer and finish the swarm round: an
-        SFT round during the warm start (epochs below ``warm_start.epochs``) and for SFT recipes, GRPO otherwise."""
+        """One epoch of this peer, top to bottom (the module docstring): an SFT round during the warm start (epochs
+        below ``warm_start.epochs``) and for SFT recipes, GRPO otherwise. Nothing returns through TRL: TRL computes
+        the contribution and stops short of the step, the strategy meets the swarm and steps."""
         epoch = self.peer.epoch
         self.trust.refresh(epoch)
         warm = epoch < self.warm_start_epochs
         kind = "sft" if warm else self.trainer_kind
         self._set_learning_rate(self._learning_rate(warm))
-        shared: list[ExternalGroup] = []
-        if self.sharing is not None and not warm:
-            self._emit("on_phase", f"picking shared rollouts for epoch {epoch}")
-            shared = self.sharing.select(epoch, external_count(self.config))
-        if warm:
-            rows = self.recipe.warm_start_rows(self.config.run_id, self.peer.peer_id, epoch, self._warm_start_rows())
-        else:
-            rows = self.recipe.assigned_rows(
-                self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round - len(shared)
-            )
-        seed = _round_seed(self.config.run_id, self.peer.peer_id, epoch)
-        sync_seconds = 0.0
-
-        def finish_round(samples: int, commitment: str | None = None) -> RoundResult:
-            nonlocal sync_seconds
-            self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
-            started = time.perf_counter()
-            try:
-                return self.strategy.finish_round(samples, commitment)
-            finally:
-                sync_seconds += time.perf_counter() - started
-
-        if self.verifier is not None:
-            self.verifier.remember_state(epoch)
         bytes_before = self.peer.averager.bytes_sent.value
+        # 1. the data: other peers' shared groups (rollout sharing on) and the rows assigned to this peer
+        shared = self._shared_groups(epoch) if kind == "grpo" else []
+        rows = self._assigned_rows(epoch, warm, len(shared))
+        if self.verifier is not None:
+            # θ_e, for replaying the others' contributions after the round
+            self.verifier.remember_state(epoch)
+        # 2. the contribution: TRL generates, scores and backpropagates, without stepping; 3. the commitment
         self._emit("on_phase", f"computing epoch {epoch}" + (" (SFT warm start)" if warm else ""))
         started = time.perf_counter()
-        autocast = self.attack.autocast_dtype() if self.attack is not None else None
-        with keeps_forward(self.model):
-            if kind == "grpo":
-                trl_trainer, swarm_optimizer, claimed = self._grpo_epoch(epoch, rows, seed, finish_round, shared)
-            else:
-                samples = len(rows)
-                swarm_optimizer = SwarmOptimizer(self.optimizer, lambda: finish_round(samples))
-                trl_trainer = self._make_sft_trainer(rows, swarm_optimizer, seed=seed,
-                                                     learning_rate=self._learning_rate(warm))
-            with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-                trl_trainer.train()
-            if kind == "grpo":
-                samples = claimed[0]  # what the peer committed to (set when TRL reached the optimizer step)
-        elapsed = time.perf_counter() - started
-        result = swarm_optimizer.last_result or RoundResult(Outcome.SKIPPED, epoch)
+        computed = (
+            self._compute_grpo(epoch, rows, shared)
+            if kind == "grpo"
+            else self._compute_sft(epoch, rows, warm)
+        )
+        commitment = None
+        if self.verifier is not None and computed.contribution is not None:
+            commitment = self.verifier.commit(epoch, computed.contribution).digest()
+        compute_seconds = time.perf_counter() - started
+        # 4. the round: barrier, all-reduce or catch-up; 5. the step, identical on every member of the group
+        self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
+        started = time.perf_counter()
+        result = self.strategy.round(RoundInput(epoch, computed.sent, computed.samples, commitment))
+        if result.update is not None:
+            self.strategy.step(result)
+        sync_seconds = time.perf_counter() - started
+        # 6. audits chosen by the round's beacon, re-checks, bans; the ledger credits through the verifier's hooks
         audit_seconds = 0.0
         if self.verifier is not None:
             self._emit("on_phase", f"auditing epoch {epoch}")
@@ -436,11 +536,12 @@ class SwarmTrainer:
             self.verifier.after_round(result)
             self.verifier.process(self.peer.epoch)
             audit_seconds = time.perf_counter() - started
-        logs = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
+        # 7. the epoch's record
+        logs = [entry for entry in computed.trl_trainer.state.log_history if "loss" in entry]
         reward = logs[-1].get("reward") if logs else None
         loss = logs[-1].get("loss") if logs else None
-        self.peer.last_reward = reward
-        rollouts = rollout_samples(trl_trainer, self.tokenizer) if kind == "grpo" else []
+        self.peer.note_reward(reward)
+        rollouts = rollout_samples(computed.trl_trainer, self.tokenizer) if kind == "grpo" else []
         self._log_completions(epoch, rollouts)
         return EpochRecord(
             epoch=epoch,
@@ -448,8 +549,8 @@ class SwarmTrainer:
             loss=None if loss is None else float(loss),
             outcome=result.outcome.value,
             group_size=result.group_size,
-            samples=samples,
-            compute_s=round(elapsed - sync_seconds, 4),
+            samples=computed.samples,
+            compute_s=round(compute_seconds, 4),
             sync_s=round(sync_seconds, 4),
             audit_s=round(audit_seconds, 4),
             bytes_sent=self.peer.averager.bytes_sent.value - bytes_before,
@@ -457,17 +558,43 @@ class SwarmTrainer:
             trainer=kind,
         )
 
+    def _shared_groups(self, epoch: int) -> list[ExternalGroup]:
+        """Rollout sharing on: the other peers' signed groups this epoch trains on (re-scored here)."""
+        if self.sharing is None:
+            return []
+        self._emit("on_phase", f"picking shared rollouts for epoch {epoch}")
+        return self.sharing.select(epoch, external_count(self.config))
+
+    def _assigned_rows(self, epoch: int, warm: bool, shared: int) -> list[dict[str, Any]]:
+        """The rows nobody chooses for themselves: the warm start's reference rows, or the recipe's rows (all but
+        the ``shared`` groups' share of ``prompts_per_round``)."""
+        if warm:
+            return self.recipe.warm_start_rows(
+                self.config.run_id, self.peer.peer_id, epoch, self._warm_start_rows()
+            )
+        return self.recipe.assigned_rows(
+            self.config.run_id, self.peer.peer_id, epoch, self.config.training.prompts_per_round - shared
+        )
+
+    @staticmethod
+    def _autocast(dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+        return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def _learning_rate(self, warm: bool) -> float:
         training = self.config.training
-        return (self.config.warm_start.learning_rate or training.learning_rate) if warm else training.learning_rate
+        return (
+            (self.config.warm_start.learning_rate or training.learning_rate)
+            if warm
+            else training.learning_rate
+        )
 
     def _warm_start_rows(self) -> int:
         training = self.config.training
         return self.config.warm_start.rows or training.prompts_per_round * training.num_generations
 
     def _set_learning_rate(self, learning_rate: float) -> None:
-        """The rate the swarm's next step applies, on every peer alike (TRL's constant scheduler multiplies the
-        ``initial_lr`` it recorded the first time, so that is set too)."""
+        """The rate the swarm's next step applies, on every peer alike (a constant scheduler over this optimizer
+        multiplies the ``initial_lr`` it recorded the first time, so that is set too)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] = learning_rate
 
@@ -478,7 +605,8 @@ class SwarmTrainer:
         monitor = self.config.monitor
         if not rollouts or not monitor.completions_samples or epoch % monitor.completions_every:
             return
-        group = self.config.training.num_generations  # one completion of each prompt first, then the next ones
+        # one completion of each prompt first, then the next ones
+        group = self.config.training.num_generations
         spread = sorted(range(len(rollouts)), key=lambda index: (index % group, index // group))
         picked = [dict(epoch=epoch, **rollouts[index]) for index in spread[: monitor.completions_samples]]
         with open(self.workdir / COMPLETIONS_FILE, "a") as out:
@@ -486,58 +614,80 @@ class SwarmTrainer:
                 out.write(json.dumps(sample) + "\n")
         self._emit("on_completions", picked)
 
-    def _grpo_epoch(self, epoch: int, local_rows: list[dict[str, Any]], seed: int, finish_round,
-                    shared: Sequence[ExternalGroup] = ()):
-        """A recording GRPO trainer for this epoch whose ``optimizer.step()`` turns what TRL computed into a
-        contribution, commits it (verification on), publishes this peer's own groups (rollout sharing on) and then
-        runs the swarm round with it. ``shared`` groups follow the local rows, their completions taken as given."""
-        settings = self._grpo_settings(seed)
-        rows = [*local_rows, *(group.row for group in shared)]
+    def _compute_grpo(
+        self, epoch: int, local_rows: list[dict[str, Any]], shared: Sequence[ExternalGroup] = ()
+    ) -> ComputedRound:
+        """The contribution pipeline (swarm/training/pipeline.py) on the assigned rows and ``shared`` groups:
+        compute (TRL's GRPO step, recorded, not stepped), publish this peer's own groups for the others' next epoch
+        (rollout sharing on), commit, send."""
+        request = ComputeRequest(
+            epoch=epoch,
+            rows=[*local_rows, *(group.row for group in shared)],
+            seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch),
+            shared=tuple(shared),
+            reward_funcs=self.recipe.checked_reward_funcs(),
+        )
+        computed = self.pipeline.compute(request)
+        if self.sharing is not None:
+            self.sharing.publish(epoch, computed.contribution.completion_token_ids, len(local_rows))
+        computed = self.pipeline.send(request, self.pipeline.commit(request, computed))
+        computed.samples = len(computed.contribution.rows) * self.config.training.num_generations
+        return computed
+
+    def _run_grpo_step(self, request: ComputeRequest) -> ComputedRound:
+        """The honest compute stage: TRL generates, scores and backpropagates on ``request.compute_rows`` (the
+        shared groups' completions taken as given), recorded and not stepped."""
+        settings = self._grpo_settings(request.seed)
+        rows = request.rows if request.compute_rows is None else request.compute_rows
+        shared = request.shared if request.use_shared else ()
+        first_shared = len(request.rows) - len(request.shared)
+        forced = {first_shared + index: group.completions for index, group in enumerate(shared)}
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         state_hash = param_checksum(self.model)
-        context = compute_rows = reward_funcs = None
-        if self.attack is not None:
-            context = AttackContext(
-                rows=rows,
-                unassigned_rows=lambda: self.recipe.assigned_rows(
-                    self.config.run_id, f"{self.peer.peer_id}/unassigned", epoch, len(rows)
-                ),
-                previous=self._previous_contribution,
-                other=lambda: self.verifier.other_contribution(epoch) if self.verifier is not None else None,
-                generator=torch.Generator().manual_seed(seed),
+        recorder = GradientRecorder(named, None)
+        with keeps_forward(self.model):
+            trl_trainer = make_recording_trainer(
+                self.model,
+                self.tokenizer,
+                self.recipe,
+                rows,
+                settings,
+                recorder,
+                self.workdir / "trl",
+                reward_funcs=request.reward_funcs,
+                forced_rows=forced,
             )
-            compute_rows = self.attack.compute_rows(context)
-            reward_funcs = self.attack.reward_funcs(self.recipe.checked_reward_funcs())
-        forced = {len(local_rows) + index: group.completions for index, group in enumerate(shared)}
-        if compute_rows is not None:
-            forced = {}  # a cheater that trains on rows of its own choosing trains on no shared ones either
-        compute_rows = compute_rows or rows
-        claimed = [len(rows) * settings.num_generations]  # the sample count (weight) this peer claims
-
-        def commit_and_average() -> RoundResult:
-            contribution = contribution_from_record(trl_trainer, recorder, state_hash, compute_rows, settings)
-            if forced:
-                bundles, groups = contribution_sharing(shared)
-                contribution = contribution.with_changes(shared_bundles=bundles, shared_groups=groups)
-            if self.sharing is not None:
-                self.sharing.publish(epoch, contribution.completion_token_ids, len(local_rows))
-            if self.attack is not None:
-                contribution = self.attack.tamper(contribution, context)
-                with torch.no_grad():
-                    for (_, param), grad in zip(named, self.attack.sent(contribution.gradient, context)):
-                        param.grad = grad.to(param.device, param.dtype).clone()
-            self._previous_contribution = contribution
-            claimed[0] = len(contribution.rows) * settings.num_generations
-            commitment = self.verifier.commit(epoch, contribution).digest() if self.verifier is not None else None
-            return finish_round(claimed[0], commitment)
-
-        swarm_optimizer = SwarmOptimizer(self.optimizer, commit_and_average)
-        recorder = GradientRecorder(named, swarm_optimizer)
-        trl_trainer = make_recording_trainer(
-            self.model, self.tokenizer, self.recipe, compute_rows, settings, recorder, self.workdir / "trl",
-            reward_funcs=reward_funcs, forced_rows=forced,
+            with self._autocast(request.autocast_dtype):
+                trl_trainer.train()
+        contribution = contribution_from_record(trl_trainer, recorder, state_hash, rows, settings)
+        if forced:
+            bundles, groups = contribution_sharing(shared)
+            contribution = contribution.with_changes(shared_bundles=bundles, shared_groups=groups)
+        return ComputedRound(
+            trl_trainer, contribution.gradient, len(rows) * settings.num_generations, contribution
         )
-        return trl_trainer, swarm_optimizer, claimed
+
+    def _compute_sft(self, epoch: int, rows: list[dict[str, Any]], warm: bool) -> ComputedRound:
+        """TRL's SFT step on ``rows``, recorded and not stepped (SFT rounds are not committed or audited)."""
+        named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+        recorder = GradientRecorder(named, None)
+        with keeps_forward(self.model):
+            trl_trainer = make_sft_trainer(
+                self.model,
+                self.tokenizer,
+                rows,
+                recorder,
+                self.workdir / "trl",
+                seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch),
+                micro_batch_size=self.config.training.micro_batch_size,
+                bf16=self.config.model.dtype == "bfloat16" and torch.cuda.is_available(),
+                max_length=self.config.model.max_positions,
+            )
+            with self._autocast():
+                trl_trainer.train()
+        if recorder.gradient is None:
+            raise RuntimeError(f"epoch {epoch}: the SFT step finished without reaching the optimizer step")
+        return ComputedRound(trl_trainer, recorder.gradient, len(rows))
 
     def _grpo_settings(self, seed: int) -> GRPOSettings:
         training = self.config.training
@@ -550,45 +700,6 @@ class SwarmTrainer:
             learning_rate=training.learning_rate,
             precision=self.config.precision,
         )
-
-    def _make_sft_trainer(self, rows: list[dict[str, Any]], optimizer: SwarmOptimizer, seed: int,
-                          learning_rate: float):
-        from trl import SFTConfig, SFTTrainer
-
-        training = self.config.training
-        total = len(rows)
-        micro = min(training.micro_batch_size or total, total)
-        if total % micro:
-            micro = total  # keep one round = exactly one optimizer step
-        args = SFTConfig(
-            output_dir=str(self.workdir / "trl"),
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=total // micro,
-            max_steps=1,
-            learning_rate=learning_rate,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,  # clipping happens on the averaged gradient, identically on every peer
-            logging_steps=1,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(),
-            seed=seed,
-            log_level="error",
-            bf16=self.config.model.dtype == "bfloat16" and torch.cuda.is_available(),
-            completion_only_loss=True,
-            max_length=self.config.model.max_positions,
-        )
-        trainer = SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=self.tokenizer,
-            optimizers=(optimizer, None),
-        )
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        return trainer
 
     def credits(self) -> dict[str, Balance]:
         """Every peer's balance in this peer's ledger copy (empty when the ledger is off)."""
@@ -604,7 +715,9 @@ class SwarmTrainer:
         """Every ``every`` epochs of progress, once per epoch: a round that failed or was skipped leaves the epoch
         where it was, and the model with it."""
         epoch = self.peer.epoch
-        return bool(every) and epoch > 0 and epoch % every == 0 and (self.evaluation or {}).get("epoch") != epoch
+        return (
+            bool(every) and epoch > 0 and epoch % every == 0 and (self.evaluation or {}).get("epoch") != epoch
+        )
 
     def evaluate(self) -> dict[str, Any] | None:
         """Score the current model on the recipe's held-out rows, greedy and sampled (swarm/training/evaluation.py),
@@ -615,15 +728,31 @@ class SwarmTrainer:
         self._emit("on_phase", f"evaluating epoch {self.peer.epoch} on held-out rows")
         training = self.config.training
         figures, examples = evaluate(
-            self.model, self.tokenizer, self.recipe, self.recipe.eval_rows(self.config.monitor.eval_rows),
-            training.max_completion_length or self.recipe.max_completion_length, training.temperature)
+            self.model,
+            self.tokenizer,
+            self.recipe,
+            self.recipe.eval_rows(self.config.monitor.eval_rows),
+            training.max_completion_length or self.recipe.max_completion_length,
+            training.temperature,
+        )
         self.evaluation = dict(epoch=self.peer.epoch, figures=figures, examples=examples)
-        with open(self.workdir / EVALUATIONS_FILE, "a") as out:  # the learning curve, for plots and bench/learning.py
-            out.write(json.dumps(dict(epoch=self.peer.epoch, samples=self.peer.samples, time=time.time(),
-                                      figures=figures)) + "\n")
-        logger.info(f"{self.identity.name} held-out at epoch {self.peer.epoch}: "
-                    + ", ".join(f"{key.removeprefix('eval/')}={value:.3f}" for key, value in figures.items()
-                                if key != "eval/rows"))
+        with open(
+            self.workdir / EVALUATIONS_FILE, "a"
+        ) as out:  # the learning curve, for plots and bench/learning.py
+            out.write(
+                json.dumps(
+                    dict(epoch=self.peer.epoch, samples=self.peer.samples, time=time.time(), figures=figures)
+                )
+                + "\n"
+            )
+        logger.info(
+            f"{self.identity.name} held-out at epoch {self.peer.epoch}: "
+            + ", ".join(
+                f"{key.removeprefix('eval/')}={value:.3f}"
+                for key, value in figures.items()
+                if key != "eval/rows"
+            )
+        )
         self._emit("on_eval", self.evaluation)
         return self.evaluation
 
@@ -649,8 +778,10 @@ def _signals_held(deliver: bool = True):
         yield
         return
     held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: held.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -671,4 +802,3 @@ def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-

@@ -1,4 +1,4 @@
-"""Verification: contributions are recorded, committed and audited by replay (see ``../shared/DESIGN.md`` §3)."""
+"""Verification: contributions are recorded, committed and audited by replay (see ``docs/design.md`` §2.2)."""
 
 from swarm.verify.replay import (
     Contribution,

@@ -1,7 +1,8 @@
 """The attack suite: cheating peers, for the offline benchmark (bench/verification.py), the tests and live demos.
 
 An :class:`Attack` changes a peer's GRPO step at four seams, used the same way offline
-(:func:`cheating_contribution`) and live by the swarm trainer:
+(:func:`cheating_contribution`) and live, where :class:`swarm.training.pipeline.CheatingPipeline` wraps them around
+the honest contribution pipeline (compute → commit → send, and announce):
 
 1. :meth:`Attack.compute_rows` — the rows it really computes on (default: the assigned ones);
 2. :meth:`Attack.reward_funcs` — the reward functions it scores with (default: the honest ones);
@@ -42,8 +43,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from swarm.node.state import param_checksum, tensors_hash
 from swarm.recipe import Recipe
-from swarm.training.state import param_checksum, tensors_hash
 from swarm.verify.replay import (
     Contribution,
     GradientRecorder,
@@ -69,7 +70,8 @@ class AttackContext:
     """What a cheating peer knows when it makes its contribution of one epoch."""
 
     rows: list[dict[str, Any]]  # the rows assigned to this peer for this epoch
-    unassigned_rows: Callable[[], list[dict[str, Any]]]  # rows NOT assigned to it (e.g. another seed), same count
+    # rows NOT assigned to it (e.g. another seed), same count
+    unassigned_rows: Callable[[], list[dict[str, Any]]]
     previous: Contribution | None  # this peer's own contribution of the previous epoch
     other: Callable[[], Contribution | None]  # another peer's contribution of this epoch (may return None)
     generator: torch.Generator  # randomness for the attack
@@ -104,15 +106,16 @@ class Attack:
         return contribution
 
     def deceive(self, peer: Any) -> None:
-        """Change what the peer (a :class:`~swarm.training.peer.SwarmPeer`, before it starts) announces in its
+        """Change what the peer (a :class:`~swarm.node.peer.SwarmPeer`, before it starts) announces in its
         status and serves to peers that download its state. Default: nothing."""
 
     def sent(self, gradient: list[torch.Tensor], context: AttackContext) -> list[torch.Tensor]:
         """What it really sends into averaging, given the gradient it committed to (default: that gradient)."""
         return gradient
 
-    def audit_verdict(self, kind: str, error: float | None,
-                      evidence: dict[str, Any]) -> tuple[str, float | None, dict[str, Any]]:
+    def audit_verdict(
+        self, kind: str, error: float | None, evidence: dict[str, Any]
+    ) -> tuple[str, float | None, dict[str, Any]]:
         """What it publishes as an auditor, given the verdict its honest replay reached (default: that verdict)."""
         return kind, error, evidence
 
@@ -191,7 +194,9 @@ class RandomDirection(_GradientAttack):
     name = "random"
 
     def change(self, gradient, context):
-        noise = [torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient]
+        noise = [
+            torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient
+        ]
         scale = _norm(gradient) / max(_norm(noise), 1e-30)
         return [n * scale for n in noise]
 
@@ -236,7 +241,9 @@ class Copy(Attack):
     def tamper(self, contribution, context):
         source = context.other() or context.previous
         if source is None:
-            return _claiming(contribution, context, gradient=[torch.zeros_like(g) for g in contribution.gradient])
+            return _claiming(
+                contribution, context, gradient=[torch.zeros_like(g) for g in contribution.gradient]
+            )
         return replace(
             source,
             state_hash=contribution.state_hash,
@@ -308,7 +315,8 @@ class ForgedRewards(Attack):
     def reward_funcs(self, honest):
         forged = [
             _ForgedRewardFunc(func, self.mode, self.generator)
-            if callable(func) and not isinstance(func, torch.nn.Module) else func
+            if callable(func) and not isinstance(func, torch.nn.Module)
+            else func
             for func in honest
         ]
         if not any(isinstance(func, _ForgedRewardFunc) for func in forged):
@@ -346,7 +354,7 @@ class LowerPrecision(Attack):
 
 
 class Alie(_GradientAttack):
-    """"A Little Is Enough" (Baruch et al., 2019): adds z * sigma to every coordinate, in one direction drawn once
+    """ "A Little Is Enough" (Baruch et al., 2019): adds z * sigma to every coordinate, in one direction drawn once
     and kept for every epoch (so the bias accumulates across steps), sigma estimated per tensor from the gradient's
     own magnitude (its RMS). z is set so that the shift is ``fraction`` of the gradient's norm (default 7.5%):
     small enough to pass a robust aggregator, far above the fp32 tolerance, so caught as ``gradient_mismatch``
@@ -376,7 +384,7 @@ class Alie(_GradientAttack):
 
 class TruncatedBackward(_GradientAttack):
     """Stops backpropagation half-way: sends zeros for the first half of the parameter tensors (embeddings and the
-    first layers, which a lazy peer never reaches), saving part of the backward pass. DESIGN §3 names "one block
+    first layers, which a lazy peer never reaches), saving part of the backward pass. docs/design.md §2.2 names "one block
     zeroed" among the mildest useful attacks; this is its compute-saving form. Caught as ``gradient_mismatch``."""
 
     name = "truncated_backward"
@@ -414,21 +422,20 @@ class EpochInflation(Attack):
         self.lead = lead
 
     def deceive(self, peer: Any) -> None:
-        honest_status = peer.status
+        lead = self.lead
 
-        def forged_snapshot() -> tuple[dict[str, Any], list[torch.Tensor]]:
-            with peer.lock:
-                tensors = [tensor.detach().clone() for tensor in peer.state.tensors()]
-                layout = peer.state.layout()
-                epoch = peer.epoch + self.lead
-            scrambled = [torch.full_like(tensor, 1e3) if tensor.is_floating_point() else tensor for tensor in tensors]
-            return dict(epoch=epoch, state_hash=tensors_hash(epoch, scrambled), layout=layout), scrambled
+        def served(metadata: dict[str, Any], tensors: list[torch.Tensor]):
+            epoch = metadata["epoch"] + lead
+            scrambled = [
+                torch.full_like(tensor, 1e3) if tensor.is_floating_point() else tensor for tensor in tensors
+            ]
+            return dict(metadata, epoch=epoch, state_hash=tensors_hash(epoch, scrambled)), scrambled
 
-        def forged_status():
-            metadata, _ = forged_snapshot()
-            return honest_status().model_copy(update=dict(epoch=metadata["epoch"], state_hash=metadata["state_hash"]))
+        def announced(status):
+            metadata, _ = peer.snapshot()  # the forged state: what it announces is what it serves
+            return status.model_copy(update=dict(epoch=metadata["epoch"], state_hash=metadata["state_hash"]))
 
-        peer.status, peer.snapshot = forged_status, forged_snapshot
+        peer.filter_announcements(status=announced, served=served)
 
 
 class FalseAccuser(Attack):
@@ -441,8 +448,9 @@ class FalseAccuser(Attack):
     name = "false_accuser"
     expected = Verdict.PASS  # its own contributions replay fine
 
-    def audit_verdict(self, kind: str, error: float | None,
-                      evidence: dict[str, Any]) -> tuple[str, float | None, dict[str, Any]]:
+    def audit_verdict(
+        self, kind: str, error: float | None, evidence: dict[str, Any]
+    ) -> tuple[str, float | None, dict[str, Any]]:
         forged = hashlib.sha256(repr((kind, error)).encode()).hexdigest()
         return Verdict.GRADIENT_MISMATCH.value, 0.5, dict(replayed_hash=forged, worst_index=0)
 
@@ -458,7 +466,9 @@ class SmallNoise(_GradientAttack):
         self.fraction = fraction
 
     def change(self, gradient, context):
-        noise = [torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient]
+        noise = [
+            torch.randn(g.shape, generator=context.generator, dtype=torch.float32).to(g) for g in gradient
+        ]
         scale = self.fraction * _norm(gradient) / max(_norm(noise), 1e-30)
         return [g + n * scale for g, n in zip(gradient, noise)]
 
@@ -466,14 +476,30 @@ class SmallNoise(_GradientAttack):
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
     for cls in (
-        FreeRider, Tiny, RandomDirection, SignFlip, ScaledUp, ScaledDown, Stale, PartialBatch, Copy, WrongData,
-        ForgedRewards, LowerPrecision, Alie, ForgedAdvantages, TruncatedBackward, SmallNoise,
+        FreeRider,
+        Tiny,
+        RandomDirection,
+        SignFlip,
+        ScaledUp,
+        ScaledDown,
+        Stale,
+        PartialBatch,
+        Copy,
+        WrongData,
+        ForgedRewards,
+        LowerPrecision,
+        Alie,
+        ForgedAdvantages,
+        TruncatedBackward,
+        SmallNoise,
     )
 }
 
 
 # attacks only a live swarm can show (they cheat in the all-reduce or in catch-up, which an offline replay does not see)
-LIVE_ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (SendMismatch, EpochInflation, FalseAccuser)}
+LIVE_ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (SendMismatch, EpochInflation, FalseAccuser)
+}
 
 
 def make_attack(name: str) -> Attack:

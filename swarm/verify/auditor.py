@@ -1,6 +1,6 @@
-"""The verification layer as one peer runs it (DESIGN §3 steps 4 and 7): commit, audit, re-check, ban.
+"""The verification layer as one peer runs it (docs/design.md §2, steps 4 and 7): commit, audit, re-check, ban.
 
-Per epoch, around :class:`~swarm.training.strategies.sync.SyncGradientAveraging`'s round:
+Per epoch, around the strategy's round (:meth:`swarm.training.trainer.SwarmTrainer.run_epoch`):
 
 1. :meth:`Verifier.remember_state` keeps the trainable parameters θ_e (auditors replay from them);
 2. :meth:`Verifier.commit` writes the contribution to ``WORKDIR/contributions/epoch-E.pt`` (served to auditors
@@ -8,7 +8,9 @@ Per epoch, around :class:`~swarm.training.strategies.sync.SyncGradientAveraging`
    with the all-reduce, so every group member knows what every other one committed to;
 3. after an averaged round, :meth:`Verifier.after_round` derives the audits from the round's beacon
    (:mod:`swarm.verify.selection`): the same on every member;
-4. :meth:`Verifier.process` runs this peer's audits: the primary ones at once; a re-check when the primary auditor
+4. :meth:`Verifier.process` runs this peer's audits — each one fetches the commitment and the served contribution
+   and runs the list of checks :data:`swarm.verify.checks.AUDIT_CHECKS` (this module is the protocol around
+   them, not the checks): the primary ones at once; a re-check when the primary auditor
    of a contribution this peer is assigned to re-check has failed it; a *takeover* by the first re-checker when
    the primary stays silent (its own all-reduce may have failed one-sidedly, so it never learnt the round's
    beacon): no verdict from it a whole round later, or, at the end of the run, once it left or after
@@ -41,19 +43,26 @@ import torch
 from swarm.config import SwarmConfig
 from swarm.network.compression import as_received, make_compression
 from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, VerdictBoard
+from swarm.node.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
+from swarm.node.rounds import Outcome, RoundResult
 from swarm.recipe import Recipe
 from swarm.sharing import SharingError, check_shared
-from swarm.training.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
-from swarm.training.state import tensors_hash
-from swarm.training.strategies.sync import Outcome, RoundResult
+from swarm.verify.checks import (
+    AUDIT_CHECKS,
+    GRADIENT_TOLERANCE,
+    TRANSIENT_FAILURES,
+    AuditCase,
+    Verdict,
+    run_checks,
+)
 from swarm.verify.commitment import (
     MalformedContribution,
-    commitment_mismatch,
     load_contribution,
     make_commitment,
     save_contribution,
 )
-from swarm.verify.replay import GRADIENT_TOLERANCE, Contribution, GRPOSettings, Replayer, Verdict
+from swarm.verify.contribution import Contribution
+from swarm.verify.replay import GRPOSettings, Replayer
 from swarm.verify.selection import AuditAssignment, assign_audits
 
 logger = logging.getLogger(__name__)
@@ -62,31 +71,10 @@ FETCH_RETRY_PAUSE = 0.5  # seconds between two requests for a contribution that 
 # a primary auditor audits right after its round: with no verdict from it by the end of the round after, it is
 # taken to be out of that round (one-sided all-reduce failure) and the first re-checker takes over
 TAKEOVER_AFTER_EPOCHS = 2
-UNSEEN_ROUND_QUORUM = 2  # distinct failing auditors before a peer outside the round bans (and the ledger slashes)
+# distinct failing auditors before a peer outside the round bans (and the ledger slashes)
+UNSEEN_ROUND_QUORUM = 2
 
 EVENTS_FILE = "audit_events.jsonl"
-UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
-MISSING_COMMITMENT = "missing_commitment"
-MALFORMED = "malformed"
-COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was committed
-WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
-WRONG_WEIGHT = "wrong_weight"  # it declared more samples to its group (its averaging weight) than it committed
-SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
-# failures that say the auditor could not get what it needed (yet), not that the contribution is wrong: they
-# neither decide this peer's own view nor make their auditor a false accuser
-TRANSIENT_FAILURES = frozenset({UNAVAILABLE, MISSING_COMMITMENT})
-SENT_TOLERANCE = 1e-3  # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
-
-
-def gradient_evidence(epoch: int, committed: list[torch.Tensor], replayed: list[torch.Tensor]) -> dict[str, Any]:
-    """What an auditor's verdict carries as evidence: the hash of the gradient it replayed, and the flat index
-    where that gradient differs most from the committed one (0 when they are equal or their sizes differ)."""
-    flat_replayed = torch.cat([t.reshape(-1).float() for t in replayed]) if replayed else torch.zeros(0)
-    flat_committed = torch.cat([t.reshape(-1).float() for t in committed]) if committed else torch.zeros(0)
-    worst = 0
-    if flat_replayed.numel() and flat_replayed.numel() == flat_committed.numel():
-        worst = int((flat_replayed - flat_committed).abs().nan_to_num(nan=float("inf")).argmax())
-    return dict(replayed_hash=tensors_hash(epoch, replayed), worst_index=worst)
 
 
 class VerificationObserver:
@@ -99,12 +87,18 @@ class VerificationObserver:
     def on_verdict(self, verdict: AuditVerdict) -> None:
         """This peer published ``verdict`` as an auditor."""
 
-    def on_final(self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict],
-                 current_epoch: int) -> None:
+    def on_final(
+        self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict], current_epoch: int
+    ) -> None:
         """The audit of ``assignment`` is decided (a majority of its auditors failed it, or it passed)."""
 
-    def on_false_accusation(self, assignment: AuditAssignment, verdict: AuditVerdict, accuser_commitment: str | None,
-                            current_epoch: int) -> None:
+    def on_false_accusation(
+        self,
+        assignment: AuditAssignment,
+        verdict: AuditVerdict,
+        accuser_commitment: str | None,
+        current_epoch: int,
+    ) -> None:
         """The weighted re-check refuted ``verdict``'s failure of ``assignment``: its auditor is a false accuser
         (``accuser_commitment``: the digest of its own commitment in that round, None if it was not a member)."""
 
@@ -134,9 +128,17 @@ class Verifier:
     :param settings: the swarm's GRPO settings (a contribution computed with other ones fails)
     """
 
-    def __init__(self, config: SwarmConfig, peer: SwarmPeer, recipe: Recipe, model: torch.nn.Module, tokenizer: Any,
-                 settings: GRPOSettings, observers: list[VerificationObserver] | None = None,
-                 attack: Any = None):
+    def __init__(
+        self,
+        config: SwarmConfig,
+        peer: SwarmPeer,
+        recipe: Recipe,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        settings: GRPOSettings,
+        observers: list[VerificationObserver] | None = None,
+        attack: Any = None,
+    ):
         self.config, self.peer, self.recipe = config, peer, recipe
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.verify = config.verify
@@ -145,7 +147,9 @@ class Verifier:
         self.stats = AuditStats()
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # epoch -> trainable parameters θ_e
         self.assignments: dict[int, list[AuditAssignment]] = {}
-        self.declared: dict[int, dict[str, float]] = {}  # epoch -> the weight each member declared to the group
+        self.declared: dict[
+            int, dict[str, float]
+        ] = {}  # epoch -> the weight each member declared to the group
         self.performed: set[tuple[int, str]] = set()  # (epoch, audited) this peer has judged
         self._unpublished: list[AuditVerdict] = []  # verdicts no DHT node stored yet
         self.finalized: set[tuple[int, str]] = set()
@@ -156,8 +160,11 @@ class Verifier:
         self.observers = list(observers or [])
         self._finishing_since: float | None = None  # when finish() started (takeovers then go by time)
         self._live: set[str] = set()  # the other live peers, as finish() last read them
-        self.round_digests: dict[int, dict[str, str]] = {}  # epoch -> every consensus member's commitment digest
-        self.attack = attack  # a cheating auditor (tests and demos): what it publishes instead of its verdicts
+        self.round_digests: dict[
+            int, dict[str, str]
+        ] = {}  # epoch -> every consensus member's commitment digest
+        # a cheating auditor (tests and demos): what it publishes instead of its verdicts
+        self.attack = attack
 
     def _notify(self, hook: str, *args: Any) -> None:
         for observer in self.observers:
@@ -169,9 +176,13 @@ class Verifier:
     def figures(self) -> dict[str, int]:
         """Counters for the dashboard, status file and trackers."""
         stats = self.stats
-        return dict(audits_done=stats.audits_done, cheats_found=stats.cheats_found,
-                    my_audits_passed=stats.my_audits_passed, my_audits_failed=stats.my_audits_failed,
-                    banned_peers=len(stats.banned))
+        return dict(
+            audits_done=stats.audits_done,
+            cheats_found=stats.cheats_found,
+            my_audits_passed=stats.my_audits_passed,
+            my_audits_failed=stats.my_audits_failed,
+            banned_peers=len(stats.banned),
+        )
 
     @property
     def me(self) -> str:
@@ -195,7 +206,9 @@ class Verifier:
         save_contribution(self.directory, epoch, contribution, keep_epochs=self.verify.audit_window)
         commitment = make_commitment(self.me, epoch, contribution, self.config.precision)
         if not self.commitments.publish(commitment):
-            logger.warning(f"epoch {epoch}: the commitment could not be stored in the DHT; auditors will fail it")
+            logger.warning(
+                f"epoch {epoch}: the commitment could not be stored in the DHT; auditors will fail it"
+            )
         return commitment
 
     def other_contribution(self, epoch: int, wait: float = 10.0) -> Contribution | None:
@@ -214,8 +227,11 @@ class Verifier:
         if result.outcome is not Outcome.AVERAGED or not result.commitments or result.averaged_digest is None:
             return []
         assignments = assign_audits(
-            result.epoch, result.commitments, result.averaged_digest,
-            self.verify.audit_probability, self.verify.recheck_auditors,
+            result.epoch,
+            result.commitments,
+            result.averaged_digest,
+            self.verify.audit_probability,
+            self.verify.recheck_auditors,
         )
         self.assignments[result.epoch] = assignments
         if self.observers:
@@ -224,8 +240,11 @@ class Verifier:
             except Exception as error:
                 logger.warning(f"Could not read commitments: {error!r}")
                 found = {}
-            members = {peer: found[peer] for peer, digest in result.commitments.items()
-                       if peer in found and found[peer].digest() == digest}
+            members = {
+                peer: found[peer]
+                for peer, digest in result.commitments.items()
+                if peer in found and found[peer].digest() == digest
+            }
             self._notify("on_round", result.epoch, members)
         self.declared[result.epoch] = dict(result.declared_samples)
         self.round_digests[result.epoch] = dict(result.commitments)
@@ -250,13 +269,18 @@ class Verifier:
                 if assignment.auditors[0] == self.me:
                     self._audit(assignment, "primary")
                 elif self.me in assignment.auditors:
-                    role = self._recheck_role(assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch)
+                    role = self._recheck_role(
+                        assignment, wait=epoch == current_epoch - 1, current_epoch=current_epoch
+                    )
                     if role:
                         self._audit(assignment, role)
                 else:
                     everything = self._read_verdicts(None) if everything is None else everything
-                    verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment, everything)
-                                if verdict.epoch == epoch}
+                    verdicts = {
+                        verdict.auditor: verdict
+                        for verdict in self._verdicts_for(assignment, everything)
+                        if verdict.epoch == epoch
+                    }
                     if self._disputed(assignment, verdicts, current_epoch):
                         self._audit(assignment, "recheck")
         self._finalize(current_epoch)
@@ -271,7 +295,9 @@ class Verifier:
             self._live = set(self.peer.other_peers())  # nobody waits for a peer that has crashed or left
             self.process(current_epoch)
             pending = [
-                assignment for assignments in self.assignments.values() for assignment in assignments
+                assignment
+                for assignments in self.assignments.values()
+                for assignment in assignments
                 if (assignment.epoch, assignment.audited) not in self.finalized
                 and (assignment.audited == self.me or self.me in assignment.panel)
                 and ({assignment.audited, *assignment.panel} - {self.me}) & self._live
@@ -295,16 +321,21 @@ class Verifier:
             return False
         overdue = current_epoch >= assignment.epoch + TAKEOVER_AFTER_EPOCHS or (
             self._finishing_since is not None
-            and (assignment.auditors[0] not in self._live
-                 or time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
+            and (
+                assignment.auditors[0] not in self._live
+                or time.monotonic() - self._finishing_since >= self.verify.fetch_timeout
+            )
         )
         return overdue and assignment.auditors[0] not in heard
 
     def _acting_primary(self, assignment: AuditAssignment, heard: set[str], current_epoch: int) -> str:
         """The auditor whose pass decides and whose failure calls for re-checks: the primary, or the first
         re-checker once the primary is silent (:meth:`_primary_silent`)."""
-        return assignment.auditors[1] if self._primary_silent(assignment, heard, current_epoch) else \
-            assignment.auditors[0]
+        return (
+            assignment.auditors[1]
+            if self._primary_silent(assignment, heard, current_epoch)
+            else assignment.auditors[0]
+        )
 
     def _recheck_role(self, assignment: AuditAssignment, wait: bool, current_epoch: int) -> str | None:
         """For a re-checker of ``assignment``: ``"takeover"`` when it is the acting primary, ``"recheck"`` when the
@@ -326,12 +357,16 @@ class Verifier:
             logger.warning(f"Could not read verdicts: {error!r}")
             return []
 
-    def _verdicts_for(self, assignment: AuditAssignment, found: list[AuditVerdict] | None = None) -> list[AuditVerdict]:
+    def _verdicts_for(
+        self, assignment: AuditAssignment, found: list[AuditVerdict] | None = None
+    ) -> list[AuditVerdict]:
         """The verdicts that count for ``assignment`` among ``found`` (default: read from the DHT now)."""
         found = self._read_verdicts(assignment.epoch) if found is None else found
         return [
-            verdict for verdict in found
-            if verdict.audited == assignment.audited and verdict.commitment == assignment.commitment
+            verdict
+            for verdict in found
+            if verdict.audited == assignment.audited
+            and verdict.commitment == assignment.commitment
             and verdict.auditor in assignment.panel
         ]
 
@@ -342,8 +377,11 @@ class Verifier:
                 key = (epoch, assignment.audited)
                 if key in self.finalized:
                     continue
-                verdicts = {verdict.auditor: verdict for verdict in self._verdicts_for(assignment, everything)
-                            if verdict.epoch == epoch}
+                verdicts = {
+                    verdict.auditor: verdict
+                    for verdict in self._verdicts_for(assignment, everything)
+                    if verdict.epoch == epoch
+                }
                 decision = self._decide(assignment, verdicts, current_epoch)
                 if decision is None:
                     continue
@@ -352,13 +390,17 @@ class Verifier:
                 if passed:
                     if assignment.audited == self.me:
                         self.stats.my_audits_passed += 1
-                    accusers = [verdict for verdict in counted
-                                if not verdict.passed and verdict.verdict not in TRANSIENT_FAILURES]
+                    accusers = [
+                        verdict
+                        for verdict in counted
+                        if not verdict.passed and verdict.verdict not in TRANSIENT_FAILURES
+                    ]
                     if accusers:
                         self._false_accusation(assignment, accusers, current_epoch)
                 else:
-                    self._final_failure(assignment, [verdict for verdict in counted if not verdict.passed],
-                                        current_epoch)
+                    self._final_failure(
+                        assignment, [verdict for verdict in counted if not verdict.passed], current_epoch
+                    )
                 self._notify("on_final", assignment, passed, counted, current_epoch)
         self._finalize_unseen_rounds(current_epoch, everything)
         self.stats.banned = sorted(peer for peer, until in self.bans.items() if until > current_epoch)
@@ -369,21 +411,27 @@ class Verifier:
     def _counts(verdict: AuditVerdict) -> bool:
         """A pass always counts; a gradient failure only with its evidence (the replayed gradient's hash and where
         it differs most), which any other auditor's replay confirms or refutes."""
-        return verdict.passed or verdict.verdict != Verdict.GRADIENT_MISMATCH.value or (
-            verdict.replayed_hash is not None and verdict.worst_index is not None)
+        return (
+            verdict.passed
+            or verdict.verdict != Verdict.GRADIENT_MISMATCH.value
+            or (verdict.replayed_hash is not None and verdict.worst_index is not None)
+        )
 
-    def _disputed(self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict], current_epoch: int) -> bool:
+    def _disputed(
+        self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict], current_epoch: int
+    ) -> bool:
         """Whether the acting primary failed ``assignment`` and an auditor called to re-check it passed it: the
         failure then goes to the round's other members too (``assignment.escalation``)."""
         acting = self._acting_primary(assignment, set(verdicts), current_epoch)
         primary = verdicts.get(acting)
         if primary is None or primary.passed or not self._counts(primary):
             return False
-        called = assignment.auditors[assignment.auditors.index(acting):]
+        called = assignment.auditors[assignment.auditors.index(acting) :]
         return any(verdicts[auditor].passed for auditor in called if auditor in verdicts)
 
-    def _decide(self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict],
-                current_epoch: int) -> tuple[bool, list[AuditVerdict]] | None:
+    def _decide(
+        self, assignment: AuditAssignment, verdicts: dict[str, AuditVerdict], current_epoch: int
+    ) -> tuple[bool, list[AuditVerdict]] | None:
         """(passed, the verdicts that decided) once ``assignment`` is decided, else None.
 
         Only verdicts the protocol calls for count: the acting primary's; once it failed the contribution, the
@@ -404,17 +452,28 @@ class Verifier:
             return None
         if primary.passed:
             return True, [primary]
-        called = list(assignment.auditors[assignment.auditors.index(acting):])  # a silent primary is not in it
+        # a silent primary is not in it
+        called = list(assignment.auditors[assignment.auditors.index(acting) :])
         electorate = called + list(assignment.escalation)
         if self._disputed(assignment, verdicts, current_epoch):
             called = electorate
-        counted = [verdicts[auditor] for auditor in called if auditor in verdicts and self._counts(verdicts[auditor])]
+        counted = [
+            verdicts[auditor] for auditor in called if auditor in verdicts and self._counts(verdicts[auditor])
+        ]
         own = verdicts.get(self.me)
-        if self.me in called and own is not None and self._counts(own) and own.verdict not in TRANSIENT_FAILURES:
+        if (
+            self.me in called
+            and own is not None
+            and self._counts(own)
+            and own.verdict not in TRANSIENT_FAILURES
+        ):
             return own.passed, counted
         if self._finishing_since is not None:  # nobody waits for an auditor that has left
-            electorate = [auditor for auditor in electorate
-                          if auditor in verdicts or auditor in self._live or auditor == self.me]
+            electorate = [
+                auditor
+                for auditor in electorate
+                if auditor in verdicts or auditor in self._live or auditor == self.me
+            ]
         weight = self.peer.trust.weight
         total = sum(weight(auditor) for auditor in electorate)
         failed = sum(weight(verdict.auditor) for verdict in counted if not verdict.passed)
@@ -425,26 +484,38 @@ class Verifier:
             return True, counted
         return None
 
-    def _false_accusation(self, assignment: AuditAssignment, accusers: list[AuditVerdict],
-                          current_epoch: int) -> None:
+    def _false_accusation(
+        self, assignment: AuditAssignment, accusers: list[AuditVerdict], current_epoch: int
+    ) -> None:
         """The weighted panel refuted a failure: each auditor that failed the contribution is banned here like a
         cheater, and the ledger slashes it (through :meth:`VerificationObserver.on_false_accusation`)."""
         digests = self.round_digests.get(assignment.epoch, {})
         for verdict in accusers:
             accuser = verdict.auditor
-            event = dict(time=time.time(), event="false_accusation", epoch=assignment.epoch, accuser=accuser,
-                         accused=assignment.audited, verdict=verdict.verdict, commitment=digests.get(accuser),
-                         banned_until_epoch=current_epoch + self.verify.ban_epochs)
+            event = dict(
+                time=time.time(),
+                event="false_accusation",
+                epoch=assignment.epoch,
+                accuser=accuser,
+                accused=assignment.audited,
+                verdict=verdict.verdict,
+                commitment=digests.get(accuser),
+                banned_until_epoch=current_epoch + self.verify.ban_epochs,
+            )
             with open(self.events_path, "a") as events:
                 events.write(json.dumps(event) + "\n")
             if accuser == self.me:
-                logger.error(f"epoch {assignment.epoch}: this peer's failing verdict on {assignment.audited} was "
-                             f"refuted by the re-check")
+                logger.error(
+                    f"epoch {assignment.epoch}: this peer's failing verdict on {assignment.audited} was "
+                    f"refuted by the re-check"
+                )
                 continue
             self.bans[accuser] = current_epoch + self.verify.ban_epochs
-            logger.warning(f"epoch {assignment.epoch}: {accuser} failed {assignment.audited}'s contribution "
-                           f"({verdict.verdict}) and the re-check refuted it: false accuser, banned for "
-                           f"{self.verify.ban_epochs} epochs")
+            logger.warning(
+                f"epoch {assignment.epoch}: {accuser} failed {assignment.audited}'s contribution "
+                f"({verdict.verdict}) and the re-check refuted it: false accuser, banned for "
+                f"{self.verify.ban_epochs} epochs"
+            )
             self._notify("on_false_accusation", assignment, verdict, digests.get(accuser), current_epoch)
 
     def _finalize_unseen_rounds(self, current_epoch: int, verdicts: list[AuditVerdict]) -> None:
@@ -459,9 +530,13 @@ class Verifier:
         failing: dict[tuple[int, str, str], dict[str, AuditVerdict]] = {}
         passing: dict[tuple[int, str, str], set[str]] = {}
         for verdict in verdicts:
-            if (verdict.epoch in self.assignments or verdict.audited == verdict.auditor
-                    or verdict.epoch <= current_epoch - self.verify.audit_window
-                    or (verdict.epoch, verdict.audited) in self.finalized or not self._counts(verdict)):
+            if (
+                verdict.epoch in self.assignments
+                or verdict.audited == verdict.auditor
+                or verdict.epoch <= current_epoch - self.verify.audit_window
+                or (verdict.epoch, verdict.audited) in self.finalized
+                or not self._counts(verdict)
+            ):
                 continue
             key = (verdict.epoch, verdict.audited, verdict.commitment)
             if verdict.passed:
@@ -492,20 +567,30 @@ class Verifier:
         wait = min(TAKEOVER_AFTER_EPOCHS, self.verify.audit_window - 1)
         return current_epoch >= epoch + wait or (
             self._finishing_since is not None
-            and time.monotonic() - self._finishing_since >= self.verify.fetch_timeout)
+            and time.monotonic() - self._finishing_since >= self.verify.fetch_timeout
+        )
 
-    def _final_failure(self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int) -> None:
+    def _final_failure(
+        self, assignment: AuditAssignment, failed: list[AuditVerdict], current_epoch: int
+    ) -> None:
         kinds = sorted({verdict.verdict for verdict in failed})
         event = dict(
-            time=time.time(), event="audit_failed", epoch=assignment.epoch, audited=assignment.audited,
-            commitment=assignment.commitment, verdicts=kinds, auditors=[verdict.auditor for verdict in failed],
+            time=time.time(),
+            event="audit_failed",
+            epoch=assignment.epoch,
+            audited=assignment.audited,
+            commitment=assignment.commitment,
+            verdicts=kinds,
+            auditors=[verdict.auditor for verdict in failed],
             banned_until_epoch=current_epoch + self.verify.ban_epochs,
         )
         with open(self.events_path, "a") as events:
             events.write(json.dumps(event) + "\n")
         if assignment.audited == self.me:
             self.stats.my_audits_failed += 1
-            logger.error(f"epoch {assignment.epoch}: this peer's contribution failed its audit ({', '.join(kinds)})")
+            logger.error(
+                f"epoch {assignment.epoch}: this peer's contribution failed its audit ({', '.join(kinds)})"
+            )
             return
         self.bans[assignment.audited] = current_epoch + self.verify.ban_epochs
         logger.warning(
@@ -525,18 +610,28 @@ class Verifier:
             kind, error, evidence = self._judge(assignment)
             if self.attack is not None:
                 kind, error, evidence = self.attack.audit_verdict(kind, error, evidence)
-        except Exception as failure:  # our own side failed (DHT, averager process): no verdict rather than a wrong one
+        except (
+            Exception
+        ) as failure:  # our own side failed (DHT, averager process): no verdict rather than a wrong one
             logger.warning(f"epoch {epoch}: could not audit {audited}: {type(failure).__name__}: {failure}")
             return
         verdict = AuditVerdict(
-            auditor=self.me, audited=audited, epoch=epoch, commitment=assignment.commitment, verdict=kind,
-            error=error if error is not None and math.isfinite(error) else None, role=role, **evidence,
+            auditor=self.me,
+            audited=audited,
+            epoch=epoch,
+            commitment=assignment.commitment,
+            verdict=kind,
+            error=error if error is not None and math.isfinite(error) else None,
+            role=role,
+            **evidence,
         )
         self.stats.audits_done += 1
         self.stats.cheats_found += int(not verdict.passed)
         log = logger.info if verdict.passed else logger.warning
-        log(f"epoch {epoch}: {role} audit of {audited}: {kind} (error {error if error is not None else 'n/a'}, "
-            f"{time.perf_counter() - started:.2f}s)")
+        log(
+            f"epoch {epoch}: {role} audit of {audited}: {kind} (error {error if error is not None else 'n/a'}, "
+            f"{time.perf_counter() - started:.2f}s)"
+        )
         self._publish_verdict(verdict)
         self._notify("on_verdict", verdict)
 
@@ -549,7 +644,9 @@ class Verifier:
             logger.warning(f"Could not publish a verdict: {error!r}")
             stored = False
         if not stored and verdict not in self._unpublished:
-            logger.warning(f"epoch {verdict.epoch}: the verdict on {verdict.audited} was not stored; retrying")
+            logger.warning(
+                f"epoch {verdict.epoch}: the verdict on {verdict.audited} was not stored; retrying"
+            )
             self._unpublished.append(verdict)
         return stored
 
@@ -559,54 +656,71 @@ class Verifier:
         return self._replay(assignment)
 
     def _replay(self, assignment: AuditAssignment) -> tuple[str, float | None, dict[str, Any]]:
+        """Fetch what ``assignment`` committed and served, and run :data:`~swarm.verify.checks.AUDIT_CHECKS` on it."""
         epoch, audited = assignment.epoch, assignment.audited
         commitment = self.commitments.fetch(epoch).get(audited)
         if commitment is None or commitment.digest() != assignment.commitment:
-            return MISSING_COMMITMENT, None, {}
+            return Verdict.MISSING_COMMITMENT.value, None, {}
         data = self._download_bytes(audited, epoch)
         if data is None:
-            return UNAVAILABLE, None, {}
+            return Verdict.UNAVAILABLE.value, None, {}
         try:
             contribution = load_contribution(data)
         except MalformedContribution as error:
             logger.info(f"epoch {epoch}: {audited} served a malformed contribution: {error}")
-            return MALFORMED, None, {}
-        if (field_name := commitment_mismatch(contribution, commitment)) is not None:
-            logger.info(f"epoch {epoch}: {audited}'s contribution does not match its committed {field_name}")
-            return COMMITMENT_MISMATCH, None, {}
-        if self.declared.get(epoch, {}).get(audited, 0.0) > commitment.samples:
-            return WRONG_WEIGHT, None, {}
-        sent_error = self._sent_error(epoch, audited, contribution.gradient)
-        if sent_error is not None and sent_error > SENT_TOLERANCE:
-            return SENT_MISMATCH, sent_error, {}
-        mine, theirs = self.settings, contribution.settings
-        if (mine.num_generations, mine.max_completion_length, mine.temperature) != (
-            theirs.num_generations, theirs.max_completion_length, theirs.temperature
-        ) or theirs.precision != commitment.precision or commitment.precision not in GRADIENT_TOLERANCE:
-            return WRONG_SETTINGS, None, {}
-        model = self._model_at(epoch)
+            return Verdict.MALFORMED.value, None, {}
+        shared_rows, shared_error = [], None
         try:  # rollout sharing: the last rows may be other peers' signed groups
-            shared_rows = check_shared(self.config, self.recipe, audited, epoch, contribution.shared_bundles,
-                                       contribution.shared_groups, contribution.completion_token_ids,
-                                       len(contribution.rows))
+            shared_rows = check_shared(
+                self.config,
+                self.recipe,
+                audited,
+                epoch,
+                contribution.shared_bundles,
+                contribution.shared_groups,
+                contribution.completion_token_ids,
+                len(contribution.rows),
+            )
         except SharingError as error:
-            logger.info(f"epoch {epoch}: {audited}'s shared rollouts are not acceptable: {error}")
-            return Verdict.WRONG_DATA.value, None, {}
-        rows = [*self.recipe.assigned_rows(self.config.run_id, audited, epoch,
-                                           len(contribution.rows) - len(shared_rows)), *shared_rows]
-        tolerance = self.verify.tolerance or GRADIENT_TOLERANCE[commitment.precision]
+            shared_error = f"shared rollouts are not acceptable: {error}"
+        rows = [
+            *self.recipe.assigned_rows(
+                self.config.run_id, audited, epoch, max(0, len(contribution.rows) - len(shared_rows))
+            ),
+            *shared_rows,
+        ]
+        model = self._model_at(epoch)
         if self._replayer is None:
             self._replayer = Replayer(model, self.tokenizer, self.recipe)
+        case = AuditCase(
+            contribution=contribution,
+            model=model,
+            rows=rows,
+            tolerance=self.verify.tolerance or GRADIENT_TOLERANCE.get(commitment.precision, 0.0),
+            trainer_for=self._replayer.trainer_for,
+            epoch=epoch,
+            audited=audited,
+            commitment=commitment,
+            declared_samples=self.declared.get(epoch, {}).get(audited, 0.0),
+            sent_error=lambda: self._sent_error(epoch, audited, contribution.gradient),
+            swarm_settings=self.settings,
+            shared_error=shared_error,
+        )
         try:
-            result = self._replayer.replay(contribution, rows=rows, tolerance=tolerance)
-        except Exception as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
-            logger.info(f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}")
-            return MALFORMED, None, {}
-        if result.verdict is Verdict.WRONG_STATE:
-            logger.info(f"epoch {epoch}: {audited} claims another state than the group's")
-        replayed = result.details.get("replayed_gradient")
-        return result.verdict.value, result.error, {} if replayed is None else gradient_evidence(
-            epoch, contribution.gradient, replayed)
+            result = run_checks(case, AUDIT_CHECKS)
+        except (
+            Exception
+        ) as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
+            logger.info(
+                f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}"
+            )
+            return Verdict.MALFORMED.value, None, {}
+        if result.verdict is not Verdict.PASS:
+            logger.info(
+                f"epoch {epoch}: {audited}: {result.verdict.value}"
+                + (f" ({case.details['reason']})" if "reason" in case.details else "")
+            )
+        return result.verdict.value, result.error, dict(result.evidence)
 
     def _sent_error(self, epoch: int, audited: str, gradient: list[torch.Tensor]) -> float | None:
         """Relative L2 error between what ``audited`` sent this peer in the all-reduce (the parts this peer
@@ -622,7 +736,7 @@ class Verifier:
         compression = make_compression(self.config.averaging.compression)
         diff = norm = 0.0
         for part in parts:
-            committed = flat[offset:offset + part.numel()]
+            committed = flat[offset : offset + part.numel()]
             offset += part.numel()
             if committed.numel() != part.numel():
                 return math.inf
@@ -640,7 +754,9 @@ class Verifier:
         deadline = time.monotonic() + self.verify.fetch_timeout
         while True:
             data = self.peer.averager.download_contribution(
-                peer_id, epoch, timeout=max(1.0, deadline - time.monotonic()),
+                peer_id,
+                epoch,
+                timeout=max(1.0, deadline - time.monotonic()),
                 max_bytes=int(self.verify.max_contribution_mb * 2**20),
             )
             if data is not None or time.monotonic() + FETCH_RETRY_PAUSE >= deadline:

@@ -1,4 +1,4 @@
-"""What a peer commits to before averaging, and the contribution file it serves to auditors (DESIGN §3 step 4).
+"""What a peer commits to before averaging, and the contribution file it serves to auditors (docs/design.md §2, step 4).
 
 A :class:`~swarm.network.records.Commitment` binds, by hashes, everything an auditor later replays: the model state
 the gradient was computed at, the rows, the rollouts with their claimed rewards and advantages, and the gradient
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from swarm.network.records import Commitment
-from swarm.training.state import tensors_hash
-from swarm.verify.replay import Contribution, GRPOSettings
+from swarm.node.state import tensors_hash
+from swarm.trl_adapter import GRPOSettings
+from swarm.verify.contribution import Contribution
 
 _TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "advantages")
 
@@ -46,8 +47,17 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 def rollouts_hash(contribution: Contribution) -> str:
     """sha256 over the rollouts' token ids, the shuffle order and the claimed rewards and advantages."""
     hasher = hashlib.sha256()
-    hasher.update(json.dumps([contribution.prompt_token_ids, contribution.completion_token_ids,
-                              contribution.order, contribution.reward_names, contribution.shared_groups]).encode())
+    hasher.update(
+        json.dumps(
+            [
+                contribution.prompt_token_ids,
+                contribution.completion_token_ids,
+                contribution.order,
+                contribution.reward_names,
+                contribution.shared_groups,
+            ]
+        ).encode()
+    )
     for canonical, signature in contribution.shared_bundles:
         hasher.update(hashlib.sha256(canonical).digest() + hashlib.sha256(signature).digest())
     for name in _TENSOR_FIELDS:
@@ -128,7 +138,9 @@ def save_contribution(directory: Path, epoch: int, contribution: Contribution, k
 def load_contribution(data: bytes) -> Contribution:
     """Parse a served contribution. :raises MalformedContribution: naming what is wrong"""
     try:
-        with warnings.catch_warnings():  # untrusted bytes may claim any pickle protocol; the error says enough
+        with (
+            warnings.catch_warnings()
+        ):  # untrusted bytes may claim any pickle protocol; the error says enough
             warnings.simplefilter("ignore")
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
@@ -146,27 +158,43 @@ def load_contribution(data: bytes) -> Contribution:
         for name in (*_TENSOR_FIELDS,):
             if not isinstance(payload[name], torch.Tensor):
                 raise MalformedContribution(f"{name} is not a tensor")
-        if not (isinstance(payload["gradient"], list) and all(isinstance(t, torch.Tensor) for t in payload["gradient"])):
+        if not (
+            isinstance(payload["gradient"], list)
+            and all(isinstance(t, torch.Tensor) for t in payload["gradient"])
+        ):
             raise MalformedContribution("gradient is not a list of tensors")
         for name in ("prompt_token_ids", "completion_token_ids"):
             value = payload[name]
-            if not (isinstance(value, list) and all(isinstance(ids, list) and all(isinstance(t, int) for t in ids)
-                                                   for ids in value)):
+            if not (
+                isinstance(value, list)
+                and all(isinstance(ids, list) and all(isinstance(t, int) for t in ids) for ids in value)
+            ):
                 raise MalformedContribution(f"{name} is not a list of token id lists")
         if not (isinstance(payload["order"], list) and all(isinstance(i, int) for i in payload["order"])):
             raise MalformedContribution("order is not a list of indices")
         if not (isinstance(payload["rows"], list) and all(isinstance(row, dict) for row in payload["rows"])):
             raise MalformedContribution("rows is not a list of rows")
-        if not (isinstance(payload["shared_bundles"], list)
-                and all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, bytes) for part in pair)
-                        for pair in payload["shared_bundles"])):
+        if not (
+            isinstance(payload["shared_bundles"], list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, bytes) for part in pair)
+                for pair in payload["shared_bundles"]
+            )
+        ):
             raise MalformedContribution("shared_bundles is not a list of [bundle, signature] byte pairs")
-        if not (isinstance(payload["shared_groups"], list)
-                and all(isinstance(pair, list) and len(pair) == 2 and all(type(i) is int for i in pair)
-                        for pair in payload["shared_groups"])):
+        if not (
+            isinstance(payload["shared_groups"], list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and all(type(i) is int for i in pair)
+                for pair in payload["shared_groups"]
+            )
+        ):
             raise MalformedContribution("shared_groups is not a list of [bundle, group] index pairs")
-        if not (isinstance(payload["param_names"], list) and isinstance(payload["reward_names"], list)
-                and isinstance(payload["state_hash"], str)):
+        if not (
+            isinstance(payload["param_names"], list)
+            and isinstance(payload["reward_names"], list)
+            and isinstance(payload["state_hash"], str)
+        ):
             raise MalformedContribution("param_names, reward_names or state_hash is malformed")
         return Contribution(**payload)
     except MalformedContribution:

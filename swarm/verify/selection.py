@@ -1,4 +1,4 @@
-"""Who is audited and by whom (DESIGN §3 step 7), decided by a beacon nobody can steer.
+"""Who is audited and by whom (docs/design.md §2, step 7), decided by a beacon nobody can steer.
 
 The beacon of a round hashes the commitment digests every group member exchanged before any gradient moved, and
 the averaged gradient the all-reduce produced (bit-identical on every member). A peer therefore cannot know
@@ -68,6 +68,13 @@ def assign_audits(
     for audited in sorted(digests):
         if is_selected(beacon, audited, probability) and len(digests) > 1:
             everyone = auditors_for(beacon, audited, digests, len(digests))
-            assignments.append(AuditAssignment(epoch, audited, digests[audited], tuple(everyone[:1 + rechecks]),
-                                               tuple(everyone[1 + rechecks:])))
+            assignments.append(
+                AuditAssignment(
+                    epoch,
+                    audited,
+                    digests[audited],
+                    tuple(everyone[: 1 + rechecks]),
+                    tuple(everyone[1 + rechecks :]),
+                )
+            )
     return assignments

@@ -1,58 +1,43 @@
-"""The default strategy: synchronous gradient averaging, one optimizer step per swarm epoch (DESIGN.md §3).
+"""The default strategy (``averaging.strategy: sync``): synchronous gradient averaging, one optimizer step per
+swarm epoch.
 
-One round, as :meth:`SyncGradientAveraging.finish_round` runs it once the local gradient is accumulated:
+One round, as :meth:`SyncGradientAveraging.round` runs it with the gradient the epoch computed:
 
 1. announce "ready for epoch e" and wait until every live peer at epoch e is ready too (a barrier through DHT
    records; a peer that has gone silent for ``peer_timeout`` is not waited for, nor anyone past ``round_timeout``);
 2. average the gradient with the group (weights = sample counts) — bit-identical on every member;
-3. every member whose (epoch, state hash) is the group's consensus applies the same step: θ_e → θ_{e+1}.
+3. every member whose (epoch, state hash) is the group's consensus gets the average as its update, and
+   :meth:`~swarm.training.strategies.base.GradientStep.step` applies the same step: θ_e → θ_{e+1}.
 
 A peer that finds the swarm ahead of it, or outside the group's consensus, discards its gradient and downloads
-the swarm's state instead; "the swarm" is what most live peers announce, so one peer claiming a later epoch is
-not followed while others agree (:meth:`SwarmPeer.swarm_target`). A peer with nobody else at its epoch steps on its own gradient. If averaging keeps
-failing until ``round_timeout`` the state is left untouched and the epoch is recomputed.
+the swarm's state instead; "the swarm" is what outweighs this peer (:meth:`SwarmPeer.swarm_target`), so
+identities without weight claiming a later epoch are not followed. A peer with nobody else at its epoch steps on
+its own gradient. If averaging keeps failing until ``round_timeout`` the state is left untouched and the epoch is
+recomputed.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from swarm.network.averager import RoundKey, round_key_of, weighted_consensus
 from swarm.network.records import PeerStatus
-from swarm.training.peer import POLL_INTERVAL, SwarmPeer
-from swarm.training.state import tensors_hash
+from swarm.node.peer import POLL_INTERVAL, SwarmPeer
+from swarm.node.rounds import Outcome, RoundResult
+from swarm.node.state import tensors_hash
+from swarm.training.strategies.base import GradientStep, RoundInput
 
 logger = logging.getLogger(__name__)
 
 RETRY_PAUSE = 1.0
 
 
-class Outcome(enum.Enum):
-    AVERAGED = "averaged"  # stepped on the group's average
-    SOLO = "solo"  # nobody else at this epoch: stepped on the local gradient
-    RESYNCED = "resynced"  # the swarm was elsewhere: gradient discarded, state downloaded
-    SKIPPED = "skipped"  # averaging failed until the round timeout: state untouched
-
-
-@dataclass
-class RoundResult:
-    outcome: Outcome
-    epoch: int  # the epoch the gradient was computed at
-    group_size: int = 1
-    # averaged rounds only: the commitment digest of every member in the group's consensus (peer id -> digest) and
-    # the hash of the averaged gradient, identical on every member (the audit beacon is made of both)
-    commitments: dict[str, str] = field(default_factory=dict)
-    averaged_digest: str | None = None
-    declared_samples: dict[str, float] = field(default_factory=dict)  # the weight each member declared to the group
-
-
-class SyncGradientAveraging:
-    """Turns a locally accumulated gradient into one swarm-wide optimizer step.
+class SyncGradientAveraging(GradientStep):
+    """Turns the gradient a peer computed into one swarm-wide optimizer step (see the module docstring).
 
     :param peer: the peer whose state, averager and status board are used
     :param optimizer: the local optimizer that applies the (averaged) gradient
@@ -60,25 +45,29 @@ class SyncGradientAveraging:
       identical on every peer
     """
 
-    def __init__(self, peer: SwarmPeer, optimizer: torch.optim.Optimizer, max_grad_norm: float):
-        self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
+    def __init__(
+        self, peer: SwarmPeer, optimizer: torch.optim.Optimizer, max_grad_norm: float, **options: Any
+    ):
+        super().__init__(peer, optimizer, max_grad_norm, **options)
         self.expected_group = 2
         self.catch_up_grace = 3 * peer.config.averaging.matchmaking_time
-        self._newcomer_wait: dict[str, float] = {}  # peer id without weight -> seconds the barrier waited for it
+        self._newcomer_wait: dict[
+            str, float
+        ] = {}  # peer id without weight -> seconds the barrier waited for it
         self._expected: set[str] = set()  # the other peers the last 'go' expected in the group
+        self._expected_in_step: set[str] = (
+            set()
+        )  # those of them that announced this peer's (epoch, state hash)
 
-    def finish_round(self, samples: int, commitment: str | None = None) -> RoundResult:
-        """Average the gradient in the parameters' ``.grad`` with the swarm and step (see the module docstring).
-
-        :param samples: the sample count this peer claims (its averaging weight, capped at ``max_weight``)
-        :param commitment: digest of this peer's published commitment, exchanged with the group before averaging
-        """
+    def round(self, work: RoundInput) -> RoundResult:
+        """Meet the swarm with ``work.gradient`` (see the module docstring); the result's ``update`` is the
+        gradient to step on (AVERAGED, SOLO), or None (RESYNCED, SKIPPED)."""
         peer, averaging = self.peer, self.peer.config.averaging
         peer.check_alive()
-        epoch = peer.epoch
-        params = peer.state.params
-        local = [p.grad.detach().to("cpu", copy=True) if p.grad is not None else torch.zeros_like(p, device="cpu")
-                 for p in params]
+        epoch, samples, commitment = work.epoch, work.samples, work.commitment
+        if epoch != peer.epoch:
+            raise ValueError(f"a gradient of epoch {epoch} handed to a round at epoch {peer.epoch}")
+        local = [grad.detach().to("cpu", copy=True) for grad in work.gradient]
         weight = float(min(samples, averaging.max_weight))
         deadline = time.monotonic() + averaging.round_timeout
         try:
@@ -86,34 +75,55 @@ class SyncGradientAveraging:
                 verdict = self._barrier(epoch, deadline)
                 if verdict == "behind":
                     if not peer.sync_with_swarm():
-                        time.sleep(RETRY_PAUSE)  # nobody served the state: do not spin on recomputing the epoch
+                        # nobody served the state: do not spin on recomputing the epoch
+                        time.sleep(RETRY_PAUSE)
                     return RoundResult(Outcome.RESYNCED, epoch)
                 if verdict == "alone":
-                    self._apply(local, epoch, samples)
-                    return RoundResult(Outcome.SOLO, epoch)
+                    return RoundResult(Outcome.SOLO, epoch, update=local, samples=samples)
                 averaging_started = time.monotonic()
                 gathered = self._average(local, epoch, weight, commitment)
+                if gathered is None:
+                    # hivemind's all-reduce can fail on one side only: the others then stepped with this peer's
+                    # gradient in their average, and theirs is the state it should have. Counting them as members
+                    # (the weight a successful round would have given them) lets the next barrier follow them
+                    # instead of stepping alone — which, for the first peer of a swarm, would fork it off
+                    peer.trust.note_round(epoch, self._expected_in_step)
                 self._charge_no_shows(gathered or {}, time.monotonic() - averaging_started)
                 if gathered is not None:
                     consensus = self._consensus(gathered)
                     if consensus != (epoch, peer.state_hash):
-                        holders = [str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus]
+                        holders = [
+                            str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus
+                        ]
                         peer.download_state(holders, consensus) or peer.sync_with_swarm()
                         return RoundResult(Outcome.RESYNCED, epoch, len(gathered))
                     with peer.averager.get_tensors() as averaged:
                         result = [tensor.clone() for tensor in averaged]
                     if all(torch.isfinite(tensor).all() for tensor in result):
-                        self._apply(result, epoch, samples)
-                        peer.trust.note_round(epoch, [str(pid) for pid, item in gathered.items()
-                                                      if round_key_of(item) == consensus])
+                        peer.trust.note_round(
+                            epoch,
+                            [str(pid) for pid, item in gathered.items() if round_key_of(item) == consensus],
+                        )
                         commitments = {
-                            str(pid): item["commitment"] for pid, item in gathered.items()
+                            str(pid): item["commitment"]
+                            for pid, item in gathered.items()
                             if round_key_of(item) == consensus and isinstance(item.get("commitment"), str)
                         }
-                        declared = {str(pid): item.get("samples") for pid, item in gathered.items()
-                                    if str(pid) in commitments and isinstance(item.get("samples"), int | float)}
-                        return RoundResult(Outcome.AVERAGED, epoch, len(gathered), commitments,
-                                           tensors_hash(epoch, result), declared)
+                        declared = {
+                            str(pid): item.get("samples")
+                            for pid, item in gathered.items()
+                            if str(pid) in commitments and isinstance(item.get("samples"), int | float)
+                        }
+                        return RoundResult(
+                            Outcome.AVERAGED,
+                            epoch,
+                            len(gathered),
+                            commitments,
+                            tensors_hash(epoch, result),
+                            declared,
+                            update=result,
+                            samples=samples,
+                        )
                     logger.warning(f"epoch {epoch}: the averaged gradient is not finite; retrying")
                 if time.monotonic() >= deadline:
                     logger.warning(f"epoch {epoch}: averaging failed until the round timeout; recomputing")
@@ -122,7 +132,7 @@ class SyncGradientAveraging:
                 # so that the next barrier sees them ahead and downloads their state instead of waiting for a group
                 time.sleep(RETRY_PAUSE)
         finally:
-            peer.ready_epoch = -1
+            peer.set_ready(None)
 
     def _barrier(self, epoch: int, deadline: float) -> str:
         """'go', 'alone' (no other live peer can join this epoch) or 'behind' (the swarm's state is at a later epoch:
@@ -141,8 +151,7 @@ class SyncGradientAveraging:
         they form. On 'go', ``self.expected_group`` is the number of peers expected in the group, this one
         included."""
         peer, trust = self.peer, self.peer.trust
-        peer.ready_epoch = epoch
-        peer.publish()
+        peer.set_ready(epoch)
         started = last = time.monotonic()
         waiting_on: list[str] = []
         catch_up_deadline = started + self.catch_up_grace
@@ -167,14 +176,22 @@ class SyncGradientAveraging:
             if not lagging and (not same or not can_reduce):
                 # the first peer of a swarm steps alone only when no newcomer at its epoch gets ready in the round:
                 # stepping ahead of them would leave it outside the group they then form without it
-                if not (founding and now < deadline and any(
+                if not (
+                    founding
+                    and now < deadline
+                    and any(
                         status.epoch == epoch and self._newcomer_budget(status.peer_id) > POLL_INTERVAL
-                        for status in others.values())):
+                        for status in others.values()
+                    )
+                ):
                     return "alone"
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
                 self._expected = {status.peer_id for status in same}
+                self._expected_in_step = {
+                    status.peer_id for status in same if status.state_hash == peer.state_hash
+                }
                 return "go"
             # while founding, nobody is charged: there is nobody else to wait for anyway
             waiting_on = [] if founding else [status.peer_id for status in unready]
@@ -200,7 +217,9 @@ class SyncGradientAveraging:
         while this peer is founding a swarm (a free identity that announces 'ready' and never comes must not hold
         a swarm's first epoch forever). It can still join a group it finds, and then it is a member."""
         joined = {str(peer_id) for peer_id in gathered}
-        charge = max(seconds, self.peer.config.averaging.matchmaking_time, self.peer.config.trust.newcomer_budget / 4)
+        charge = max(
+            seconds, self.peer.config.averaging.matchmaking_time, self.peer.config.trust.newcomer_budget / 4
+        )
         for peer_id in self._expected - joined:
             self._charge(peer_id, charge)
         self._expected = set()
@@ -220,16 +239,21 @@ class SyncGradientAveraging:
         weight = self.peer.trust.weight(peer_id)
         return max(1.0, weight) if peer_id == self.peer.peer_id else weight
 
-    def _average(self, local: list[torch.Tensor], epoch: int, weight: float, commitment: str | None) -> dict | None:
+    def _average(
+        self, local: list[torch.Tensor], epoch: int, weight: float, commitment: str | None
+    ) -> dict | None:
         peer, averaging = self.peer, self.peer.config.averaging
         with peer.averager.get_tensors() as buffers:
             for buffer, grad in zip(buffers, local):
                 buffer.copy_(grad)
         peer.averager.set_group_bits(format(epoch % 256, "08b"))
         if not peer.trust.counts_identities:
-            peer.averager.set_member_weights({peer_id: self._member_weight(peer_id)
-                                              for peer_id in [peer.peer_id, *peer.other_peers()]})
+            peer.averager.set_member_weights(
+                {peer_id: self._member_weight(peer_id) for peer_id in [peer.peer_id, *peer.other_peers()]}
+            )
         peer.averager.set_target_group_size(self.expected_group)
+        # only the peers the barrier expected at this epoch: one announcing another epoch must not take a place
+        peer.averager.set_admitted(self._expected)
         try:
             gathered = peer.averager.step(
                 gather=dict(epoch=epoch, state_hash=peer.state_hash, samples=weight, commitment=commitment),
@@ -241,15 +265,3 @@ class SyncGradientAveraging:
             logger.info(f"epoch {epoch}: averaging round failed ({type(error).__name__}: {error}); retrying")
             return None
         return gathered or None
-
-    def _apply(self, grads: list[torch.Tensor], epoch: int, samples: int) -> None:
-        peer = self.peer
-        with peer.lock:
-            for param, grad in zip(peer.state.params, grads):
-                param.grad = grad.to(param.device, param.dtype)
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(peer.state.params, self.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            peer.samples += samples
-            peer.set_state_changed(epoch + 1)

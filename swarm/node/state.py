@@ -61,7 +61,9 @@ class TrainingState:
         entries = []
         for index, param in enumerate(self.params):
             stats = self.optimizer.state.get(param, {})
-            entries.extend([index, key] for key in OPTIMIZER_TENSOR_KEYS if isinstance(stats.get(key), torch.Tensor))
+            entries.extend(
+                [index, key] for key in OPTIMIZER_TENSOR_KEYS if isinstance(stats.get(key), torch.Tensor)
+            )
         return entries
 
     def tensors(self) -> list[torch.Tensor]:
@@ -103,13 +105,20 @@ class TrainingState:
             if not value.is_floating_point():
                 raise ValueError(f"parameter of dtype {value.dtype}, expected a floating point tensor")
         for entry, value in zip(layout, tensors[len(params) :]):
-            if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], int)
-                    and 0 <= entry[0] < len(params) and entry[1] in OPTIMIZER_TENSOR_KEYS):
+            if not (
+                isinstance(entry, list | tuple)
+                and len(entry) == 2
+                and isinstance(entry[0], int)
+                and 0 <= entry[0] < len(params)
+                and entry[1] in OPTIMIZER_TENSOR_KEYS
+            ):
                 raise ValueError(f"bad optimizer state entry {entry!r}")
             expected = () if entry[1] == "step" else params[entry[0]].shape
             if tuple(value.shape) != tuple(expected):
-                raise ValueError(f"optimizer statistic {entry[1]} of parameter {entry[0]} has shape "
-                                 f"{tuple(value.shape)}, expected {tuple(expected)}")
+                raise ValueError(
+                    f"optimizer statistic {entry[1]} of parameter {entry[0]} has shape "
+                    f"{tuple(value.shape)}, expected {tuple(expected)}"
+                )
         with torch.no_grad():
             for param, value in zip(params, tensors):
                 param.copy_(value.to(param.dtype))

@@ -42,7 +42,7 @@ from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.ledger.anchor import anchor_meta, open_anchor
 from swarm.ledger.balances import Balance, balances
-from swarm.ledger.config import LEDGER_FILE, LedgerConfig, ledger_config
+from swarm.ledger.config import LEDGER_FILE, LedgerConfig, ledger_config, rules_of
 from swarm.ledger.entries import LedgerEntry, LedgerError, commitment_body
 from swarm.ledger.merkle import MerkleTree
 from swarm.ledger.store import DuplicateCredit, LedgerStore
@@ -82,11 +82,16 @@ class LedgerRecorder(VerificationObserver):
     :param settings: the ledger settings (default: ``config.ledger``)
     """
 
-    def __init__(self, config: SwarmConfig, identity: Identity, dht: hivemind.DHT | None,
-                 settings: LedgerConfig | None = None):
+    def __init__(
+        self,
+        config: SwarmConfig,
+        identity: Identity,
+        dht: hivemind.DHT | None,
+        settings: LedgerConfig | None = None,
+    ):
         self.config, self.identity, self.dht = config, identity, dht
         self.settings = settings if settings is not None else ledger_config(config)
-        self.rules = self.settings.rules(config)
+        self.rules = rules_of(config, self.settings)
         self.me = str(identity.peer_id)
         self.path = Path(config.workdir) / LEDGER_FILE
         self.anchor = open_anchor(self.settings, Path(config.workdir))
@@ -101,7 +106,9 @@ class LedgerRecorder(VerificationObserver):
         self._stop, self._wake = threading.Event(), threading.Event()
         self._sync_lock = threading.Lock()
         self._final = False
-        self._published: dict[int, tuple[int, float]] = {}  # first seq of a chunk -> (entries in it, when published)
+        self._published: dict[
+            int, tuple[int, float]
+        ] = {}  # first seq of a chunk -> (entries in it, when published)
         self._open_chunk = 0  # first seq of the chunk still being filled
         self._head_published: tuple[int, str, bool, float] | None = None
         self._reported: set[str] = set()  # rejections already logged
@@ -116,9 +123,11 @@ class LedgerRecorder(VerificationObserver):
         self.epoch = int(self._store.get_meta("epoch") or 0)
         samples = self.config.training.prompts_per_round * self.config.training.num_generations
         if not self.rules.deters(self.config.verify.audit_probability, samples):
-            logger.warning(f"ledger rules do not deter cheating: at audit probability "
-                           f"{self.config.verify.audit_probability} the expected slash on {samples} samples is below "
-                           f"their credit (raise ledger.slash_amount / slash_per_sample or verify.audit_probability)")
+            logger.warning(
+                f"ledger rules do not deter cheating: at audit probability "
+                f"{self.config.verify.audit_probability} the expected slash on {samples} samples is below "
+                f"their credit (raise ledger.slash_amount / slash_per_sample or verify.audit_probability)"
+            )
         if self.dht is None:
             return
         ttl = self.config.verify.audit_window * self.config.averaging.round_timeout * 2
@@ -142,8 +151,12 @@ class LedgerRecorder(VerificationObserver):
         finally:
             store.close()
 
-    def settle(self, timeout: float, live: Callable[[], Iterable[str]] | None = None,
-               waits_for: Callable[[str], bool] | None = None) -> bool:
+    def settle(
+        self,
+        timeout: float,
+        live: Callable[[], Iterable[str]] | None = None,
+        waits_for: Callable[[str], bool] | None = None,
+    ) -> bool:
         """At the end of training: announce that this peer has written everything, and keep replicating until every
         author whose head is known has done the same and its entries are here, or ``timeout`` seconds pass.
 
@@ -181,19 +194,27 @@ class LedgerRecorder(VerificationObserver):
                 local = store.heads()
                 online = None if live is None else set(live())
                 now = time.monotonic()
-                pending = [author for author, head in self.heads.items()
-                           if author != self.me and author not in self._stuck
-                           and not (head.final and local.get(author, -1) >= head.seq)
-                           and (head.final or online is None or author in online)
-                           and worth_waiting(author, local.get(author, -1), now)]
+                pending = [
+                    author
+                    for author, head in self.heads.items()
+                    if author != self.me
+                    and author not in self._stuck
+                    and not (head.final and local.get(author, -1) >= head.seq)
+                    and (head.final or online is None or author in online)
+                    and worth_waiting(author, local.get(author, -1), now)
+                ]
                 if not pending:
                     return True
                 if time.monotonic() >= deadline:
-                    waiting = ", ".join(f"{author} (head {self.heads[author].seq}"
-                                        f"{' final' if self.heads[author].final else ''}, have {local.get(author, -1)})"
-                                        for author in pending)
-                    logger.warning(f"ledger: {len(pending)} authors still writing or not replicated after "
-                                   f"{timeout:.0f}s: {waiting}")
+                    waiting = ", ".join(
+                        f"{author} (head {self.heads[author].seq}"
+                        f"{' final' if self.heads[author].final else ''}, have {local.get(author, -1)})"
+                        for author in pending
+                    )
+                    logger.warning(
+                        f"ledger: {len(pending)} authors still writing or not replicated after "
+                        f"{timeout:.0f}s: {waiting}"
+                    )
                     return False
                 time.sleep(min(1.0, self.settings.sync_interval))
 
@@ -207,10 +228,14 @@ class LedgerRecorder(VerificationObserver):
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():
-                logger.warning(f"ledger: replication still busy after {timeout:.0f}s; closing without waiting")
+                logger.warning(
+                    f"ledger: replication still busy after {timeout:.0f}s; closing without waiting"
+                )
             self._thread = None
         if self._store is not None:
-            if self._board is not None and self._sync_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            if self._board is not None and self._sync_lock.acquire(
+                timeout=max(0.0, deadline - time.monotonic())
+            ):
                 try:
                     self._publish(self._store)
                 except Exception as error:
@@ -219,8 +244,10 @@ class LedgerRecorder(VerificationObserver):
                     self._sync_lock.release()
             self._store.close()
             self._store = None
-        logger.info(f"ledger: {self.stats.written} entries written, {self.stats.pulled} pulled, "
-                    f"{self.stats.rejected} rejected, {self.stats.bytes_published} bytes published")
+        logger.info(
+            f"ledger: {self.stats.written} entries written, {self.stats.pulled} pulled, "
+            f"{self.stats.rejected} rejected, {self.stats.bytes_published} bytes published"
+        )
 
     # ---- verification hooks -------------------------------------------------------------------------------------
     def on_round(self, epoch: int, commitments: dict[str, Commitment]) -> None:
@@ -233,35 +260,66 @@ class LedgerRecorder(VerificationObserver):
         if mine is None:
             return
         others = sorted(c.digest() for peer, c in commitments.items() if peer != self.me)[:MAX_ATTESTED]
-        self._append(kind="contribution", subject=self.me, epoch=mine.epoch, samples=mine.samples,
-                     tokens=mine.tokens, credit=mine.samples * self.rules.credit_per_sample,
-                     refs=[mine.digest(), *others], commitment=commitment_body(mine))
+        self._append(
+            kind="contribution",
+            subject=self.me,
+            epoch=mine.epoch,
+            samples=mine.samples,
+            tokens=mine.tokens,
+            credit=mine.samples * self.rules.credit_per_sample,
+            refs=[mine.digest(), *others],
+            commitment=commitment_body(mine),
+        )
 
     def on_verdict(self, verdict: AuditVerdict) -> None:
         """Record an audit this peer performed, and a slash if the contribution failed it."""
         commitment = self._find_commitment(verdict.commitment, verdict.epoch, verdict.audited)
         if commitment is None:
-            logger.info(f"ledger: no commitment {verdict.commitment[:12]} of {verdict.audited}: audit not recorded")
+            logger.info(
+                f"ledger: no commitment {verdict.commitment[:12]} of {verdict.audited}: audit not recorded"
+            )
             return
         body = commitment_body(commitment)
         verdict_id = hashlib.sha256(json.dumps(verdict.model_dump(), sort_keys=True).encode()).hexdigest()
         refs = [verdict.commitment, verdict_id]
-        self._append(kind="audit", subject=verdict.audited, epoch=verdict.epoch, samples=commitment.samples,
-                     tokens=commitment.tokens, credit=self.rules.audit_credit, refs=refs, commitment=body)
+        self._append(
+            kind="audit",
+            subject=verdict.audited,
+            epoch=verdict.epoch,
+            samples=commitment.samples,
+            tokens=commitment.tokens,
+            credit=self.rules.audit_credit,
+            refs=refs,
+            commitment=body,
+        )
         if not verdict.passed:
             penalty = self.rules.slash_amount + commitment.samples * self.rules.slash_per_sample
-            self._append(kind="slash", subject=verdict.audited, epoch=verdict.epoch, samples=commitment.samples,
-                         credit=-penalty, refs=refs, commitment=body)
+            self._append(
+                kind="slash",
+                subject=verdict.audited,
+                epoch=verdict.epoch,
+                samples=commitment.samples,
+                credit=-penalty,
+                refs=refs,
+                commitment=body,
+            )
 
-    def on_final(self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict],
-                 current_epoch: int) -> None:
+    def on_final(
+        self, assignment: AuditAssignment, passed: bool, verdicts: list[AuditVerdict], current_epoch: int
+    ) -> None:
         """Record a ban when a contribution (not this peer's) finally failed its audit."""
         if not passed and assignment.audited != self.me:
-            self._append(kind="ban", subject=assignment.audited, epoch=assignment.epoch,
-                         refs=[assignment.commitment])
+            self._append(
+                kind="ban", subject=assignment.audited, epoch=assignment.epoch, refs=[assignment.commitment]
+            )
 
-    def on_false_accusation(self, assignment: AuditAssignment, verdict: AuditVerdict, accuser_commitment: str | None,
-                            current_epoch: int) -> None:
+    def on_false_accusation(
+        self,
+        assignment: AuditAssignment,
+        verdict: AuditVerdict,
+        accuser_commitment: str | None,
+        current_epoch: int,
+    ) -> None:
         """Slash and ban an auditor whose failing verdict the weighted re-check refuted, on its own commitment of that
         round (a slash needs a quorum of distinct writers, as any other)."""
         accuser = verdict.auditor
@@ -269,12 +327,21 @@ class LedgerRecorder(VerificationObserver):
             return
         commitment = self._find_commitment(accuser_commitment, verdict.epoch, accuser)
         if commitment is None:
-            logger.info(f"ledger: no commitment of false accuser {accuser} at epoch {verdict.epoch}: not slashed")
+            logger.info(
+                f"ledger: no commitment of false accuser {accuser} at epoch {verdict.epoch}: not slashed"
+            )
             return
         verdict_id = hashlib.sha256(json.dumps(verdict.model_dump(), sort_keys=True).encode()).hexdigest()
         penalty = self.rules.slash_amount + commitment.samples * self.rules.slash_per_sample
-        self._append(kind="slash", subject=accuser, epoch=verdict.epoch, samples=commitment.samples, credit=-penalty,
-                     refs=[accuser_commitment, verdict_id], commitment=commitment_body(commitment))
+        self._append(
+            kind="slash",
+            subject=accuser,
+            epoch=verdict.epoch,
+            samples=commitment.samples,
+            credit=-penalty,
+            refs=[accuser_commitment, verdict_id],
+            commitment=commitment_body(commitment),
+        )
         self._append(kind="ban", subject=accuser, epoch=verdict.epoch, refs=[accuser_commitment])
 
     def on_epoch_end(self, current_epoch: int) -> None:
@@ -371,8 +438,11 @@ class LedgerRecorder(VerificationObserver):
             return
         head_hash = store.rows_with_commitments(self.me, last)[0][0].hash
         final = self._final  # what is recorded as sent is what was sent
-        if self._head_published is None or self._head_published[:3] != (last, head_hash, final) \
-                or now - self._head_published[3] >= refresh:
+        if (
+            self._head_published is None
+            or self._head_published[:3] != (last, head_hash, final)
+            or now - self._head_published[3] >= refresh
+        ):
             if self._board.publish_head(LedgerHead(author=self.me, seq=last, hash=head_hash, final=final)):
                 self._head_published = (last, head_hash, final, now)
 
@@ -399,7 +469,9 @@ class LedgerRecorder(VerificationObserver):
                         self._stuck[author] = head.hash
                     break
 
-    def _ingest(self, store: LedgerStore, author: str, canonical: bytes, signature: bytes, body: bytes) -> bool:
+    def _ingest(
+        self, store: LedgerStore, author: str, canonical: bytes, signature: bytes, body: bytes
+    ) -> bool:
         """Verify and store one pulled entry; False (logged once) if it is refused."""
         try:
             entry = LedgerEntry.from_canonical(canonical, signature)

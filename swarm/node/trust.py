@@ -51,13 +51,17 @@ class Trust:
         self.roots = {me, *initial_peer_ids(config.network.initial_peers), *config.trust.peers}
         self.ledger_path, self.rules = ledger_path, rules
         self.ledger: dict[str, int] = {}  # peer id -> micro-credits (trusted peers only)
-        self.members: dict[str, int] = {}  # peer id -> last epoch it was a member of this peer's averaged round
+        self.members: dict[
+            str, int
+        ] = {}  # peer id -> last epoch it was a member of this peer's averaged round
         self.refused: set[str] = set()  # peers that served a state that failed validation: never weigh again
         self._refreshed_at = -float("inf")
         self._epoch = 0
         if ledger_path is None:
-            logger.warning("no ledger: peers are counted as identities, so this run is not Sybil-resistant "
-                           "(enable verify and ledger for weights that cost work)")
+            logger.warning(
+                "no ledger: peers are counted as identities, so this run is not Sybil-resistant "
+                "(enable verify and ledger for weights that cost work)"
+            )
 
     @property
     def counts_identities(self) -> bool:
@@ -66,8 +70,11 @@ class Trust:
     def refresh(self, current_epoch: int, force: bool = False) -> None:
         """Recompute ledger weights from the ledger copy (at most every ``refresh_seconds`` unless ``force``)."""
         self._epoch = current_epoch
-        self.members = {peer: epoch for peer, epoch in self.members.items()
-                        if epoch > current_epoch - self.settings.member_epochs}
+        self.members = {
+            peer: epoch
+            for peer, epoch in self.members.items()
+            if epoch > current_epoch - self.settings.member_epochs
+        }
         if self.ledger_path is None or self.rules is None or not self.ledger_path.is_file():
             return
         now = time.monotonic()
@@ -80,11 +87,13 @@ class Trust:
         except Exception as error:  # a busy or damaged database must not stop training: keep the last weights
             logger.warning(f"trust: could not read the ledger ({type(error).__name__}: {error})")
             return
-        self.ledger = trusted_weights(entries, self.rules, current_epoch, self.roots,
-                                      round(self.settings.min_credit * MICRO))
+        self.ledger = trusted_weights(
+            entries, self.rules, current_epoch, self.roots, round(self.settings.min_credit * MICRO)
+        )
 
     def note_round(self, epoch: int, members: Iterable[str]) -> None:
-        """The members of an averaged round of ``epoch`` (this peer's view of its consensus)."""
+        """The members of an averaged round of ``epoch`` (this peer's view of its consensus), or the peers at this
+        peer's state that a round of ``epoch`` whose all-reduce failed on this side was formed with."""
         for peer in members:
             if peer != self.me:
                 self.members[peer] = max(epoch, self.members.get(peer, epoch))
@@ -110,5 +119,7 @@ class Trust:
 
     def figures(self) -> dict[str, float | int]:
         """For the status file and trackers: how many peers have ledger weight, and this peer's own."""
-        return dict(trusted_peers=len([peer for peer, credit in self.ledger.items() if credit > 0]),
-                    my_weight=round(self.weight(self.me), 3))
+        return dict(
+            trusted_peers=len([peer for peer, credit in self.ledger.items() if credit > 0]),
+            my_weight=round(self.weight(self.me), 3),
+        )

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from swarm.training.trainer import EpochRecord, SwarmTrainer
+    from swarm.monitor.record import EpochMetrics
+    from swarm.training.trainer import SwarmTrainer
 
 
 class SwarmCallback:
@@ -19,8 +20,9 @@ class SwarmCallback:
     def on_phase(self, trainer: SwarmTrainer, phase: str) -> None:
         """The peer moved to another phase: 'computing epoch 3', 'averaging epoch 3', 'catching up', ..."""
 
-    def on_epoch_end(self, trainer: SwarmTrainer, record: EpochRecord) -> None:
-        """An epoch's round finished (see ``record.outcome``); ``trainer.peer`` holds the new state."""
+    def on_epoch_end(self, trainer: SwarmTrainer, metrics: EpochMetrics) -> None:
+        """An epoch finished; ``metrics`` is its one record (swarm/monitor/record.py: ``metrics.swarm["outcome"]``,
+        ``metrics.train["reward"]``, ``metrics.flat()`` for a tracker), what status.json and metrics.jsonl hold."""
 
     def on_completions(self, trainer: SwarmTrainer, samples: list[dict]) -> None:
         """A few of this epoch's rollouts, each ``{epoch, prompt, completion, reward, rewards: {function: value}}``

@@ -3,7 +3,7 @@
 The peer keeps the invariant the round relies on: whenever live peers that outweigh it agree on a state (later epoch,
 or the same epoch with a different hash), a peer that holds another one replaces its own with theirs — downloaded
 from one of them, and validated (names, shapes, finite values, the announced hash) before it is used. Weights come
-from :class:`~swarm.training.trust.Trust`: announcements of identities without weight change nothing.
+from :class:`~swarm.node.trust.Trust`: announcements of identities without weight change nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +31,48 @@ from swarm.network.records import PeerStatus, StatusBoard
 from swarm.network.run_records import RunAnnouncement, RunBoard
 from swarm.network.startup import StartStalled, start_retrying
 from swarm.network.validation import RecordBounds
+from swarm.node.state import TrainingState
+from swarm.node.trust import Trust
 from swarm.shared_settings import fingerprint, shared_settings
-from swarm.training.state import TrainingState
-from swarm.training.trust import Trust
 
-CONTRIBUTION_DIR = "contributions"  # WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
+# WORKDIR/contributions/epoch-E.pt: kept for auditors, served by the averager
+CONTRIBUTION_DIR = "contributions"
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
 NEWER_STATE_WAIT = 3.0  # how long a peer waits for the swarm to announce a state a holder served
-MAX_PUBLISH_FAILURES = 6  # consecutive failed status updates (two peer timeouts of heartbeats) = lost the swarm
+# consecutive failed status updates (two peer timeouts of heartbeats) = lost the swarm
+MAX_PUBLISH_FAILURES = 6
 
 
 def _quiet_lost_daemon(args: threading.ExceptHookArgs) -> None:
     """Ctrl+C in a terminal also stops p2pd; hivemind's averager thread then dies on the missing socket while
     shutting down. That is expected and not actionable, so it is logged at debug level instead of a traceback."""
-    if args.thread is not None and "_run_internal" in args.thread.name and isinstance(args.exc_value, OSError):
+    if (
+        args.thread is not None
+        and "_run_internal" in args.thread.name
+        and isinstance(args.exc_value, OSError)
+    ):
         logger.debug(f"hivemind averager thread stopped: {args.exc_value!r}")
         return
     _default_excepthook(args)
 
 
 _default_excepthook = threading.excepthook
+
+
+Snapshot = tuple[dict[str, Any], list[torch.Tensor]]
+Announced = Callable[[PeerStatus], PeerStatus]
+Served = Callable[[dict[str, Any], list[torch.Tensor]], Snapshot]
+
+
+def _unchanged_status(status: PeerStatus) -> PeerStatus:
+    return status
+
+
+def _unchanged_state(metadata: dict[str, Any], tensors: list[torch.Tensor]) -> Snapshot:
+    return metadata, tensors
 
 
 class SwarmPeer:
@@ -64,18 +84,28 @@ class SwarmPeer:
     :param epoch: the epoch ``state`` is at (0, or the epoch of a resumed checkpoint)
     """
 
-    def __init__(self, config: SwarmConfig, identity: Identity, state: TrainingState, epoch: int = 0,
-                 trust: Trust | None = None):
+    def __init__(
+        self,
+        config: SwarmConfig,
+        identity: Identity,
+        state: TrainingState,
+        epoch: int = 0,
+        trust: Trust | None = None,
+        samples: int = 0,
+    ):
         self.config, self.identity, self.state = config, identity, state
         # without a ledger given, peers count as identities (tests of the decisions; the trainer passes its own)
         self.trust = trust if trust is not None else Trust(str(identity.peer_id), config, None, None)
-        self.lock = threading.RLock()  # held while the state changes, so snapshots served to peers are consistent
+        # held while the state changes, so snapshots served to peers are consistent
+        self.lock = threading.RLock()
         self.epoch = epoch
         self.state_hash = state.state_hash(epoch)
-        self.samples = 0
+        # computed by this peer in the rounds it stepped on (a resumed peer's included)
+        self.samples = samples
         self.last_reward: float | None = None
         self.ready_epoch = -1
-        self.banned: frozenset[str] = frozenset()  # peers this peer refuses to wait for, average with or load from
+        # peers this peer refuses to wait for, average with or load from
+        self.banned: frozenset[str] = frozenset()
         self.settings = shared_settings(config)
         self.fingerprint = fingerprint(self.settings)
         self.foreign: set[str] = set()  # peers of this run id announcing other shared settings: never counted
@@ -84,6 +114,9 @@ class SwarmPeer:
         self._publish_failures = 0
         self._seen: dict[str, tuple[float, PeerStatus]] = {}  # peer id -> (when last read, status)
         self._heartbeat: threading.Thread | None = None
+        # what this peer announces and serves: itself, unless a cheater of the attack suite filters it
+        self._status_filter: Announced = _unchanged_status
+        self._state_filter: Served = _unchanged_state
 
     @property
     def peer_id(self) -> str:
@@ -98,8 +131,13 @@ class SwarmPeer:
         averaging = self.config.averaging
         reason = resolve_client_mode(self.config.network)
         logger.info(f"client mode {'on' if self.config.network.client_mode else 'off'}: {reason}")
-        self.dht = start_dht(self.config.network, self.identity, self.config.workdir, run_id=self.config.run_id,
-                             record_bounds=RecordBounds.from_config(self.config))
+        self.dht = start_dht(
+            self.config.network,
+            self.identity,
+            self.config.workdir,
+            run_id=self.config.run_id,
+            record_bounds=RecordBounds.from_config(self.config),
+        )
         self.board = StatusBoard(self.dht, self.config.run_id, self.identity, ttl=averaging.peer_timeout)
         self.runs = RunBoard(self.dht, self.identity, ttl=averaging.peer_timeout)
         buffers = [torch.zeros_like(param, device="cpu") for param in self.state.params]
@@ -169,7 +207,23 @@ class SwarmPeer:
             self.dht = None
 
     # ---- status -----------------------------------------------------------------------------------------------
+    def filter_announcements(
+        self,
+        status: Announced | None = None,
+        served: Served | None = None,
+    ) -> None:
+        """Pass what this peer announces (its status record) and what it serves to peers that download its state
+        through ``status`` and ``served``. The seam of the attack suite's cheaters that lie about their state
+        (:mod:`swarm.verify.attacks`); an honest peer never calls it. Call before :meth:`start`."""
+        if status is not None:
+            self._status_filter = status
+        if served is not None:
+            self._state_filter = served
+
     def status(self) -> PeerStatus:
+        return self._status_filter(self._status())
+
+    def _status(self) -> PeerStatus:
         return PeerStatus(
             peer_id=self.peer_id,
             name=self.identity.name,
@@ -196,8 +250,14 @@ class SwarmPeer:
             stored = False
         self._publish_failures = 0 if stored else self._publish_failures + 1
         try:  # what a joiner reads to land in this run (swarm/network/run_records.py)
-            self.runs.publish(RunAnnouncement(peer_id=self.peer_id, run_id=self.config.run_id,
-                                              fingerprint=self.fingerprint, settings=self.settings))
+            self.runs.publish(
+                RunAnnouncement(
+                    peer_id=self.peer_id,
+                    run_id=self.config.run_id,
+                    fingerprint=self.fingerprint,
+                    settings=self.settings,
+                )
+            )
         except Exception as error:
             logger.debug(f"Could not announce the run: {error!r}")
 
@@ -232,10 +292,12 @@ class SwarmPeer:
                 self._seen.pop(peer_id, None)
                 if peer_id not in self.foreign:
                     self.foreign.add(peer_id)
-                    logger.warning(f"{status.name} ({peer_id}) is in run {self.config.run_id!r} with other shared "
-                                   f"settings (fingerprint {status.fingerprint or 'none'}, this peer's "
-                                   f"{self.fingerprint}): not averaged with; `swarm doctor --join` with its "
-                                   f"address names the differences")
+                    logger.warning(
+                        f"{status.name} ({peer_id}) is in run {self.config.run_id!r} with other shared "
+                        f"settings (fingerprint {status.fingerprint or 'none'}, this peer's "
+                        f"{self.fingerprint}): not averaged with; `swarm doctor --join` with its "
+                        f"address names the differences"
+                    )
                     self._update_averager_bans()
         now = time.monotonic()
         for peer_id, status in fresh.items():
@@ -274,8 +336,10 @@ class SwarmPeer:
         while True:
             others = self.other_peers()
             target = self.swarm_target(others)
-            online = 1 + sum(status.epoch <= self.epoch or (target is not None and status.epoch == target[0])
-                             for status in others.values())
+            online = 1 + sum(
+                status.epoch <= self.epoch or (target is not None and status.epoch == target[0])
+                for status in others.values()
+            )
             if online >= count or time.monotonic() >= deadline or self._stop.is_set():
                 return online
             time.sleep(POLL_INTERVAL)
@@ -286,15 +350,35 @@ class SwarmPeer:
         another one. Identities without weight announcing they lag do not hold it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stop.is_set():
-            if not any(status.epoch < self.epoch and self.trust.known(peer_id)
-                       for peer_id, status in self.other_peers().items()):
+            if not any(
+                status.epoch < self.epoch and self.trust.known(peer_id)
+                for peer_id, status in self.other_peers().items()
+            ):
                 return
             time.sleep(POLL_INTERVAL)
 
     # ---- state --------------------------------------------------------------------------------------------------
     def snapshot(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """(metadata, tensors) of this peer's state, as served to peers that download it."""
         with self.lock:
-            return self.state.snapshot(self.epoch)
+            return self._state_filter(*self.state.snapshot(self.epoch))
+
+    def set_ready(self, epoch: int | None) -> None:
+        """Announce that this peer's contribution to the round of ``epoch`` is ready (published at once), or, with
+        None, that it is in no round (published with the next status)."""
+        self.ready_epoch = -1 if epoch is None else epoch
+        if epoch is not None:
+            self.publish()
+
+    def note_reward(self, reward: float | None) -> None:
+        """The mean reward of this peer's last epoch, for its status (None: the round had none)."""
+        self.last_reward = reward
+
+    def advance(self, epoch: int, samples: int) -> None:
+        """After a step: the state is now at ``epoch``, with ``samples`` more computed by this peer."""
+        with self.lock:
+            self.samples += samples
+            self.set_state_changed(epoch)
 
     def set_state_changed(self, epoch: int) -> None:
         """Call after the parameters changed (a step or a load) to re-hash and re-announce the state."""
@@ -305,8 +389,11 @@ class SwarmPeer:
 
     def _support(self, key: RoundKey, others: dict[str, PeerStatus], excluding: str | None = None) -> float:
         """The total weight of the live peers in ``others`` (but ``excluding``) that announce ``key``."""
-        return sum(self.trust.weight(peer_id) for peer_id, status in others.items()
-                   if (status.epoch, status.state_hash) == key and peer_id != excluding)
+        return sum(
+            self.trust.weight(peer_id)
+            for peer_id, status in others.items()
+            if (status.epoch, status.state_hash) == key and peer_id != excluding
+        )
 
     def _announced_by(self, key: RoundKey, support: float, excluding: str | None = None) -> bool:
         """Whether live peers other than ``excluding`` of total weight at least ``support`` announce ``key``,
@@ -355,8 +442,10 @@ class SwarmPeer:
         # (a newcomer follows the swarm it joined), or, at this epoch, the smaller hash; never a far-ahead claim
         if best[0] == self.epoch + 1 or best[0] == self.epoch and best[1] < mine[1]:
             return best
-        backed = any(peer_id in self.trust.roots and (status.epoch, status.state_hash) == best
-                     for peer_id, status in others.items())
+        backed = any(
+            peer_id in self.trust.roots and (status.epoch, status.state_hash) == best
+            for peer_id, status in others.items()
+        )
         return best if best[0] > self.epoch and backed else None
 
     def sync_with_swarm(self, others: dict[str, PeerStatus] | None = None) -> bool:
@@ -365,13 +454,20 @@ class SwarmPeer:
         target = self.swarm_target(others)
         if target is None:
             return False
-        holders = [peer_id for peer_id, status in others.items()
-                   if (status.epoch, status.state_hash) == target and self.trust.known(peer_id)]
-        logger.info(f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading")
+        holders = [
+            peer_id
+            for peer_id, status in others.items()
+            if (status.epoch, status.state_hash) == target and self.trust.known(peer_id)
+        ]
+        logger.info(
+            f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading"
+        )
         if self.download_state(holders, target):
             return True
-        logger.warning(f"{self.identity.name}: no holder served an acceptable state of epoch {target[0]}; keeping"
-                       f" this peer's own (epoch {self.epoch})")
+        logger.warning(
+            f"{self.identity.name}: no holder served an acceptable state of epoch {target[0]}; keeping"
+            f" this peer's own (epoch {self.epoch})"
+        )
         return False
 
     def download_state(self, holders: list[str], target: RoundKey) -> bool:
@@ -382,10 +478,14 @@ class SwarmPeer:
         their statuses). Any other state — one a holder alone vouches for — is refused, so a holder cannot make
         this peer load something the swarm did not announce. A served state that fails validation (names,
         shapes, non-finite values, its hash) is refused and its holder loses all weight (:meth:`Trust.refuse`)."""
-        holders = [peer_id for peer_id in holders if peer_id not in self.banned and peer_id not in self.trust.refused]
+        holders = [
+            peer_id for peer_id in holders if peer_id not in self.banned and peer_id not in self.trust.refused
+        ]
         support = max(1.0, sum(self.trust.weight(peer_id) for peer_id in holders))
         for peer_id in random.sample(holders, len(holders)):
-            result = self.averager.download_state(PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout)
+            result = self.averager.download_state(
+                PeerID.from_base58(peer_id), timeout=self.config.averaging.allreduce_timeout
+            )
             if result is None:
                 continue
             metadata, tensors = result
@@ -394,10 +494,13 @@ class SwarmPeer:
                 continue
             # a later state must be vouched for by others than the holder that serves it (a liar vouches for itself)
             vouch = max(1.0, support - self.trust.weight(peer_id))
-            if served != tuple(target) and not (served[0] > target[0]
-                                                and self._announced_by(served, vouch, excluding=peer_id)):
-                logger.warning(f"Refused the state served by {peer_id}: epoch {served[0]} hash {served[1][:12]} is"
-                               f" not the announced epoch {target[0]} hash {target[1][:12]}")
+            if served != tuple(target) and not (
+                served[0] > target[0] and self._announced_by(served, vouch, excluding=peer_id)
+            ):
+                logger.warning(
+                    f"Refused the state served by {peer_id}: epoch {served[0]} hash {served[1][:12]} is"
+                    f" not the announced epoch {target[0]} hash {target[1][:12]}"
+                )
                 continue
             try:
                 with self.lock:

@@ -1,0 +1,367 @@
+"""Verification as a list of checks: each looks at one claim of an audited contribution and either lets it pass
+(None) or fails it with one :class:`Verdict`. The first failing check decides; a contribution that passes them
+all is ``pass``. Adding a check is adding one class to :data:`AUDIT_CHECKS` (or :data:`REPLAY_CHECKS`).
+
+Two lists, because two callers judge contributions:
+
+* :data:`REPLAY_CHECKS` — what an offline replay can tell from the contribution and the model alone (the state it
+  claims, its data, rewards, advantages and gradient): :func:`swarm.verify.replay.replay_gradient`, the
+  :class:`~swarm.verify.replay.Replayer`, tests and ``bench/verification.py``;
+* :data:`AUDIT_CHECKS` — what a live auditor checks first from the round (the contribution is the committed one,
+  the weight it declared, what it sent, its settings, the shared rollouts it used), then the replay checks.
+
+The audit *protocol* — who audits what, re-checks, takeovers, bans, false accusations — is
+:class:`swarm.verify.auditor.Verifier`, which builds an :class:`AuditCase` and runs the list.
+
+The replay itself (one TRL step on the committed rollouts from the committed state, through
+:mod:`swarm.trl_adapter`) runs at most once per case, when the first check that needs it asks
+(:meth:`ReplayCase.replayed`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+
+from swarm.network.records import Commitment
+from swarm.node.state import param_checksum, tensors_hash
+from swarm.trl_adapter import GradientRecorder, GRPOSettings, RolloutMismatch, TrainerRecord
+from swarm.verify.commitment import commitment_mismatch
+from swarm.verify.contribution import Contribution
+
+
+class Verdict(enum.StrEnum):
+    """Every verdict an audit can reach (its value is what a published :class:`AuditVerdict` carries)."""
+
+    PASS = "pass"
+    # the auditor could not get what it needed (yet): see TRANSIENT_FAILURES
+    UNAVAILABLE = "unavailable"  # the audited peer did not serve its contribution in time
+    MISSING_COMMITMENT = "missing_commitment"  # no commitment of the audited peer with the round's digest
+    # the contribution is at fault
+    MALFORMED = "malformed"  # what was served cannot be read, or breaks the replay
+    COMMITMENT_MISMATCH = "commitment_mismatch"  # what was served is not what was committed
+    # it declared more samples to its group (its averaging weight) than it committed
+    WRONG_WEIGHT = "wrong_weight"
+    SENT_MISMATCH = "sent_mismatch"  # what it sent into averaging is not the gradient it committed to
+    WRONG_SETTINGS = "wrong_settings"  # computed with other GRPO settings than the swarm's
+    WRONG_STATE = "wrong_state"  # the auditor's model is not the state the contribution claims
+    # the rollouts' prompts are not the assigned rows (or the rollouts are malformed)
+    WRONG_DATA = "wrong_data"
+    FORGED_REWARDS = "forged_rewards"  # the claimed rewards are not what the recipe's reward functions give
+    FORGED_ADVANTAGES = "forged_advantages"  # the claimed advantages do not follow from the rewards
+    GRADIENT_MISMATCH = "gradient_mismatch"  # the claimed gradient is not the gradient of those rollouts
+
+
+# failures that say the auditor could not get what it needed (yet), not that the contribution is wrong: they
+# neither decide this peer's own view nor make their auditor a false accuser
+TRANSIENT_FAILURES = frozenset({Verdict.UNAVAILABLE, Verdict.MISSING_COMMITMENT})
+
+REWARD_TOLERANCE = 1e-6  # absolute, per reward: reward functions are deterministic Python
+# absolute, per completion: same rewards give the same advantages up to float rounding
+ADVANTAGE_TOLERANCE = 1e-5
+# relative L2 for a replay with the peer's micro-batch split and order; honest fp32 replays measure 0..1e-6
+# per declared precision class. bench/verification.py measures (CPU, tiny model): replays in the same class are
+# bitwise exact (error 0) whatever the thread count; across classes bf16 -> fp32 differs by <= 5.9e-3 and
+# fp16 -> fp32 by <= 7.5e-4, which bounds what other hardware and kernels may add; the mildest attacks are >= 3.7e-3
+# (lower_precision, caught only when fp32 is declared) and 1e-2 (small_noise, which a bf16 declaration lets pass)
+GRADIENT_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-3}
+OTHER_SPLIT_TOLERANCE = 1e-2  # fp32 replay with another micro-batch split: honest ones measure ~2e-3
+# relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
+SENT_TOLERANCE = 1e-3
+
+
+# ---- comparisons ----------------------------------------------------------------------------------------------------
+def relative_error(claimed: Sequence[torch.Tensor], replayed: Sequence[torch.Tensor]) -> float:
+    """||claimed - replayed|| / ||replayed|| over all tensors (float64); inf when shapes differ."""
+    if len(claimed) != len(replayed) or any(a.shape != b.shape for a, b in zip(claimed, replayed)):
+        return math.inf
+    diff = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(claimed, replayed))
+    norm = sum(float(b.double().pow(2).sum()) for b in replayed)
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return math.sqrt(diff / norm)
+
+
+def max_abs_diff(claimed: torch.Tensor, replayed: torch.Tensor) -> float:
+    """Largest absolute difference; NaN (a reward of None) only matches NaN. inf when shapes differ."""
+    if claimed.shape != replayed.shape:
+        return math.inf
+    claimed, replayed = claimed.double(), replayed.double()
+    if not torch.equal(torch.isnan(claimed), torch.isnan(replayed)):
+        return math.inf
+    both = ~torch.isnan(replayed)
+    return float((claimed[both] - replayed[both]).abs().max()) if both.any() else 0.0
+
+
+def gradient_evidence(
+    epoch: int, committed: list[torch.Tensor], replayed: list[torch.Tensor]
+) -> dict[str, Any]:
+    """What an auditor's verdict carries as evidence: the hash of the gradient it replayed, and the flat index
+    where that gradient differs most from the committed one (0 when they are equal or their sizes differ)."""
+    flat_replayed = torch.cat([t.reshape(-1).float() for t in replayed]) if replayed else torch.zeros(0)
+    flat_committed = torch.cat([t.reshape(-1).float() for t in committed]) if committed else torch.zeros(0)
+    worst = 0
+    if flat_replayed.numel() and flat_replayed.numel() == flat_committed.numel():
+        worst = int((flat_replayed - flat_committed).abs().nan_to_num(nan=float("inf")).argmax())
+    return dict(replayed_hash=tensors_hash(epoch, replayed), worst_index=worst)
+
+
+# ---- what checks look at ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckResult:
+    """A failed check: its verdict, the relative error where one was measured, and evidence another peer can
+    check (the replayed gradient's hash and where it differs most)."""
+
+    verdict: Verdict
+    error: float | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Replayed:
+    """One replay of a contribution: what TRL built and computed (or why it stopped: ``mismatch``)."""
+
+    record: TrainerRecord | None
+    gradient: list[torch.Tensor] | None
+    reward_names: list[str]
+    mismatch: str | None = None  # the rollouts did not fit the rows (RolloutMismatch)
+
+
+TrainerFor = Callable[..., tuple[Any, GradientRecorder]]  # (rows, settings, **replay) -> (trainer, recorder)
+
+
+@dataclass
+class ReplayCase:
+    """A contribution to judge by replay on ``model`` (which must be at the contribution's state).
+
+    :param rows: the rows the peer was assigned (regenerated by the auditor)
+    :param micro_batch_size: the auditor's own micro-batch split (None: the peer's, which replays bitwise)
+    :param tolerance: relative L2 error allowed for the gradient
+    :param trainer_for: ``(rows, settings, **replay) -> (trainer, recorder)``: a recording trainer set to replay
+    """
+
+    contribution: Contribution
+    model: torch.nn.Module
+    rows: list[dict[str, Any]]
+    tolerance: float
+    trainer_for: TrainerFor
+    micro_batch_size: int | None = None
+    epoch: int = 0  # for the evidence's gradient hash
+    # what the checks measured (tests and benchmarks read it)
+    details: dict[str, Any] = field(default_factory=dict)
+    _replayed: Replayed | None = field(default=None, repr=False)
+
+    def replayed(self) -> Replayed:
+        """Run TRL's step on the committed rollouts from the model, once."""
+        if self._replayed is not None:
+            return self._replayed
+        contribution, settings = self.contribution, self.contribution.settings
+        if self.micro_batch_size is not None:
+            settings = replace(settings, micro_batch_size=self.micro_batch_size)
+        state_hash = param_checksum(self.model)
+        trainer, recorder = self.trainer_for(
+            self.rows,
+            settings,
+            replay_prompts=contribution.prompt_token_ids,
+            replay_completions=contribution.completion_token_ids,
+            replay_order=contribution.order,
+        )
+        try:
+            trainer.train()
+        except RolloutMismatch as error:
+            self._replayed = Replayed(None, None, [], mismatch=str(error))
+            return self._replayed
+        if (
+            param_checksum(self.model) != state_hash
+        ):  # the recorder never steps; this guards the auditor's state
+            raise RuntimeError("replaying a contribution changed the auditor's model")
+        record = trainer.record
+        if recorder.gradient is None or record.inputs is None or record.rewards is None:
+            raise RuntimeError(
+                "the replayed GRPO step finished without an optimizer step or without rollouts"
+            )
+        self._replayed = Replayed(record, recorder.gradient, list(trainer.reward_func_names))
+        return self._replayed
+
+
+@dataclass
+class AuditCase(ReplayCase):
+    """A live audit: the replay case, plus what the round says about the audited peer."""
+
+    audited: str = ""
+    commitment: Commitment | None = None
+    declared_samples: float = 0.0  # the weight it declared to its group
+    # what it sent vs what it committed (None: not seen)
+    sent_error: Callable[[], float | None] = lambda: None
+    swarm_settings: GRPOSettings | None = None  # this auditor's own settings: the swarm's
+    # why the shared rollouts it trained on are not acceptable, if they are not
+    shared_error: str | None = None
+
+
+class Check(Protocol):
+    """One claim of a contribution: None when it holds, else the failure."""
+
+    def __call__(self, case: Any) -> CheckResult | None: ...
+
+
+# ---- the checks of a live audit, before the replay ------------------------------------------------------------------
+class BindingCheck:
+    """What was served is what was committed (state, rows, counts, rollouts and gradient hashes)."""
+
+    def __call__(self, case: AuditCase) -> CheckResult | None:
+        field_name = commitment_mismatch(case.contribution, case.commitment)
+        if field_name is None:
+            return None
+        case.details.update(reason=f"the contribution does not match its committed {field_name}")
+        return CheckResult(Verdict.COMMITMENT_MISMATCH)
+
+
+class WeightCheck:
+    """The weight it declared to its group is at most the sample count it committed."""
+
+    def __call__(self, case: AuditCase) -> CheckResult | None:
+        if case.declared_samples > case.commitment.samples:
+            return CheckResult(Verdict.WRONG_WEIGHT)
+        return None
+
+
+class SentCheck:
+    """What it sent into averaging (the slice this auditor reduced) is the committed gradient."""
+
+    def __call__(self, case: AuditCase) -> CheckResult | None:
+        error = case.sent_error()
+        if error is not None and error > SENT_TOLERANCE:
+            return CheckResult(Verdict.SENT_MISMATCH, error)
+        return None
+
+
+class SettingsCheck:
+    """It computed with the swarm's GRPO settings and the precision class it committed to."""
+
+    def __call__(self, case: AuditCase) -> CheckResult | None:
+        mine, theirs = case.swarm_settings, case.contribution.settings
+        if (
+            (mine.num_generations, mine.max_completion_length, mine.temperature)
+            != (theirs.num_generations, theirs.max_completion_length, theirs.temperature)
+            or theirs.precision != case.commitment.precision
+            or case.commitment.precision not in GRADIENT_TOLERANCE
+        ):
+            return CheckResult(Verdict.WRONG_SETTINGS)
+        return None
+
+
+class SharedRolloutsCheck:
+    """The other peers' groups it trained on (rollout sharing) are signed, fresh and unaltered."""
+
+    def __call__(self, case: AuditCase) -> CheckResult | None:
+        if case.shared_error is None:
+            return None
+        case.details.update(reason=case.shared_error)
+        return CheckResult(Verdict.WRONG_DATA)
+
+
+# ---- the checks of a replay ---------------------------------------------------------------------------------------
+class StateCheck:
+    """The model it claims to have computed at is the one this auditor replays from (the group's θ_e)."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult | None:
+        actual = param_checksum(case.model)
+        if actual == case.contribution.state_hash:
+            return None
+        case.details.update(claimed=case.contribution.state_hash, actual=actual)
+        return CheckResult(Verdict.WRONG_STATE)
+
+
+class DataCheck:
+    """Its rollouts are completions of its assigned rows, laid out as TRL lays them out."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult | None:
+        if [
+            name for name, param in case.model.named_parameters() if param.requires_grad
+        ] != case.contribution.param_names:
+            case.details.update(reason="the gradient's parameter names are not the model's")
+            return CheckResult(Verdict.GRADIENT_MISMATCH)
+        replayed = case.replayed()
+        if replayed.mismatch is not None:
+            case.details.update(reason=replayed.mismatch)
+            return CheckResult(Verdict.WRONG_DATA)
+        for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+            claimed, built = getattr(case.contribution, key), replayed.record.inputs[key]
+            if claimed.shape != built.shape or not torch.equal(claimed.cpu(), built):
+                case.details.update(reason=f"{key} is not what TRL builds from the rollouts")
+                return CheckResult(Verdict.WRONG_DATA)
+        return None
+
+
+class RewardsCheck:
+    """Its rewards are what this auditor's reward functions give its completions."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult | None:
+        replayed = case.replayed()
+        error = max_abs_diff(case.contribution.rewards, replayed.record.rewards)
+        case.details.update(
+            reward_error=error, rewards=replayed.record.rewards, completions=replayed.record.completions
+        )
+        if list(case.contribution.reward_names) != replayed.reward_names or error > REWARD_TOLERANCE:
+            return CheckResult(Verdict.FORGED_REWARDS)
+        return None
+
+
+class AdvantagesCheck:
+    """Its advantages follow from those rewards."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult | None:
+        advantages = case.replayed().record.inputs["advantages"]
+        error = max_abs_diff(case.contribution.advantages, advantages)
+        case.details.update(advantage_error=error, advantages=advantages)
+        if error > ADVANTAGE_TOLERANCE:
+            return CheckResult(Verdict.FORGED_ADVANTAGES)
+        return None
+
+
+class GradientCheck:
+    """Its gradient is the replayed one, within the tolerance of its precision class. Passing or not, the result
+    carries the relative error and the evidence."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult:
+        gradient = case.replayed().gradient
+        error = relative_error(case.contribution.gradient, gradient)
+        case.details.update(replayed_gradient=gradient)
+        evidence = gradient_evidence(case.epoch, case.contribution.gradient, gradient)
+        return CheckResult(
+            Verdict.PASS if error <= case.tolerance else Verdict.GRADIENT_MISMATCH, error, evidence
+        )
+
+
+REPLAY_CHECKS: tuple[Check, ...] = (
+    StateCheck(),
+    DataCheck(),
+    RewardsCheck(),
+    AdvantagesCheck(),
+    GradientCheck(),
+)
+AUDIT_CHECKS: tuple[Check, ...] = (
+    BindingCheck(),
+    WeightCheck(),
+    SentCheck(),
+    SettingsCheck(),
+    SharedRolloutsCheck(),
+    *REPLAY_CHECKS,
+)
+
+
+def run_checks(case: ReplayCase, checks: Sequence[Check]) -> CheckResult:
+    """The first failing check's result, or ``pass`` (with the last check's error and evidence, if it measured
+    any)."""
+    last: CheckResult | None = None
+    for check in checks:
+        result = check(case)
+        if result is not None and result.verdict is not Verdict.PASS:
+            return result
+        last = result or last
+    return last if last is not None else CheckResult(Verdict.PASS)
