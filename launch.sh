@@ -10,6 +10,7 @@
 #   SWARM_VENV        virtual environment to create/reuse (default: .venv next to this script)
 #   SWARM_PYTHON      python interpreter used to create the venv (default: python3.11, else python3)
 #   SWARM_TORCH_SPEC  torch requirement installed before everything else (default: torch==2.13.0)
+#   SWARM_TEST_WORKERS  pytest-xdist workers for `./launch.sh test` (default: 2; 0: one process)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,7 +32,8 @@ usage: ./launch.sh [test [PYTEST_ARGS...] | SUBCOMMAND [ARGS...] | RUN_ARGS... |
   (no arguments)          detect the hardware, pick a tier (no CUDA GPU: configs/cpu.yaml, the tiny offline model), start a
                           peer (= swarm run --tier auto)
   test [PYTEST_ARGS...]   run ruff (check, format), lint-imports, then the test suite (python -m pytest PYTEST_ARGS..., run in the project
-                          directory, so paths are relative to it)
+                          directory, so paths are relative to it; on \$SWARM_TEST_WORKERS pytest-xdist workers, default 2, unless
+                          PYTEST_ARGS name -n, --dist or -p no:xdist)
   SUBCOMMAND [ARGS...]    run 'swarm SUBCOMMAND ARGS...'; SUBCOMMAND is one of: ${SWARM_SUBCOMMANDS[*]}
   ARGS...                 anything else is passed on as 'swarm run ARGS...'
   -h, --help              this help, followed by 'swarm --help'
@@ -117,6 +119,16 @@ run_tests() {
         "$VENV/bin/lint-imports" --no-cache | tail -n 30
         die "lint-imports: a module imports from a layer above its own (docs/design.md §1)"
     }
+    # Two pytest-xdist workers unless the arguments choose (-n/--numprocesses/--dist, or -p no:xdist): the e2e
+    # tests wait on timeouts and peers far more than they compute, so two workers finish a 2-core suite in about
+    # two thirds of the serial time. SWARM_TEST_WORKERS=0 runs it in one process.
+    local workers="${SWARM_TEST_WORKERS:-2}" a
+    for a in "$@"; do
+        case "$a" in
+        -n | -n* | --numprocesses* | --dist* | no:xdist) workers="" ;;
+        esac
+    done
+    [[ -n "$workers" && "$workers" != "0" ]] && set -- -n "$workers" --dist worksteal "$@"
     log "python -m pytest $*"
     exec "$VENV/bin/python" -m pytest "$@"
 }

@@ -36,6 +36,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"tests without exactly one of the markers {', '.join(TIERS)}: {', '.join(wrong)}"
         )
+    if hasattr(config, "workerinput"):
+        # under pytest-xdist (the README's test command runs -n 2): the longest tier first, so that the workers
+        # finish together — the short unit tests fill the gaps at the end instead of one worker's last e2e test
+        # running alone. Every worker sorts the same way (xdist requires one collection order).
+        rank = {tier: index for index, tier in enumerate(reversed(TIERS))}
+        items.sort(key=lambda item: rank[next(m.name for m in item.iter_markers() if m.name in rank)])
 
 
 def clean_env(schedule: dict[str, str] | None = None, wandb: str = "disabled") -> dict[str, str]:

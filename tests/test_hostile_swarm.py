@@ -76,7 +76,7 @@ def test_poisoned_records_under_every_key_neither_hang_nor_stall_a_training_swar
         client.dht.shutdown()
     assert code == 0, (tmp_path / "local.log").read_text()[-3000:]
     # the attack ran during the whole run: sent from the first epochs on, and still taken in the last ones
-    assert len(batches) >= 3 and batches[0][1] <= 2 and batches[-1][2] >= EPOCHS - 1, batches
+    assert len(batches) >= 2 and batches[0][1] <= 2 and batches[-1][2] >= EPOCHS - 1, batches
     summaries = [read_json(tmp_path / f"peer_{index}" / "summary.json")["peers"][0] for index in range(PEERS)]
     assert all(summary["epochs"] == EPOCHS for summary in summaries)
     assert len({summary["param_checksum"] for summary in summaries}) == 1, "peers diverged"

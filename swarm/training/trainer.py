@@ -378,6 +378,11 @@ class SwarmTrainer:
                         live=lambda: self.peer.other_peers(),
                         waits_for=self.trust.known,
                     )
+                    # the status a run ends with reflects the settled ledger, not the copy of the last epoch
+                    self.trust.refresh(self.peer.epoch, force=True)
+                    if self.history:
+                        last = self.history[max(self.history)]
+                        self._write_status(self.epoch_metrics(last), append_metrics=False)
                 self._emit("on_phase", "finished: serving peers that catch up")
                 self.peer.linger(config.averaging.round_timeout)
         finally:
@@ -477,9 +482,10 @@ class SwarmTrainer:
             sharing=self.sharing.figures() if self.sharing is not None else {},
         )
 
-    def _write_status(self, metrics: EpochMetrics) -> None:
+    def _write_status(self, metrics: EpochMetrics, append_metrics: bool = True) -> None:
         """``status.json``: who this peer is, the epoch it is at, and the last epoch's metrics record (plus the last
-        held-out evaluation); ``metrics.jsonl``: one record per epoch."""
+        held-out evaluation); ``metrics.jsonl``: one record per epoch (``append_metrics``: False when the status of
+        an epoch already recorded is only brought up to date)."""
         status = dict(
             name=self.identity.name,
             peer_id=self.peer.peer_id,
@@ -490,8 +496,9 @@ class SwarmTrainer:
         if self.evaluation is not None:
             status["eval"] = self.evaluation
         write_json_atomic(self.workdir / STATUS_FILE, status)
-        with open(self.workdir / METRICS_FILE, "a") as out:
-            out.write(json.dumps(metrics.as_json()) + "\n")
+        if append_metrics:
+            with open(self.workdir / METRICS_FILE, "a") as out:
+                out.write(json.dumps(metrics.as_json()) + "\n")
 
     def run_epoch(self) -> EpochRecord:
         """One epoch of this peer, top to bottom (the module docstring): an SFT round during the warm start (epochs
