@@ -45,6 +45,20 @@ FIRST_PEER_START_TIMEOUT = 120.0
 PeerMain = Callable[[list[str]], int]
 
 
+def _own_hivemind_locks() -> None:
+    """Give this forked peer hivemind's process-shared locks of its own. hivemind makes them at import time
+    (``MPFuture``'s update and initialization locks, ``SharedBytes``' lock, the context executor's lock), so every
+    process forked from the importing one shares them: a sibling peer killed (``kill -9``) while holding one left
+    every later peer's DHT hanging in ``MPFuture.set_result`` (seen: "the DHT process was not ready after 60s").
+    Within this peer, its DHT and averager processes keep sharing its locks, as hivemind expects."""
+    mpfuture = sys.modules.get("hivemind.utils.mpfuture")
+    if mpfuture is not None:
+        mpfuture.MPFuture.reset_backend()
+    asyncio_utils = sys.modules.get("hivemind.utils.asyncio")
+    if asyncio_utils is not None:
+        asyncio_utils._AsyncContextWrapper.EXECUTOR_LOCK = multiprocessing.Lock()
+
+
 class ForkedPeer:
     """A peer forked from ``swarm local``, with the part of :class:`subprocess.Popen` that ``swarm local`` uses.
 
@@ -76,6 +90,7 @@ class ForkedPeer:
         code = 1
         try:
             _forget_parent_exit_handlers()
+            _own_hivemind_locks()
             os.setsid()
             stdin = os.open(os.devnull, os.O_RDONLY)
             os.dup2(stdin, 0)

@@ -138,3 +138,29 @@ def test_a_forked_peer_stops_its_daemonic_children_and_removes_its_multiprocessi
     finally:
         parents_child.kill()
         parents_child.join()
+
+
+def test_a_peer_killed_while_holding_a_hivemind_lock_does_not_hang_the_peers_forked_after_it(
+    tmp_path: Path,
+) -> None:
+    """hivemind's MPFuture locks are multiprocessing locks made at import time, shared by every process forked from
+    the importer: a peer killed (-9) while holding one hung the DHT of every peer forked later by the same
+    ``swarm local`` (or the test suite's fork server) in ``MPFuture.set_result``."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    def hold_and_die(argv: list[str]) -> int:
+        MPFuture._update_lock.acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    killed, _ = start(hold_and_die, tmp_path)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+
+    def update(argv: list[str]) -> int:
+        return 0 if MPFuture._update_lock.acquire(timeout=5) else 3
+
+    later, log = start(update, tmp_path)
+    assert later.wait(timeout=30) == 0, log.read_text()
+    # the parent's own lock is untouched by its peers' resets
+    assert MPFuture._update_lock.acquire(timeout=1)
+    MPFuture._update_lock.release()
