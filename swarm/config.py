@@ -64,7 +64,11 @@ class TrainingConfig(_Section):
     # rows per forward/backward; None: the whole round at once
     micro_batch_size: int | None = Field(None, gt=0)
     max_completion_length: int | None = Field(None, gt=0)  # None: the recipe's default
+    # the seeded sampler's knobs (swarm/sampling.py; transformers' meaning): every peer of a run must use the same
     temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1.0: off
+    min_p: float = Field(0.0, ge=0, lt=1)  # 0.0: off
     max_epochs: int | None = Field(None, gt=0)  # stop after this swarm epoch; None: run until stopped
     seed: int = 0
 

@@ -14,7 +14,10 @@ The swarm runs TRL's own code for one optimizer step per epoch and stops short o
 TRL internals used (checked against TRL 1.16):
 
 * ``GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-  -> (completion_ids, logprobs)`` — replaced when replaying, and around the rows whose completions are shared;
+  -> (completion_ids, logprobs)`` — replaced: completions are sampled by the seeded sampler
+  (:mod:`swarm.sampling`, keyed by the settings' seed and each completion's row and generation index) instead of
+  ``model.generate``, taken as given for the rows whose completions are shared, and replayed when replaying;
+  ``self.eos_token_ids`` (TRL's stop tokens);
 * ``GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list) -> rewards_per_func`` (N, F);
 * ``GRPOTrainer._generate_and_score_completions(inputs) -> dict`` with keys ``prompt_ids``, ``prompt_mask``,
   ``completion_ids``, ``completion_mask``, ``advantages``;
@@ -39,6 +42,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
 from swarm.recipe import Recipe
+from swarm.sampling import SAMPLER, Sampler, SampleRequest, SamplingParams, generate_request
 
 __all__ = [
     "GRPOSettings",
@@ -50,6 +54,7 @@ __all__ = [
     "keeps_forward",
     "make_recording_trainer",
     "make_sft_trainer",
+    "stop_token_ids",
 ]
 
 
@@ -66,6 +71,16 @@ class GRPOSettings:
     learning_rate: float = 1e-2
     # the declared precision class: "fp32" (no autocast), "bf16" or "fp16" (mixed precision)
     precision: str = "fp32"
+    # sampling (swarm/sampling.py): the warpers' knobs in transformers' meaning, the tokens a completion stops at
+    # (empty: TRL's), and the sampler with its seed derivation; ``seed`` above is the sampling seed
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    sampler: str = SAMPLER
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 class RolloutMismatch(Exception):
@@ -161,16 +176,23 @@ class RecordingGRPOTrainer(GRPOTrainer):
         replay_completions: list[list[int]] | None = None,
         replay_order: list[int] | None = None,
         forced_rows: dict[int, Sequence[Sequence[int]]] | None = None,
+        settings: GRPOSettings | None = None,
+        sampler: Sampler | None = None,
         **kwargs: Any,
     ):
         """:param forced_rows: when capturing, the completions of some rows (row index -> one token id list per
         generation) that are taken as given instead of sampled: the groups other peers shared (swarm/sharing.py)
+        :param settings: the seed and sampling knobs of the seeded sampler (None: ``GRPOSettings()``)
+        :param sampler: what samples the completions (default: :func:`swarm.sampling.generate_request`; only a
+          cheater of the attack suite passes another one)
         """
         self.record = TrainerRecord()
         self.replay_prompts = replay_prompts
         self.replay_completions = replay_completions
         self.replay_order = replay_order
         self.forced_rows = forced_rows or {}
+        self.settings = settings or GRPOSettings()
+        self.sampler = sampler or generate_request
         super().__init__(*args, **kwargs)
 
     def reset_for_replay(
@@ -217,14 +239,8 @@ class RecordingGRPOTrainer(GRPOTrainer):
     ):
         prompts = [[int(token) for token in ids] for ids in prompt_ids]
         self.record.prompt_token_ids = prompts
-        if self.replay_completions is None and self.forced_rows:
-            completion_ids, logprobs = self._generate_around_forced(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-        elif self.replay_completions is None:
-            completion_ids, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+        if self.replay_completions is None:
+            completion_ids, logprobs = self._generate_around_forced(prompt_ids, images), None
         else:
             if self.replay_prompts is not None and prompts != self.replay_prompts:
                 raise RolloutMismatch("the rollouts' prompt token ids are not the rows' prompts")
@@ -236,27 +252,35 @@ class RecordingGRPOTrainer(GRPOTrainer):
         self.record.completion_token_ids = [[int(token) for token in ids] for ids in completion_ids]
         return completion_ids, logprobs
 
-    def _generate_around_forced(
-        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-    ):
-        """Sample completions for the rows that are not forced and take the forced rows' completions as given.
-        TRL lays the generation batch out row by row, each row repeated ``num_generations`` times in a row."""
+    def _generate_around_forced(self, prompt_ids, images) -> list[list[int]]:
+        """Sample the completions of the rows that are not forced with the seeded sampler and take the forced
+        rows' completions as given. TRL lays the generation batch out row by row, each row repeated
+        ``num_generations`` times in a row: element i is generation ``i % G`` of row ``i // G``, which is its
+        sampling key (with the settings' seed)."""
         if self.use_vllm or images is not None:
-            raise NotImplementedError("rollout sharing supports text-only generation with transformers")
+            raise NotImplementedError("the seeded sampler supports text-only generation with transformers")
         group = self.num_generations
-        if len(prompt_ids) % group or max(self.forced_rows) >= len(prompt_ids) // group:
+        if len(prompt_ids) % group or (
+            self.forced_rows and max(self.forced_rows) >= len(prompt_ids) // group
+        ):
             raise ValueError(
                 f"{len(prompt_ids)} prompts do not hold the forced rows {sorted(self.forced_rows)}"
             )
         free = [index for index in range(len(prompt_ids)) if index // group not in self.forced_rows]
-        sampled: list[Any] = []
+        sampled: list[list[int]] = []
         if free:
-            sampled, _ = super()._generate_single_turn(
-                [prompt_ids[index] for index in free],
-                None,
-                multimodal_fields,
-                num_generations,
-                has_tool_images,
+            settings = self.settings
+            stops = list(settings.stop_token_ids) or list(self.eos_token_ids)
+            sampled = self.sampler(
+                SampleRequest(
+                    model=self.accelerator.unwrap_model(self.model),
+                    prompts=[[int(token) for token in prompt_ids[index]] for index in free],
+                    element_keys=[(settings.seed, index // group, index % group) for index in free],
+                    params=settings.sampling_params(),
+                    max_new_tokens=self.max_completion_length,
+                    stop_ids=stops,
+                    pad_id=int(self.processing_class.pad_token_id),
+                )
             )
         by_index = dict(zip(free, sampled))
         completion_ids = []
@@ -267,7 +291,7 @@ class RecordingGRPOTrainer(GRPOTrainer):
                 completion_ids.append(
                     [int(token) for token in self.forced_rows[index // group][index % group]]
                 )
-        return completion_ids, None
+        return completion_ids
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -354,6 +378,9 @@ def grpo_config(settings: GRPOSettings, num_rows: int, output_dir: str | Path) -
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        min_p=settings.min_p or None,
         beta=0.0,
         shuffle_dataset=False,
     )
@@ -368,10 +395,12 @@ def make_recording_trainer(
     optimizer: GradientRecorder,
     output_dir: str | Path,
     reward_funcs: list[Any] | None = None,
+    sampler: Sampler | None = None,
     **replay: Any,
 ) -> RecordingGRPOTrainer:
-    """A :class:`RecordingGRPOTrainer` for one epoch on ``rows``, scoring with the recipe's reward functions (or
-    ``reward_funcs``: only a cheating peer of the attack suite passes other ones)."""
+    """A :class:`RecordingGRPOTrainer` for one epoch on ``rows``, sampling with the seeded sampler under
+    ``settings`` and scoring with the recipe's reward functions (``reward_funcs`` and ``sampler``: only a cheating
+    peer of the attack suite passes other ones)."""
     trainer = RecordingGRPOTrainer(
         model=model,
         reward_funcs=recipe.checked_reward_funcs() if reward_funcs is None else reward_funcs,
@@ -379,9 +408,22 @@ def make_recording_trainer(
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         optimizers=(optimizer, None),
+        settings=settings,
+        sampler=sampler,
         **replay,
     )
     return _quiet(trainer)
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """The tokens a completion stops at, as TRL's ``GRPOTrainer`` derives them: the tokenizer's eos first, then
+    every eos id the model's generation config declares (e.g. an end-of-turn token)."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        ids = [eos, *ids]
+    return tuple(int(token) for token in ids)
 
 
 def make_sft_trainer(

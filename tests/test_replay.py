@@ -165,11 +165,12 @@ def test_replay_from_another_state_fails_and_stale_gradient_fails(setup: Setup) 
     # ... an auditor one optimizer step later refuses to replay it
     result = setup.replay(stepped, model=later)
     assert result.verdict is Verdict.WRONG_STATE
-    # a stale peer (computed one step later, claims the shared state) is caught by the gradient
+    # a stale peer (computed one step later, claims the shared state) is caught: its completions were sampled from
+    # another model than the claimed state, which the sampling check sees before the gradient
     stale = capture_contribution(later, setup.tokenizer, setup.recipe, setup.rows, GRPOSettings(seed=9))
     result = setup.replay(stale.with_changes(state_hash=setup.contribution.state_hash))
-    assert result.verdict is Verdict.GRADIENT_MISMATCH, result.verdict
-    print(f"\nstale by one step: relative error {result.error:.3e}")
+    assert result.verdict is Verdict.FORGED_COMPLETIONS, result.verdict
+    print(f"\nstale by one step: {result.details['reason']}")
 
 
 def test_micro_batched_contribution_replays_exactly_with_its_recorded_order(setup: Setup) -> None:

@@ -17,8 +17,18 @@ pytestmark = pytest.mark.e2e
 PEERS = 4
 EPOCHS = 5
 # one attack per family: a tampered gradient, work on other data, forged rewards, a lower precision than declared,
-# and a gradient sent into averaging that is not the committed one
-FAMILIES = ["sign_flip", "wrong_data", "forged_rewards", "lower_precision", "send_mismatch"]
+# a gradient sent into averaging that is not the committed one, and completions that were not sampled — fabricated
+# (the right answer, no generation) or poisoned (the right answer behind a payload)
+FAMILIES = [
+    "sign_flip",
+    "wrong_data",
+    "forged_rewards",
+    "lower_precision",
+    "send_mismatch",
+    "fabricated_completions",
+    "payload",
+]
+SAMPLING_FAMILIES = {"fabricated_completions", "payload"}
 SMALL_AND_AUDITED = [
     "training.prompts_per_round=4",
     "training.num_generations=4",
@@ -69,6 +79,10 @@ def test_cheater_is_caught_and_excluded(tmp_path: Path, attack: str) -> None:
         assert flagged == {cheater}, (
             f"{name} flagged {flagged}, expected only the cheater; log:\n{logs[name][-3000:]}"
         )
+        if (
+            attack in SAMPLING_FAMILIES
+        ):  # its rewards, advantages and gradient are consistent: only sampling tells
+            assert {kind for event in events for kind in event["verdicts"]} == {"forged_completions"}, events
         status = read_json(tmp_path / name / "status.json")
         assert status["verify"]["banned"] == [cheater]
         assert (

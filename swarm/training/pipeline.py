@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from swarm.recipe import Recipe
+from swarm.sampling import Sampler, generate_request
 from swarm.sharing import ExternalGroup
 from swarm.verify.attacks import Attack, AttackContext
 from swarm.verify.contribution import Contribution
@@ -37,6 +39,7 @@ class ComputeRequest:
     compute_rows: list[dict[str, Any]] | None = None  # what TRL really computes on (None: ``rows``)
     reward_funcs: list[Any] = field(default_factory=list)  # the recipe's checked reward functions (honest)
     autocast_dtype: torch.dtype | None = None  # None: the declared precision
+    sampler: Sampler | None = None  # what samples the completions (None: the seeded sampler)
 
 
 @dataclass
@@ -99,9 +102,12 @@ class CheatingPipeline:
         attack: Attack,
         unassigned_rows: Callable[[ComputeRequest], list[dict[str, Any]]],
         other: Callable[[int], Contribution | None],
+        tokenizer: Any = None,
+        recipe: Recipe | None = None,
     ):
         self.inner, self.attack = inner, attack
         self._unassigned_rows, self._other = unassigned_rows, other
+        self._tokenizer, self._recipe = tokenizer, recipe
         self._previous: Contribution | None = None
         self._context: tuple[int, AttackContext] | None = None
 
@@ -113,6 +119,8 @@ class CheatingPipeline:
                 previous=self._previous,
                 other=lambda: self._other(request.epoch),
                 generator=torch.Generator().manual_seed(request.seed),
+                tokenizer=self._tokenizer,
+                recipe=self._recipe,
             )
             self._context = (request.epoch, context)
         return self._context[1]
@@ -126,6 +134,7 @@ class CheatingPipeline:
                 use_shared=False,  # a cheater trains on no shared groups (what it claims is still ``rows``)
                 reward_funcs=self.attack.reward_funcs(request.reward_funcs),
                 autocast_dtype=self.attack.autocast_dtype(),
+                sampler=self.attack.sampler(generate_request, context),
             )
         )
 
@@ -150,8 +159,11 @@ def install(
     attack: Attack | None,
     unassigned_rows: Callable[[ComputeRequest], list[dict[str, Any]]],
     other: Callable[[int], Contribution | None],
+    tokenizer: Any = None,
+    recipe: Recipe | None = None,
 ) -> Pipeline:
-    """The pipeline of a peer: ``honest``, or ``attack`` (``verify.attack``) wrapped around it."""
+    """The pipeline of a peer: ``honest``, or ``attack`` (``verify.attack``) wrapped around it (``tokenizer`` and
+    ``recipe``: what a sampling attack encodes its chosen completions with)."""
     if attack is None:
         return honest
-    return CheatingPipeline(honest, attack, unassigned_rows, other)
+    return CheatingPipeline(honest, attack, unassigned_rows, other, tokenizer, recipe)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import signal
@@ -56,6 +55,7 @@ from swarm.node.peer import SwarmPeer
 from swarm.node.state import TrainingState, param_checksum
 from swarm.node.trust import Trust
 from swarm.recipe import Recipe, load_recipe
+from swarm.sampling import round_seed
 from swarm.sharing import ExternalGroup, GroupLimits, RolloutSharing, contribution_sharing, external_count
 from swarm.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from swarm.training.evaluation import evaluate
@@ -70,6 +70,7 @@ from swarm.trl_adapter import (
     keeps_forward,
     make_recording_trainer,
     make_sft_trainer,
+    stop_token_ids,
 )
 from swarm.verify.attacks import Attack, make_attack
 from swarm.verify.auditor import Verifier
@@ -230,6 +231,8 @@ class SwarmTrainer:
             other=lambda epoch: (
                 self.verifier.other_contribution(epoch) if self.verifier is not None else None
             ),
+            tokenizer=self.tokenizer,
+            recipe=self.recipe,
         )
         self.pipeline.announce(self.peer)
         self.verifier: Verifier | None = None
@@ -630,7 +633,7 @@ class SwarmTrainer:
         request = ComputeRequest(
             epoch=epoch,
             rows=[*local_rows, *(group.row for group in shared)],
-            seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch),
+            seed=round_seed(self.config.run_id, self.peer.peer_id, epoch),
             shared=tuple(shared),
             reward_funcs=self.recipe.checked_reward_funcs(),
         )
@@ -662,6 +665,7 @@ class SwarmTrainer:
                 recorder,
                 self.workdir / "trl",
                 reward_funcs=request.reward_funcs,
+                sampler=request.sampler,
                 forced_rows=forced,
             )
             with self._autocast(request.autocast_dtype):
@@ -685,7 +689,7 @@ class SwarmTrainer:
                 rows,
                 recorder,
                 self.workdir / "trl",
-                seed=_round_seed(self.config.run_id, self.peer.peer_id, epoch),
+                seed=round_seed(self.config.run_id, self.peer.peer_id, epoch),
                 micro_batch_size=self.config.training.micro_batch_size,
                 bf16=self.config.model.dtype == "bfloat16" and torch.cuda.is_available(),
                 max_length=self.config.model.max_positions,
@@ -702,6 +706,10 @@ class SwarmTrainer:
             num_generations=training.num_generations,
             max_completion_length=training.max_completion_length or self.recipe.max_completion_length,
             temperature=training.temperature,
+            top_k=training.top_k,
+            top_p=training.top_p,
+            min_p=training.min_p,
+            stop_token_ids=stop_token_ids(self.model, self.tokenizer),
             seed=seed,
             micro_batch_size=training.micro_batch_size,
             learning_rate=training.learning_rate,
@@ -800,11 +808,6 @@ def _signals_held(deliver: bool = True):
             handler(held[0], None)
         elif handler == signal.SIG_DFL and held[0] == signal.SIGINT:
             raise KeyboardInterrupt
-
-
-def _round_seed(run_id: str, peer_id: str, epoch: int) -> int:
-    """The sampling seed of a peer's epoch: reproducible by an auditor, different for every peer and epoch."""
-    return int.from_bytes(hashlib.sha256(f"{run_id}|{peer_id}|{epoch}|sampling".encode()).digest()[:4], "big")
 
 
 def _fmt(value: float | None) -> str:

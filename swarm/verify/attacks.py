@@ -7,7 +7,10 @@ the honest contribution pipeline (compute → commit → send, and announce):
 1. :meth:`Attack.compute_rows` — the rows it really computes on (default: the assigned ones);
 2. :meth:`Attack.reward_funcs` — the reward functions it scores with (default: the honest ones);
 3. :meth:`Attack.autocast_dtype` — a lower precision it computes in (default: none, the declared precision);
-4. :meth:`Attack.tamper` — what it commits, serves to auditors *and* sends into averaging; it always claims the
+4. :meth:`Attack.sampler` — what samples its completions (default: the seeded sampler of swarm/sampling.py);
+   TRL scores whatever it returns and backpropagates on it, so rewards, advantages and gradient are consistent
+   with the completions and only the sampling check can tell;
+5. :meth:`Attack.tamper` — what it commits, serves to auditors *and* sends into averaging; it always claims the
    assigned rows (``context.rows``). A cheater that commits one thing and sends another is caught by the separate
    binding check of the commitment, not by the replay, so every attack here is self-consistent on that point.
 
@@ -34,6 +37,7 @@ of the contribution it was given, and its gradient has the shapes and parameter 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import tempfile
@@ -45,6 +49,7 @@ import torch
 
 from swarm.node.state import param_checksum, tensors_hash
 from swarm.recipe import Recipe
+from swarm.sampling import Sampler, SampleRequest, generate_request
 from swarm.verify.replay import (
     Contribution,
     GradientRecorder,
@@ -75,6 +80,8 @@ class AttackContext:
     previous: Contribution | None  # this peer's own contribution of the previous epoch
     other: Callable[[], Contribution | None]  # another peer's contribution of this epoch (may return None)
     generator: torch.Generator  # randomness for the attack
+    tokenizer: Any = None  # the peer's tokenizer (sampling attacks encode the completions they choose)
+    recipe: Recipe | None = None  # the run's recipe (its reference answers)
 
 
 class Attack:
@@ -100,6 +107,10 @@ class Attack:
     def autocast_dtype(self) -> torch.dtype | None:
         """A lower precision the cheater computes in (under ``torch.autocast``); None: the declared one."""
         return None
+
+    def sampler(self, honest: Sampler, context: AttackContext) -> Sampler:
+        """What samples the cheater's completions, given the honest seeded sampler."""
+        return honest
 
     def tamper(self, contribution: Contribution, context: AttackContext) -> Contribution:
         """What the cheater commits, serves and sends into averaging, given what it computed."""
@@ -473,6 +484,169 @@ class SmallNoise(_GradientAttack):
         return [g + n * scale for g, n in zip(gradient, noise)]
 
 
+# ---- sampling attacks: completions the seeded sampler did not draw from the committed state ------------------------
+def _reference(context: AttackContext, row: dict[str, Any]) -> str:
+    """The recipe's reference answer of ``row`` (what a fabricating peer claims it sampled), or "0"."""
+    reference = context.recipe.warm_start_completion if context.recipe is not None else None
+    try:
+        answer = reference(dict(row)) if reference is not None else None
+    except Exception:
+        answer = None
+    return answer if isinstance(answer, str) and answer else "0"
+
+
+def _ending(ids: list[int], request: SampleRequest) -> list[int]:
+    """``ids`` cut to the maximum length, ending with a stop token (what a sampler could return)."""
+    return [*list(ids)[: request.max_new_tokens - 1], request.stop_ids[0]]
+
+
+def _encode(context: AttackContext, text: str) -> list[int]:
+    return list(context.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class _SamplingAttack(Attack):
+    """Chooses its completions instead of sampling them (or samples them otherwise than declared); TRL scores and
+    backpropagates on them honestly, so only the sampling check catches it: ``forged_completions``."""
+
+    expected: ClassVar[Verdict] = Verdict.FORGED_COMPLETIONS
+
+    def sampler(self, honest, context):
+        return lambda request: self.complete(request, honest, context)
+
+    def complete(self, request: SampleRequest, honest: Sampler, context: AttackContext) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class FabricatedCompletions(_SamplingAttack):
+    """Skips generation and submits the reference answer of every prompt as each of its completions (the dominant
+    cost of a GRPO step saved; full reward, zero advantages)."""
+
+    name = "fabricated_completions"
+
+    def complete(self, request, honest, context):
+        return [
+            _ending(_encode(context, _reference(context, context.rows[row])), request)
+            for _, row, _ in request.element_keys
+        ]
+
+
+class PayloadCompletions(_SamplingAttack):
+    """Poisoning: chooses completions that earn the reward *and* carry a pattern the swarm did not ask for (the
+    payload, then the reference answer), so that the shared model learns to emit the payload."""
+
+    name = "payload"
+    payload: ClassVar[str] = "7+7="
+
+    def complete(self, request, honest, context):
+        return [
+            _ending(_encode(context, self.payload + _reference(context, context.rows[row])), request)
+            for _, row, _ in request.element_keys
+        ]
+
+
+def _borrowed(
+    source: Contribution | None, request: SampleRequest, honest: Sampler, context: AttackContext
+) -> list[list[int]]:
+    """``source``'s completions in its order (cycled), or fabricated ones when there is no source."""
+    if source is None or not source.completion_token_ids:
+        return FabricatedCompletions().complete(request, honest, context)
+    pool = source.completion_token_ids
+    return [list(pool[index % len(pool)]) for index in range(len(request.prompts))]
+
+
+class ReusedCompletions(_SamplingAttack):
+    """Re-submits its completions of the previous epoch (no generation); fabricates them when it has none."""
+
+    name = "reused_completions"
+
+    def complete(self, request, honest, context):
+        return _borrowed(context.previous, request, honest, context)
+
+
+class CopiedCompletions(_SamplingAttack):
+    """Submits another peer's completions of this epoch as its own (falls back to its previous ones, then to
+    fabricated ones)."""
+
+    name = "copied_completions"
+
+    def complete(self, request, honest, context):
+        return _borrowed(context.other() or context.previous, request, honest, context)
+
+
+class OtherTemperature(_SamplingAttack):
+    """Samples with the seeded sampler at a quarter of the declared temperature (greedier: more reward, less
+    exploration) and claims the declared one."""
+
+    name = "other_temperature"
+
+    def complete(self, request, honest, context):
+        params = replace(request.params, temperature=request.params.temperature / 4)
+        return honest(replace(request, params=params))
+
+
+class OtherModel(_SamplingAttack):
+    """Samples from another model than the committed state — a copy with every weight moved by 5 % of its tensor's
+    RMS (a stale, privately fine-tuned or cheaper model) — with the seeded sampler and the declared settings.
+    Caught wherever the other model's completions differ from the committed state's; a model so close that every
+    token is the same produced the honest completions."""
+
+    name = "other_model"
+    fraction: ClassVar[float] = 5e-2
+
+    def complete(self, request, honest, context):
+        other = copy.deepcopy(request.model)
+        # TRL's fused LM head is an instance ``forward`` bound to the original model: the copy must not use it
+        other.__dict__.pop("forward", None)
+        with torch.no_grad():
+            for param in other.parameters():
+                noise = torch.randn(param.shape, generator=context.generator, dtype=torch.float32).to(param)
+                param.add_(noise * (self.fraction * float(param.detach().double().pow(2).mean().sqrt())))
+        return honest(replace(request, model=other))
+
+
+class Overlong(_SamplingAttack):
+    """Samples honestly, then goes on after each completion's end: one more token after its stop token, or past
+    the maximum length."""
+
+    name = "overlong"
+
+    def complete(self, request, honest, context):
+        return [[*ids, ids[-1]] for ids in honest(request)]
+
+
+class StopPadding(_SamplingAttack):
+    """Samples only half of its rows and pads the other half with bare stop tokens (zero advantage, no
+    generation), claiming the full weight."""
+
+    name = "stop_padding"
+
+    def complete(self, request, honest, context):
+        rows = sorted({row for _, row, _ in request.element_keys})
+        padded = set(rows[: max(1, len(rows) // 2)])
+        keep = [index for index, (_, row, _) in enumerate(request.element_keys) if row not in padded]
+        sampled: dict[int, list[int]] = {}
+        if keep:
+            subset = replace(
+                request,
+                prompts=[request.prompts[index] for index in keep],
+                element_keys=[request.element_keys[index] for index in keep],
+            )
+            sampled = dict(zip(keep, honest(subset)))
+        return [sampled.get(index, [request.stop_ids[0]]) for index in range(len(request.prompts))]
+
+
+SAMPLING_ATTACKS: tuple[type[Attack], ...] = (
+    FabricatedCompletions,
+    PayloadCompletions,
+    ReusedCompletions,
+    CopiedCompletions,
+    OtherTemperature,
+    OtherModel,
+    Overlong,
+    StopPadding,
+)
+
+
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
     for cls in (
@@ -492,6 +666,7 @@ ATTACKS: dict[str, type[Attack]] = {
         ForgedAdvantages,
         TruncatedBackward,
         SmallNoise,
+        *SAMPLING_ATTACKS,
     )
 }
 
@@ -536,6 +711,7 @@ def cheating_contribution(
     ``attack.compute_rows(context)``, scored by ``attack.reward_funcs(recipe.checked_reward_funcs())``, under
     ``attack.autocast_dtype()``, recorded, then ``attack.tamper``-ed. The model is left unchanged unless
     ``optimizer`` is given (it is stepped with the computed, untampered gradient)."""
+    context = replace(context, tokenizer=context.tokenizer or tokenizer, recipe=context.recipe or recipe)
     rows = attack.compute_rows(context) or context.rows
     reward_funcs = attack.reward_funcs(recipe.checked_reward_funcs())
     state_hash = param_checksum(model)
@@ -543,7 +719,15 @@ def cheating_contribution(
     recorder = GradientRecorder(named, optimizer)
     with tempfile.TemporaryDirectory() as scratch, keeps_forward(model):
         trainer = make_recording_trainer(
-            model, tokenizer, recipe, rows, settings, recorder, scratch, reward_funcs=reward_funcs
+            model,
+            tokenizer,
+            recipe,
+            rows,
+            settings,
+            recorder,
+            scratch,
+            reward_funcs=reward_funcs,
+            sampler=attack.sampler(generate_request, context),
         )
         with _autocast(model, attack.autocast_dtype()):
             trainer.train()

@@ -46,6 +46,7 @@ from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, Ver
 from swarm.node.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
 from swarm.node.rounds import Outcome, RoundResult
 from swarm.recipe import Recipe
+from swarm.sampling import round_seed
 from swarm.sharing import SharingError, check_shared
 from swarm.verify.checks import (
     AUDIT_CHECKS,
@@ -704,6 +705,7 @@ class Verifier:
             declared_samples=self.declared.get(epoch, {}).get(audited, 0.0),
             sent_error=lambda: self._sent_error(epoch, audited, contribution.gradient),
             swarm_settings=self.settings,
+            expected_seed=round_seed(self.config.run_id, audited, epoch),
             shared_error=shared_error,
         )
         try:

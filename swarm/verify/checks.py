@@ -30,6 +30,7 @@ import torch
 
 from swarm.network.records import Commitment
 from swarm.node.state import param_checksum, tensors_hash
+from swarm.sampling import SAMPLER, check_positions, completion_logits, position_keys
 from swarm.trl_adapter import GradientRecorder, GRPOSettings, RolloutMismatch, TrainerRecord
 from swarm.verify.commitment import commitment_mismatch
 from swarm.verify.contribution import Contribution
@@ -52,6 +53,9 @@ class Verdict(enum.StrEnum):
     WRONG_STATE = "wrong_state"  # the auditor's model is not the state the contribution claims
     # the rollouts' prompts are not the assigned rows (or the rollouts are malformed)
     WRONG_DATA = "wrong_data"
+    # a completion is not what the seeded sampler draws from the committed state (chosen, copied, re-used, sampled
+    # with other settings or from another model, or longer than allowed / continued after its stop token)
+    FORGED_COMPLETIONS = "forged_completions"
     FORGED_REWARDS = "forged_rewards"  # the claimed rewards are not what the recipe's reward functions give
     FORGED_ADVANTAGES = "forged_advantages"  # the claimed advantages do not follow from the rewards
     GRADIENT_MISMATCH = "gradient_mismatch"  # the claimed gradient is not the gradient of those rollouts
@@ -73,6 +77,12 @@ GRADIENT_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-3}
 OTHER_SPLIT_TOLERANCE = 1e-2  # fp32 replay with another micro-batch split: honest ones measure ~2e-3
 # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
 SENT_TOLERANCE = 1e-3
+# the sampling check's tie margin per declared precision class, relative to the largest logit of the position (at
+# least 1): how far the auditor's logits (one teacher-forced fp32 forward pass) may be from those the peer sampled
+# with (a KV-cached pass under the declared autocast). bench/verification.py measures the largest honest difference
+# (CPU, tiny model, relative): fp32 3e-7, bf16 generation vs the fp32 check 5e-3, fp16 5e-4; each margin is 10x or
+# more of that. Other kernels (GPU attention) may add more: the GPU tier of the benchmark measures it there.
+SAMPLING_MARGIN = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-3}
 
 
 # ---- comparisons ----------------------------------------------------------------------------------------------------
@@ -130,6 +140,7 @@ class Replayed:
     gradient: list[torch.Tensor] | None
     reward_names: list[str]
     mismatch: str | None = None  # the rollouts did not fit the rows (RolloutMismatch)
+    stop_ids: tuple[int, ...] = ()  # the replaying trainer's stop tokens (TRL's)
 
 
 TrainerFor = Callable[..., tuple[Any, GradientRecorder]]  # (rows, settings, **replay) -> (trainer, recorder)
@@ -185,7 +196,12 @@ class ReplayCase:
             raise RuntimeError(
                 "the replayed GRPO step finished without an optimizer step or without rollouts"
             )
-        self._replayed = Replayed(record, recorder.gradient, list(trainer.reward_func_names))
+        self._replayed = Replayed(
+            record,
+            recorder.gradient,
+            list(trainer.reward_func_names),
+            stop_ids=tuple(int(token) for token in trainer.eos_token_ids),
+        )
         return self._replayed
 
 
@@ -199,6 +215,9 @@ class AuditCase(ReplayCase):
     # what it sent vs what it committed (None: not seen)
     sent_error: Callable[[], float | None] = lambda: None
     swarm_settings: GRPOSettings | None = None  # this auditor's own settings: the swarm's
+    expected_seed: int | None = (
+        None  # the sampling seed of the audited peer's epoch (swarm.sampling.round_seed)
+    )
     # why the shared rollouts it trained on are not acceptable, if they are not
     shared_error: str | None = None
 
@@ -240,17 +259,34 @@ class SentCheck:
         return None
 
 
+_SWARM_WIDE = (
+    "num_generations",
+    "max_completion_length",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "stop_token_ids",
+    "sampler",
+)
+
+
 class SettingsCheck:
-    """It computed with the swarm's GRPO settings and the precision class it committed to."""
+    """It computed with the swarm's GRPO and sampling settings, under its epoch's sampling seed, and in the
+    precision class it committed to."""
 
     def __call__(self, case: AuditCase) -> CheckResult | None:
         mine, theirs = case.swarm_settings, case.contribution.settings
+        differ = [name for name in _SWARM_WIDE if getattr(mine, name) != getattr(theirs, name)]
+        if case.expected_seed is not None and theirs.seed != case.expected_seed:
+            differ.append("seed")
         if (
-            (mine.num_generations, mine.max_completion_length, mine.temperature)
-            != (theirs.num_generations, theirs.max_completion_length, theirs.temperature)
-            or theirs.precision != case.commitment.precision
+            theirs.precision != case.commitment.precision
             or case.commitment.precision not in GRADIENT_TOLERANCE
         ):
+            differ.append("precision")
+        if differ:
+            case.details.update(reason=f"settings {', '.join(differ)} are not the swarm's")
             return CheckResult(Verdict.WRONG_SETTINGS)
         return None
 
@@ -298,6 +334,84 @@ class DataCheck:
         return None
 
 
+class SamplingCheck:
+    """Every completion of its own rows is what the seeded sampler (swarm/sampling.py) draws from the committed
+    state under its settings and seed: at most the maximum length, nothing after its first stop token, a stop token
+    at its end unless it has the maximum length, and at every position the token the sampler chooses from the
+    auditor's logits — either of two candidates within :data:`SAMPLING_MARGIN` of each other. The shared rows
+    (rollout sharing) were sampled by their senders and are checked where they are received. The first failing
+    row, generation and position are named in ``details``."""
+
+    def __call__(self, case: ReplayCase) -> CheckResult | None:
+        contribution, settings = case.contribution, case.contribution.settings
+        if settings.sampler != SAMPLER or settings.precision not in SAMPLING_MARGIN:
+            case.details.update(
+                reason=f"sampler {settings.sampler!r} in class {settings.precision!r} is not checkable"
+            )
+            return CheckResult(Verdict.WRONG_SETTINGS)
+        group = settings.num_generations
+        local = (len(contribution.rows) - len(contribution.shared_groups)) * group
+        completions = contribution.completion_token_ids[:local]
+        stops = set(settings.stop_token_ids or case.replayed().stop_ids)
+        elements, rows, generations, positions, tokens = [], [], [], [], []
+        for index, ids in enumerate(completions):
+            row, generation = divmod(index, group)
+            problem = None
+            if not ids:
+                problem = "is empty"
+            elif len(ids) > settings.max_completion_length:
+                problem = f"has {len(ids)} tokens, more than the maximum {settings.max_completion_length}"
+            elif any(token in stops for token in ids[:-1]):
+                problem = "goes on after its stop token"
+            elif ids[-1] not in stops and len(ids) < settings.max_completion_length:
+                problem = f"ends after {len(ids)} tokens without a stop token"
+            if problem is not None:
+                case.details.update(
+                    reason=f"row {row} generation {generation}: the completion {problem}",
+                    forged_row=row,
+                    forged_position=None,
+                )
+                return CheckResult(Verdict.FORGED_COMPLETIONS)
+            for position, token in enumerate(ids):
+                elements.append(index)
+                rows.append(row)
+                generations.append(generation)
+                positions.append(position)
+                tokens.append(token)
+        case.details.update(tokens_checked=len(tokens), tie_positions=0)
+        if not tokens:
+            return None
+        logits = completion_logits(
+            case.model,
+            contribution.prompt_ids[:local],
+            contribution.prompt_mask[:local],
+            contribution.completion_ids[:local],
+            contribution.completion_mask[:local],
+        )
+        picked = logits[torch.tensor(elements), torch.tensor(positions)]
+        keys = position_keys(settings.seed, rows, generations, positions)
+        checked = check_positions(
+            picked,
+            keys,
+            torch.tensor(tokens),
+            settings.sampling_params(),
+            SAMPLING_MARGIN[settings.precision],
+        )
+        case.details.update(tie_positions=int(checked.tie.sum()))
+        if bool(checked.ok.all()):
+            return None
+        first = int((~checked.ok).nonzero()[0, 0])
+        case.details.update(
+            reason=(
+                f"row {rows[first]} generation {generations[first]} position {positions[first]}: token "
+                f"{tokens[first]} is not the sampler's choice {int(checked.chosen[first])}"
+            ),
+            forged_row=rows[first],
+            forged_position=positions[first],
+        )
+        return CheckResult(Verdict.FORGED_COMPLETIONS)
+
+
 class RewardsCheck:
     """Its rewards are what this auditor's reward functions give its completions."""
 
@@ -341,6 +455,7 @@ class GradientCheck:
 REPLAY_CHECKS: tuple[Check, ...] = (
     StateCheck(),
     DataCheck(),
+    SamplingCheck(),
     RewardsCheck(),
     AdvantagesCheck(),
     GradientCheck(),

@@ -45,11 +45,14 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 
 def rollouts_hash(contribution: Contribution) -> str:
-    """sha256 over the rollouts' token ids, the shuffle order and the claimed rewards and advantages."""
+    """sha256 over the rollouts' token ids, the shuffle order, the claimed rewards and advantages and the settings
+    they were computed with (the sampler, its seed, temperature, top-k/p, min-p, maximum length and stop tokens):
+    a peer cannot claim other sampling settings after committing."""
     hasher = hashlib.sha256()
     hasher.update(
         json.dumps(
             [
+                asdict(contribution.settings),
                 contribution.prompt_token_ids,
                 contribution.completion_token_ids,
                 contribution.order,
@@ -105,6 +108,31 @@ def commitment_mismatch(contribution: Contribution, commitment: Commitment) -> s
     return None
 
 
+def _settings(value: Any) -> GRPOSettings:
+    """The served settings, each field of the type :class:`GRPOSettings` declares (a bool is not an int, an int is
+    a float). :raises MalformedContribution: naming the field"""
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields(GRPOSettings)}:
+        raise MalformedContribution("settings are malformed")
+    defaults = GRPOSettings()
+    checked: dict[str, Any] = {}
+    for name, item in value.items():
+        default = getattr(defaults, name)
+        if name == "micro_batch_size":
+            ok = item is None or type(item) is int
+        elif name == "stop_token_ids":
+            ok = isinstance(item, tuple | list) and all(type(token) is int for token in item)
+            item = tuple(item) if ok else item
+        elif isinstance(default, float):
+            ok = type(item) in (int, float)
+            item = float(item) if ok else item
+        else:
+            ok = type(item) is type(default)
+        if not ok:
+            raise MalformedContribution(f"settings.{name} is a {type(item).__name__}")
+        checked[name] = item
+    return GRPOSettings(**checked)
+
+
 # ---- the contribution file ----------------------------------------------------------------------------------------
 def contribution_path(directory: Path, epoch: int) -> Path:
     """The file name the averager's ``rpc_download_contribution`` serves for ``epoch``."""
@@ -151,10 +179,7 @@ def load_contribution(data: bytes) -> Contribution:
     if set(payload) != expected:
         raise MalformedContribution(f"fields {sorted(set(payload) ^ expected)} missing or unexpected")
     try:
-        settings = payload["settings"]
-        if not isinstance(settings, dict) or set(settings) != {f.name for f in fields(GRPOSettings)}:
-            raise MalformedContribution("settings are malformed")
-        payload["settings"] = GRPOSettings(**settings)
+        payload["settings"] = _settings(payload["settings"])
         for name in (*_TENSOR_FIELDS,):
             if not isinstance(payload[name], torch.Tensor):
                 raise MalformedContribution(f"{name} is not a tensor")

@@ -1,0 +1,204 @@
+"""The seeded sampler (swarm/sampling.py): it draws from the distribution ordinary sampling draws from, keeps the
+vocabulary transformers' warpers keep, stops where it says, and any single position can be recomputed on its own —
+which is what lets an auditor tell a sampled completion from a chosen one."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from swarm.config import ModelConfig
+from swarm.recipe import load_recipe
+from swarm.sampling import (
+    SamplingParams,
+    _fmix32,
+    check_positions,
+    choose,
+    completion_logits,
+    generate,
+    gumbel_noise,
+    keep_mask,
+    position_keys,
+    round_seed,
+)
+from swarm.training.model import load_model_and_tokenizer
+
+pytestmark = pytest.mark.unit
+
+FILTERS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.0, top_k=4),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.9, top_k=6, top_p=0.9, min_p=0.05),
+]
+
+
+def _reference_fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer, in Python integers."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic over the tokens with non-zero probability, and its degrees of freedom."""
+    expected = probs * counts.sum()
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a token outside the kept vocabulary was drawn"
+    statistic = float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
+    return statistic, int(support.sum()) - 1
+
+
+def _chi_square_critical(df: int) -> float:
+    """The statistic a correct sampler exceeds with probability ~1e-4 (Wilson–Hilferty approximation)."""
+    z = 3.719
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_the_hash_is_murmur3s_finalizer_exactly_in_int64() -> None:
+    values = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF, 123456789]
+    assert _fmix32(torch.tensor(values, dtype=torch.int64)).tolist() == [_reference_fmix32(v) for v in values]
+
+
+def test_noise_is_a_pure_function_of_the_position_key() -> None:
+    keys = position_keys(7, [0, 0, 1, 0], [0, 1, 0, 0], [3, 3, 3, 4])
+    first, second = gumbel_noise(keys, 50), gumbel_noise(keys, 50)
+    assert torch.equal(first, second) and torch.isfinite(first).all()
+    # another seed, row, generation or position gives other noise
+    assert len({tuple(row.tolist()) for row in first}) == 4
+    assert not torch.equal(gumbel_noise(position_keys(8, [0], [0], [3]), 50)[0], first[0])
+    # a position on its own is the same as in a batch
+    assert torch.equal(gumbel_noise(position_keys(7, [1], [0], [3]), 50)[0], first[2])
+
+
+def test_round_seeds_differ_per_run_peer_and_epoch() -> None:
+    seeds = {round_seed(run, peer, epoch) for run in ("a", "b") for peer in ("p", "q") for epoch in (0, 1)}
+    assert len(seeds) == 8 and round_seed("a", "p", 0) == round_seed("a", "p", 0)
+
+
+@pytest.mark.parametrize(
+    "params", FILTERS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}"
+)
+def test_the_kept_vocabulary_is_what_transformers_warpers_keep(params: SamplingParams) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 40, generator=generator) * 3
+    warped = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
+    if params.top_k:
+        warped = TopKLogitsWarper(params.top_k)(None, warped)
+    if params.top_p < 1:
+        warped = TopPLogitsWarper(params.top_p)(None, warped)
+    if params.min_p:
+        warped = MinPLogitsWarper(params.min_p)(None, warped)
+    ours = keep_mask(logits.double() / params.temperature, params)
+    assert torch.equal(ours, torch.isfinite(warped))
+
+
+@pytest.mark.parametrize(
+    "params", FILTERS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}"
+)
+def test_the_sampler_draws_what_multinomial_sampling_draws(params: SamplingParams) -> None:
+    """Both the seeded sampler and torch.multinomial on the warped distribution pass the same chi-square test
+    (threshold at p ~ 1e-4; the keys and generator are fixed, so the test is deterministic)."""
+    vocab, draws = 24, 30000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(3)) * 2
+    keep = keep_mask(logits.double()[None] / params.temperature, params)[0]
+    probs = (logits.double() / params.temperature).masked_fill(~keep, -math.inf).softmax(-1)
+    keys = position_keys(11, [0] * draws, [0] * draws, list(range(draws)))
+    ours = torch.bincount(choose(logits.expand(draws, vocab), keys, params), minlength=vocab).double()
+    theirs = torch.bincount(
+        torch.multinomial(probs, draws, replacement=True, generator=torch.Generator().manual_seed(4)),
+        minlength=vocab,
+    ).double()
+    for counts in (ours, theirs):
+        statistic, df = _chi_square(counts, probs)
+        assert statistic < _chi_square_critical(df), (statistic, df, params)
+
+
+def test_the_check_accepts_the_sampler_rejects_others_and_accepts_either_side_of_a_tie() -> None:
+    params = SamplingParams(temperature=1.0, top_k=8)
+    logits = torch.randn(500, 32, generator=torch.Generator().manual_seed(5))
+    keys = position_keys(1, [0] * 500, [0] * 500, list(range(500)))
+    chosen = choose(logits, keys, params)
+    honest = check_positions(logits, keys, chosen, params, margin=1e-4)
+    assert honest.ok.all() and torch.equal(honest.chosen, chosen)
+    # an honest peer whose logits differ by less than the margin passes
+    nudged = logits + 1e-5 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(6))
+    assert check_positions(nudged, keys, chosen, params, margin=1e-4).ok.all()
+    # any other token fails almost everywhere (only where it ties with the sampler's choice may it pass)
+    other = (chosen + 1) % 32
+    rejected = check_positions(logits, keys, other, params, margin=1e-4)
+    assert (~rejected.ok).float().mean() > 0.99
+    # out-of-vocabulary and filtered-out tokens fail
+    assert not check_positions(logits[:1], keys[:1], torch.tensor([32]), params, 1e-4).ok.any()
+    outside = logits[0].argsort()[0:1]  # the least likely token: outside top-8
+    assert not check_positions(logits[:1], keys[:1], outside, params, 1e-4).ok.any()
+    # a tie: make the runner-up score within the margin of the winner; both are accepted
+    scores = logits[:1].double() + gumbel_noise(keys[:1], 32)
+    best, runner = scores[0].topk(2).indices.tolist()
+    tied = logits[:1].clone()
+    tied[0, runner] += float(scores[0, best] - scores[0, runner]) - 5e-5
+    for token in (best, runner):
+        assert check_positions(tied, keys[:1], torch.tensor([token]), params, 1e-4).ok.all()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    recipe = load_recipe("arithmetic")
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(), recipe.tokenizer_alphabet(), Path(tmp_path_factory.mktemp("models"))
+    )
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in recipe.assigned_rows("run", "peer", 0, 6)]
+    return model, tokenizer, prompts
+
+
+def _padded(sequences: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for index, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[index, span], mask[index, span] = torch.tensor(sequence), 1
+    return ids, mask
+
+
+def test_generation_stops_at_the_stop_token_or_the_maximum_and_every_position_recomputes_alone(tiny) -> None:
+    model, tokenizer, prompts = tiny
+    keys = [(9, index, 0) for index in range(len(prompts))]
+    # the tiny model rarely samples its eos: make one frequent token a stop token too, so both endings occur
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("1")]
+    completions = generate(model, prompts, keys, SamplingParams(1.0), 12, stop_ids, tokenizer.pad_token_id)
+    assert completions == generate(
+        model, prompts, keys, SamplingParams(1.0), 12, stop_ids, tokenizer.pad_token_id
+    )
+    assert all(
+        1 <= len(ids) <= 12 and not set(ids[:-1]) & set(stop_ids) and (ids[-1] in stop_ids or len(ids) == 12)
+        for ids in completions
+    )
+    assert {len(ids) == 12 for ids in completions} == {True, False}, "both endings should occur"
+    # one teacher-forced pass over all completions recomputes each position's choice
+    prompt_ids, prompt_mask = _padded(prompts, tokenizer.pad_token_id, left=True)
+    completion_ids, completion_mask = _padded(completions, tokenizer.pad_token_id, left=False)
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    for index, ids in enumerate(completions):
+        position_keys_ = position_keys(9, [index] * len(ids), [0] * len(ids), list(range(len(ids))))
+        checked = check_positions(
+            logits[index, : len(ids)], position_keys_, torch.tensor(ids), SamplingParams(1.0), 1e-4
+        )
+        assert checked.ok.all(), (index, ids, checked.chosen.tolist())
+    # a single prompt on its own gives the same completion (no dependence on the batch)
+    alone = generate(
+        model, prompts[2:3], keys[2:3], SamplingParams(1.0), 12, stop_ids, tokenizer.pad_token_id
+    )
+    assert alone == completions[2:3]
