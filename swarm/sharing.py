@@ -20,6 +20,11 @@ Nothing a sender claims is trusted:
 * malformed groups (wrong count, too long, token ids outside the vocabulary, tokens after an end-of-sequence) are
   dropped with a debug line before they reach the model.
 
+* completions must have been *sampled*: before training on a group, a receiver with verification on checks every
+  token against the sender's seeded sampler from the state of the sender's epoch, which every honest peer held
+  (``sampled``, :meth:`swarm.verify.auditor.Verifier.shared_group_problem`): chosen, fabricated or poisoned
+  completions are dropped before they reach a gradient (``dropped_unsampled`` in the figures).
+
 What this does not check: which of the valid shared groups a peer chose (the choice is seeded, but an auditor cannot
 know which bundles the peer saw in the DHT). The worst a peer can do with that is pick among honest, re-scored
 groups.
@@ -308,6 +313,7 @@ class RolloutSharing:
     :param board: a :class:`~swarm.network.rollout_records.RolloutBoard` (None: nothing is published or read)
     :param decode: token ids -> text, as the trainer decodes completions (for scoring)
     :param banned: the peers whose bundles are ignored (those excluded from averaging)
+    :param sampled: why a group is not what its sender's seeded sampler drew, or None (None: not checked)
     """
 
     def __init__(
@@ -319,11 +325,12 @@ class RolloutSharing:
         limits: GroupLimits,
         decode: Callable[[Sequence[int]], str],
         banned: Callable[[], Iterable[str]] = lambda: (),
+        sampled: Callable[[ExternalGroup], str | None] | None = None,
     ):
         self.config, self.identity, self.recipe, self.board = config, identity, recipe, board
-        self.limits, self.decode, self.banned = limits, decode, banned
+        self.limits, self.decode, self.banned, self.sampled = limits, decode, banned, sampled
         self.me = str(identity.peer_id)
-        self.published = self.received = self.used = self.dropped = 0
+        self.published = self.received = self.used = self.dropped = self.unsampled = 0
         self._reward_funcs = recipe.checked_reward_funcs()
 
     # ---- publishing ---------------------------------------------------------------------------------------------
@@ -448,6 +455,18 @@ class RolloutSharing:
                 ) as error:  # a reward function failing on a shared row must not stop this peer
                     logger.debug(f"rollout sharing: could not score a group of {group.sender}: {error}")
                     continue
+            if self.sampled is not None:
+                try:
+                    problem = self.sampled(group)
+                except Exception as error:  # a malformed group must not stop this peer: it is dropped
+                    problem = f"{type(error).__name__}: {error}"
+                if problem is not None:
+                    self.unsampled += 1
+                    logger.info(
+                        f"rollout sharing: dropped group {group.row_index} of {group.sender} (epoch {group.epoch}): "
+                        f"not sampled from the swarm's state ({problem})"
+                    )
+                    continue
             chosen.append(group)
         self.used += len(chosen)
         return chosen
@@ -458,6 +477,7 @@ class RolloutSharing:
             "received_groups": self.received,
             "used_groups": self.used,
             "dropped": self.dropped,
+            "dropped_unsampled": self.unsampled,
         }
 
 

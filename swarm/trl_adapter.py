@@ -24,7 +24,9 @@ TRL internals used (checked against TRL 1.16):
 * the training branch of ``GRPOTrainer._prepare_inputs`` (re-implemented here to pin the shuffle):
   ``self._step``, ``self._buffered_inputs``, ``self.num_iterations``, ``args.steps_per_generation`` and
   ``trl.trainer.utils.split_tensor_dict``; ``self._metrics`` (cleared between replays);
-* ``GRPOTrainer.reward_func_names``, ``reward_weights``, ``use_vllm``, ``num_generations``.
+* ``GRPOTrainer.reward_func_names``, ``reward_weights``, ``use_vllm``, ``num_generations``;
+* how ``GRPOTrainer._tokenize_prompts`` tokenizes a text (non-conversational) prompt: ``processing_class(text=…)``
+  (:func:`prompt_token_ids`, which a receiver of shared rollouts uses to check them).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "keeps_forward",
     "make_recording_trainer",
     "make_sft_trainer",
+    "prompt_token_ids",
     "stop_token_ids",
 ]
 
@@ -471,3 +474,8 @@ def make_sft_trainer(
         optimizers=(optimizer, None),
     )
     return _quiet(trainer)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids TRL's GRPO step generates from for a text prompt (``GRPOTrainer._tokenize_prompts``)."""
+    return [int(token) for token in tokenizer(text=[prompt])["input_ids"][0]]

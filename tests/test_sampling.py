@@ -202,3 +202,28 @@ def test_generation_stops_at_the_stop_token_or_the_maximum_and_every_position_re
         model, prompts[2:3], keys[2:3], SamplingParams(1.0), 12, stop_ids, tokenizer.pad_token_id
     )
     assert alone == completions[2:3]
+
+
+def test_trls_own_step_samples_with_the_seeded_sampler_from_the_prompts_and_stop_tokens_the_adapter_derives(
+    tiny,
+) -> None:
+    """What a receiver of shared rollouts and an auditor recompute (prompt token ids, stop tokens, each
+    completion) is what TRL's GRPO step used: a canary for the adapter's reading of TRL."""
+    from swarm.recipe import load_recipe
+    from swarm.trl_adapter import GRPOSettings, prompt_token_ids, stop_token_ids
+    from swarm.verify.replay import capture_contribution
+
+    model, tokenizer, _ = tiny
+    recipe = load_recipe("arithmetic")
+    rows = recipe.assigned_rows("run", "peer", 3, 3)
+    settings = GRPOSettings(num_generations=2, max_completion_length=6, seed=21)
+    contribution = capture_contribution(model, tokenizer, recipe, rows, settings)
+    assert contribution.prompt_token_ids == [
+        prompt_token_ids(tokenizer, row["prompt"]) for row in rows for _ in range(2)
+    ]
+    stops = list(stop_token_ids(model, tokenizer))
+    keys = [(21, index // 2, index % 2) for index in range(6)]
+    again = generate(
+        model, contribution.prompt_token_ids, keys, SamplingParams(1.0), 6, stops, tokenizer.pad_token_id
+    )
+    assert contribution.completion_token_ids == again

@@ -512,3 +512,54 @@ def test_an_auditor_refuses_a_shared_row_beyond_any_peers_own_rows(
     completions = [list(ids) for ids in far.completions]
     with pytest.raises(SharingError, match="beyond"):
         check_shared(config(), offline.recipe, me, 7, [[canonical, signature]], [[0, 0]], completions, 1)
+
+
+@pytest.mark.unit
+def test_every_receiver_drops_a_shared_group_that_was_not_sampled_and_keeps_the_sampled_ones(
+    offline: Offline, identities: list[Identity]
+) -> None:
+    """Rollout sharing with the sampling check (what a verifying peer installs): a group whose completions the
+    sender chose (here the right answer, which earns full reward) is dropped by every receiver before it reaches a
+    gradient; the sender's honestly sampled group is used."""
+    from swarm.sampling import SamplingParams, generate, round_seed
+    from swarm.trl_adapter import prompt_token_ids, stop_token_ids
+    from swarm.verify.checks import SAMPLING_MARGIN, shared_group_problem
+
+    me, alice, bob = identities
+    epoch, tokenizer, model = 4, offline.tokenizer, offline.model
+    seed = round_seed(RUN, str(alice.peer_id), epoch)
+    stops = list(stop_token_ids(model, tokenizer))
+    rows = offline.recipe.assigned_rows(RUN, str(alice.peer_id), epoch, 2)
+    sampled = generate(
+        model,
+        [prompt_token_ids(tokenizer, rows[0]["prompt"])] * GENERATIONS,
+        [(seed, 0, generation) for generation in range(GENERATIONS)],
+        SamplingParams(1.0),
+        4,
+        stops,
+        tokenizer.pad_token_id,
+    )
+    honest = SharedGroup(0, tuple(tuple(ids) for ids in sampled))
+    chosen = answered(offline, alice, epoch, 1, GENERATIONS // 2)
+    board = MemoryBoard()
+    board.add(alice, epoch, [honest, chosen])
+    settings = GRPOSettings(num_generations=GENERATIONS, max_completion_length=4, stop_token_ids=tuple(stops))
+
+    def check(group) -> str | None:
+        return shared_group_problem(
+            model,
+            prompt_token_ids(tokenizer, group.row["prompt"]),
+            group.completions,
+            group.row_index,
+            replace(settings, seed=round_seed(RUN, group.sender, group.epoch)),
+            stops,
+            tokenizer.pad_token_id,
+            SAMPLING_MARGIN["fp32"],
+        )
+
+    for receiver in (me, bob):
+        sharing = offline.sharing(receiver, board, skip_uninformative=False)
+        sharing.sampled = check
+        picked = sharing.select(epoch + 1, 4)
+        assert [group.key for group in picked] == [(str(alice.peer_id), epoch, 0)]
+        assert sharing.figures()["dropped_unsampled"] == 1

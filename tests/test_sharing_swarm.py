@@ -45,6 +45,7 @@ def test_peers_train_on_each_others_rollouts_and_pass_every_audit(tmp_path: Path
             f"{name} never trained on a shared group:\n{logs[name][-2000:]}"
         )
         assert status["sharing"]["dropped"] == 0
+        assert status["sharing"]["dropped_unsampled"] == 0, logs[name][-3000:]  # honest groups pass the check
         assert status["verify"]["my_audits_failed"] == 0 and status["verify"]["my_audits_passed"] >= 1, status
         assert status["verify"]["cheats_found"] == 0 and status["verify"]["banned"] == [], logs[name][-3000:]
         assert (

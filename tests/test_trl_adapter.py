@@ -65,6 +65,8 @@ def test_the_helpers_and_attributes_the_adapter_reads_exist() -> None:
         "self.reward_weights",
         "self.use_vllm",
         "self.num_generations",
+        "self.eos_token_ids",
+        "self.processing_class(text=prompts)",
     ):
         assert attribute in source, f"GRPOTrainer no longer has {attribute}"
     config = grpo_config(GRPOSettings(), num_rows=2, output_dir=Path("unused"))

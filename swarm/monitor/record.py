@@ -15,7 +15,7 @@ Groups (a group is absent when its part is off: ``verify`` without verification,
 * ``verify``: ``audit_s``, ``audits_done``, ``cheats_found``, ``my_audits_passed``, ``my_audits_failed``,
   ``banned_peers``, ``banned`` (their ids);
 * ``ledger``: ``my_credit``, ``my_credit_provisional``, ``swarm_credit`` (in credits), ``banned`` (this peer);
-* ``sharing``: ``published_groups``, ``received_groups``, ``used_groups``, ``dropped``.
+* ``sharing``: ``published_groups``, ``received_groups``, ``used_groups``, ``dropped``, ``dropped_unsampled``.
 """
 
 from __future__ import annotations

@@ -430,6 +430,7 @@ class SwarmTrainer:
             limits,
             decode=lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True),
             banned=lambda: self.verifier.stats.banned if self.verifier is not None else (),
+            sampled=self.verifier.shared_group_problem if self.verifier is not None else None,
         )
 
     def _emit(self, hook: str, *args: Any) -> None:

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,17 @@ from swarm.node.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
 from swarm.node.rounds import Outcome, RoundResult
 from swarm.recipe import Recipe
 from swarm.sampling import round_seed
-from swarm.sharing import SharingError, check_shared
+from swarm.sharing import ExternalGroup, SharingError, check_shared
+from swarm.trl_adapter import prompt_token_ids
 from swarm.verify.checks import (
     AUDIT_CHECKS,
     GRADIENT_TOLERANCE,
+    SAMPLING_MARGIN,
     TRANSIENT_FAILURES,
     AuditCase,
     Verdict,
     run_checks,
+    shared_group_problem,
 )
 from swarm.verify.commitment import (
     MalformedContribution,
@@ -221,6 +224,30 @@ class Verifier:
                     return contribution
             time.sleep(POLL_INTERVAL)
         return None
+
+    def shared_group_problem(self, group: ExternalGroup) -> str | None:
+        """Why another peer's shared group (rollout sharing) is not what its seeded sampler drew from the state of
+        its epoch — which this peer held then and keeps for the audit window — or None when it is. The margin is
+        that of the sender's committed precision class (the widest when its commitment cannot be read)."""
+        if group.epoch not in self.snapshots:
+            return f"this peer no longer holds (or never held) the state of epoch {group.epoch}"
+        commitment = self.commitments.fetch(group.epoch).get(group.sender)
+        margin = (
+            SAMPLING_MARGIN[commitment.precision]
+            if commitment is not None and commitment.precision in SAMPLING_MARGIN
+            else max(SAMPLING_MARGIN.values())
+        )
+        settings = replace(self.settings, seed=round_seed(self.config.run_id, group.sender, group.epoch))
+        return shared_group_problem(
+            self._model_at(group.epoch),
+            prompt_token_ids(self.tokenizer, group.row["prompt"]),
+            [list(ids) for ids in group.completions],
+            group.row_index,
+            settings,
+            settings.stop_token_ids,
+            int(self.tokenizer.pad_token_id),
+            margin,
+        )
 
     # ---- after averaging ----------------------------------------------------------------------------------------
     def after_round(self, result: RoundResult) -> list[AuditAssignment]:

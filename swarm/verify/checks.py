@@ -334,13 +334,116 @@ class DataCheck:
         return None
 
 
+def completion_problem(ids: Sequence[int], max_length: int, stops: set[int]) -> str | None:
+    """What makes ``ids`` a completion the sampler could not have returned, or None: empty, longer than the
+    maximum, going on after a stop token, or ending early without one."""
+    if not ids:
+        return "is empty"
+    if len(ids) > max_length:
+        return f"has {len(ids)} tokens, more than the maximum {max_length}"
+    if any(token in stops for token in ids[:-1]):
+        return "goes on after its stop token"
+    if ids[-1] not in stops and len(ids) < max_length:
+        return f"ends after {len(ids)} tokens without a stop token"
+    return None
+
+
+@dataclass(frozen=True)
+class SampledPositions:
+    """The outcome of checking every position of some completions: how many, how many fell inside the tie
+    margin, and the first that is not the sampler's choice (row, generation, position, token, the sampler's)."""
+
+    checked: int
+    ties: int
+    first_forged: tuple[int, int, int, int, int] | None
+
+
+def check_sampled(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: Sequence[Sequence[int]],
+    keys: Sequence[tuple[int, int]],
+    settings: GRPOSettings,
+    margin: float,
+    pad_id: int = 0,
+) -> SampledPositions:
+    """Whether every completion token is the seeded sampler's choice from ``model``: one teacher-forced forward
+    pass over the left-padded prompts (TRL's tensors) and the completions, right-padded, every token attended (TRL's
+    completion mask may hide truncated completions; the sampler saw all of it), then
+    :func:`swarm.sampling.check_positions` at each position under ``settings`` (its seed and knobs).
+    ``keys[i]`` is completion i's (row, generation)."""
+    lengths = [len(ids) for ids in completions]
+    elements = [index for index, length in enumerate(lengths) for _ in range(length)]
+    positions = [position for length in lengths for position in range(length)]
+    if not elements:
+        return SampledPositions(0, 0, None)
+    completion_ids = torch.full((len(completions), max(lengths)), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros_like(completion_ids)
+    for index, ids in enumerate(completions):
+        completion_ids[index, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        completion_mask[index, : len(ids)] = 1
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    element_index, position_index = torch.tensor(elements), torch.tensor(positions)
+    tokens = completion_ids[element_index, position_index]
+    rows = [keys[index][0] for index in elements]
+    generations = [keys[index][1] for index in elements]
+    checked = check_positions(
+        logits[element_index, position_index],
+        position_keys(settings.seed, rows, generations, positions),
+        tokens,
+        settings.sampling_params(),
+        margin,
+    )
+    first = None
+    if not bool(checked.ok.all()):
+        at = int((~checked.ok).nonzero()[0, 0])
+        first = (rows[at], generations[at], positions[at], int(tokens[at]), int(checked.chosen[at]))
+    return SampledPositions(len(elements), int(checked.tie.sum()), first)
+
+
+def shared_group_problem(
+    model: torch.nn.Module,
+    prompt: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    row: int,
+    settings: GRPOSettings,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    margin: float,
+) -> str | None:
+    """Why a shared group (one prompt, one completion per generation, row ``row`` of its sender, whose seed is
+    ``settings.seed``) is not what the sender's seeded sampler draws from ``model`` (the sender's committed state),
+    or None when it is."""
+    stops = set(stop_ids)
+    for generation, ids in enumerate(completions):
+        problem = completion_problem(ids, settings.max_completion_length, stops)
+        if problem is not None:
+            return f"generation {generation}: the completion {problem}"
+    prompt_ids = torch.tensor([list(prompt)] * len(completions), dtype=torch.long)
+    result = check_sampled(
+        model,
+        prompt_ids,
+        torch.ones_like(prompt_ids),
+        completions,
+        [(row, generation) for generation in range(len(completions))],
+        settings,
+        margin,
+        pad_id,
+    )
+    if result.first_forged is None:
+        return None
+    _, generation, position, token, chosen = result.first_forged
+    return f"generation {generation} position {position}: token {token} is not the sampler's choice {chosen}"
+
+
 class SamplingCheck:
     """Every completion of its own rows is what the seeded sampler (swarm/sampling.py) draws from the committed
     state under its settings and seed: at most the maximum length, nothing after its first stop token, a stop token
     at its end unless it has the maximum length, and at every position the token the sampler chooses from the
     auditor's logits — either of two candidates within :data:`SAMPLING_MARGIN` of each other. The shared rows
-    (rollout sharing) were sampled by their senders and are checked where they are received. The first failing
-    row, generation and position are named in ``details``."""
+    (rollout sharing) were sampled by their senders; receivers check them before training on them
+    (:func:`shared_group_problem`). The first failing row, generation and position are named in ``details``."""
 
     def __call__(self, case: ReplayCase) -> CheckResult | None:
         contribution, settings = case.contribution, case.contribution.settings
@@ -351,63 +454,37 @@ class SamplingCheck:
             return CheckResult(Verdict.WRONG_SETTINGS)
         group = settings.num_generations
         local = (len(contribution.rows) - len(contribution.shared_groups)) * group
-        completions = contribution.completion_token_ids[:local]
         stops = set(settings.stop_token_ids or case.replayed().stop_ids)
-        elements, rows, generations, positions, tokens = [], [], [], [], []
-        for index, ids in enumerate(completions):
-            row, generation = divmod(index, group)
-            problem = None
-            if not ids:
-                problem = "is empty"
-            elif len(ids) > settings.max_completion_length:
-                problem = f"has {len(ids)} tokens, more than the maximum {settings.max_completion_length}"
-            elif any(token in stops for token in ids[:-1]):
-                problem = "goes on after its stop token"
-            elif ids[-1] not in stops and len(ids) < settings.max_completion_length:
-                problem = f"ends after {len(ids)} tokens without a stop token"
+        for index, ids in enumerate(contribution.completion_token_ids[:local]):
+            problem = completion_problem(ids, settings.max_completion_length, stops)
             if problem is not None:
+                row, generation = divmod(index, group)
                 case.details.update(
                     reason=f"row {row} generation {generation}: the completion {problem}",
                     forged_row=row,
                     forged_position=None,
                 )
                 return CheckResult(Verdict.FORGED_COMPLETIONS)
-            for position, token in enumerate(ids):
-                elements.append(index)
-                rows.append(row)
-                generations.append(generation)
-                positions.append(position)
-                tokens.append(token)
-        case.details.update(tokens_checked=len(tokens), tie_positions=0)
-        if not tokens:
-            return None
-        logits = completion_logits(
+        result = check_sampled(
             case.model,
             contribution.prompt_ids[:local],
             contribution.prompt_mask[:local],
-            contribution.completion_ids[:local],
-            contribution.completion_mask[:local],
-        )
-        picked = logits[torch.tensor(elements), torch.tensor(positions)]
-        keys = position_keys(settings.seed, rows, generations, positions)
-        checked = check_positions(
-            picked,
-            keys,
-            torch.tensor(tokens),
-            settings.sampling_params(),
+            contribution.completion_token_ids[:local],
+            [divmod(index, group) for index in range(local)],
+            settings,
             SAMPLING_MARGIN[settings.precision],
         )
-        case.details.update(tie_positions=int(checked.tie.sum()))
-        if bool(checked.ok.all()):
+        case.details.update(tokens_checked=result.checked, tie_positions=result.ties)
+        if result.first_forged is None:
             return None
-        first = int((~checked.ok).nonzero()[0, 0])
+        row, generation, position, token, chosen = result.first_forged
         case.details.update(
             reason=(
-                f"row {rows[first]} generation {generations[first]} position {positions[first]}: token "
-                f"{tokens[first]} is not the sampler's choice {int(checked.chosen[first])}"
+                f"row {row} generation {generation} position {position}: token {token} is not the sampler's "
+                f"choice {chosen}"
             ),
-            forged_row=rows[first],
-            forged_position=positions[first],
+            forged_row=row,
+            forged_position=position,
         )
         return CheckResult(Verdict.FORGED_COMPLETIONS)
 
