@@ -37,7 +37,6 @@ of the contribution it was given, and its gradient has the shapes and parameter 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 import tempfile
@@ -585,23 +584,31 @@ class OtherTemperature(_SamplingAttack):
 
 
 class OtherModel(_SamplingAttack):
-    """Samples from another model than the committed state — a copy with every weight moved by 5 % of its tensor's
-    RMS (a stale, privately fine-tuned or cheaper model) — with the seeded sampler and the declared settings.
-    Caught wherever the other model's completions differ from the committed state's; a model so close that every
-    token is the same produced the honest completions."""
+    """Samples from another model than the committed state — every weight moved by half its tensor's RMS (a stale,
+    privately fine-tuned or cheaper model) — with the seeded sampler and the declared settings. Caught wherever the
+    other model's completions differ from the committed state's: a model so close that every token is the same
+    produced the honest completions (at 5 % of the RMS the tiny benchmark model's tokens did not change)."""
 
     name = "other_model"
-    fraction: ClassVar[float] = 5e-2
+    fraction: ClassVar[float] = 0.5
 
     def complete(self, request, honest, context):
-        other = copy.deepcopy(request.model)
-        # TRL's fused LM head is an instance ``forward`` bound to the original model: the copy must not use it
-        other.__dict__.pop("forward", None)
-        with torch.no_grad():
-            for param in other.parameters():
-                noise = torch.randn(param.shape, generator=context.generator, dtype=torch.float32).to(param)
-                param.add_(noise * (self.fraction * float(param.detach().double().pow(2).mean().sqrt())))
-        return honest(replace(request, model=other))
+        # the weights are moved in place for the generation and put back exactly afterwards (a copy of the model
+        # would carry TRL's fused-LM-head forward, bound to the original)
+        params = [param for param in request.model.parameters() if param.is_floating_point()]
+        saved = [param.detach().clone() for param in params]
+        try:
+            with torch.no_grad():
+                for param in params:
+                    noise = torch.randn(param.shape, generator=context.generator, dtype=torch.float32).to(
+                        param
+                    )
+                    param.add_(noise * (self.fraction * float(param.detach().double().pow(2).mean().sqrt())))
+            return honest(request)
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, saved):
+                    param.copy_(value)
 
 
 class Overlong(_SamplingAttack):
