@@ -63,11 +63,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
+from swarm import sampling
 from swarm.config import ModelConfig, SwarmConfig, VerifyConfig
+from swarm.sampling import SamplingParams
+from swarm.trl_adapter import prompt_token_ids, stop_token_ids
 from swarm.verify.attacks import ATTACKS, AttackContext, cheating_contribution, make_attack
+from swarm.verify.checks import SAMPLING_MARGIN, check_sampled
 from swarm.verify.replay import (
     GRADIENT_TOLERANCE,
     Contribution,
@@ -79,6 +84,7 @@ from swarm.verify.replay import (
 
 RUN_ID = "bench-verification"
 NUM_GENERATIONS = 4
+NUM_GENERATIONS_TIMED = SwarmConfig().training.num_generations  # the default epoch's
 ROWS_PER_PEER = (4, 2)  # peer p is assigned ROWS_PER_PEER[p % 2] rows per epoch
 ATTACK_SPLITS: tuple[int | None, ...] = (None, 4)  # the cheater's micro-batch size (None: one micro-batch)
 HONEST_SPLITS: tuple[int | None, ...] = (None, 8, 4, 2)
@@ -95,10 +101,15 @@ class Sizes:
     honest: int  # honest captures
     precision_captures: int  # per autocast dtype
     timing_steps: int  # training steps timed before gc.freeze (details only)
+    sampling_batches: int  # per (generation class, auditor class) pair: honest generation batches checked
 
 
-FULL = Sizes(epochs=4, peers=4, captures=100, honest=500, precision_captures=40, timing_steps=10)
-QUICK = Sizes(epochs=2, peers=2, captures=2, honest=4, precision_captures=2, timing_steps=2)
+FULL = Sizes(
+    epochs=4, peers=4, captures=100, honest=500, precision_captures=40, timing_steps=10, sampling_batches=12
+)
+QUICK = Sizes(
+    epochs=2, peers=2, captures=2, honest=4, precision_captures=2, timing_steps=2, sampling_batches=1
+)
 
 
 class BenchError(Exception):
@@ -253,6 +264,10 @@ class HonestFigures:
     verdicts: Counter = field(default_factory=Counter)
     errors: list[float] = field(default_factory=list)
     by_split: Counter = field(default_factory=Counter)
+    tokens_checked: int = (
+        0  # completion positions the audits' sampling checks recomputed (each audit its own)
+    )
+    tie_positions: int = 0
     train_s: list[float] = field(default_factory=list)  # wall time of each capture (a training step)
     replay_s: list[float] = field(default_factory=list)  # wall time of each replay (an audit)
 
@@ -294,6 +309,173 @@ def measure_honest(world: World) -> HonestFigures:
             figures.false_positives += not result.passed
             figures.verdicts[result.verdict.value] += 1
             figures.errors.append(result.error)
+            figures.tokens_checked += result.details.get("tokens_checked", 0)
+            figures.tie_positions += result.details.get("tie_positions", 0)
+    return figures
+
+
+# (generation class, auditor class): bf16/fp16 generation checked by an fp32 auditor, the reverse, and the same class
+SAMPLING_PAIRS = (
+    ("fp32", "fp32"),
+    ("bf16", "fp32"),
+    ("fp16", "fp32"),
+    ("fp32", "bf16"),
+    ("fp32", "fp16"),
+    ("bf16", "bf16"),
+    ("fp16", "fp16"),
+)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the knobs the honest generation batches cycle through (each boundary of the kept vocabulary gets crossed)
+SAMPLING_KNOBS = (
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=1.3, min_p=0.1),
+)
+SAMPLING_PROMPTS = (
+    16  # rows per generation batch (the default epoch's), NUM_GENERATIONS_TIMED completions each
+)
+SAMPLING_LENGTH = LONGER_COMPLETIONS
+SAMPLING_CHUNK = 32  # completions per generate call when a batch is generated in chunks
+
+
+@dataclass
+class SamplingFigures:
+    """Honest completions checked by the sampling check for one (generation class, auditor class) pair."""
+
+    batches: int = 0
+    completions: int = 0
+    tokens_checked: int = 0
+    tie_positions: int = 0
+    false_positives: int = 0  # batches in which the check named a forged position
+    # largest |generation logit - check logit| of a position over max(1, max |logit|): what the margin must cover
+    largest_difference: float = 0.0
+
+    def as_json(self, margin: float) -> dict[str, Any]:
+        """``margin``: the one the check applied (the wider of the peer's declared class and the auditor's)."""
+        return {
+            **self.__dict__,
+            "tie_fraction": self.tie_positions / self.tokens_checked if self.tokens_checked else None,
+            "margin": margin,
+            "largest_difference_over_margin": self.largest_difference / margin,
+        }
+
+
+@contextlib.contextmanager
+def recorded_logits(into: list[torch.Tensor]) -> Iterator[None]:
+    """Every logits tensor the seeded sampler chooses from while active, in call order (one per position)."""
+    choose = sampling.choose
+
+    def recording(logits: torch.Tensor, keys: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        into.append(logits.detach().float().clone())
+        return choose(logits, keys, params)
+
+    with mock.patch.object(sampling, "choose", recording):
+        yield
+
+
+def generate_batch(
+    world: World,
+    prompts: list[list[int]],
+    keys: list[tuple[int, int, int]],
+    params: SamplingParams,
+    order: list[int],
+) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """Generate every element in ``order``, in chunks of :data:`SAMPLING_CHUNK` unless ``order`` is the natural one
+    (then one call): the completions, and for each element the (length, V) logits its tokens were chosen from."""
+    chunks = (
+        [order]
+        if order == sorted(order)
+        else [order[at : at + SAMPLING_CHUNK] for at in range(0, len(order), SAMPLING_CHUNK)]
+    )
+    completions: list[list[int]] = [[] for _ in prompts]
+    logits: list[torch.Tensor | None] = [None] * len(prompts)
+    stops = list(stop_token_ids(world.model, world.tokenizer))
+    for chunk in chunks:
+        steps: list[torch.Tensor] = []
+        with recorded_logits(steps):
+            out = sampling.generate(
+                world.model,
+                [prompts[i] for i in chunk],
+                [keys[i] for i in chunk],
+                params,
+                SAMPLING_LENGTH,
+                stops,
+                world.tokenizer.pad_token_id,
+            )
+        for slot, element in enumerate(chunk):
+            completions[element] = out[slot]
+            logits[element] = torch.stack([steps[position][slot] for position in range(len(out[slot]))])
+    return completions, logits
+
+
+def measure_sampling(world: World) -> dict[str, SamplingFigures]:
+    """Honest generation checked by :func:`~swarm.verify.checks.check_sampled` as an auditor runs it, per
+    (generation class, auditor class): the peer generates under its class's autocast with 1 or 2 threads, the whole
+    batch in one call or in shuffled chunks (other batch compositions and padding), under the knobs of
+    :data:`SAMPLING_KNOBS`; the auditor checks under its own class with the other thread count, at the margin of
+    the peer's declared class (widened to its own by ``check_sampled``)."""
+    figures: dict[str, SamplingFigures] = {}
+    sizes = world.sizes
+    for generation_class, auditor_class in SAMPLING_PAIRS:
+        pair = figures.setdefault(f"{generation_class} generation, {auditor_class} check", SamplingFigures())
+        for index in range(sizes.sampling_batches):
+            choice = random.Random(stable_seed("sampling", generation_class, auditor_class, index))
+            epoch, peer = choice.randrange(sizes.epochs), choice.randrange(sizes.peers)
+            params = SAMPLING_KNOBS[index % len(SAMPLING_KNOBS)]
+            seed = stable_seed("sampling-seed", generation_class, auditor_class, index)
+            rows = world.recipe.assigned_rows(RUN_ID, world.peer(peer), epoch, SAMPLING_PROMPTS)
+            row_prompts = [prompt_token_ids(world.tokenizer, row["prompt"]) for row in rows]
+            elements = [
+                (row, generation) for row in range(len(rows)) for generation in range(NUM_GENERATIONS_TIMED)
+            ]
+            prompts = [row_prompts[row] for row, _ in elements]
+            keys = [(seed, row, generation) for row, generation in elements]
+            order = list(range(len(elements)))
+            if index % 2:
+                choice.shuffle(order)
+            generate_threads = AUDIT_THREADS[index % len(AUDIT_THREADS)]
+            model = world.at(epoch)
+            with threads(generate_threads), autocast(DTYPES[generation_class]):
+                completions, generated = generate_batch(world, prompts, keys, params, order)
+            settings = GRPOSettings(
+                num_generations=NUM_GENERATIONS_TIMED,
+                max_completion_length=SAMPLING_LENGTH,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=params.min_p,
+                seed=seed,
+            )
+            prompt_ids, prompt_mask = sampling.pad(prompts, world.tokenizer.pad_token_id)
+            audit_threads = AUDIT_THREADS[(index + 1) % len(AUDIT_THREADS)]
+            with threads(audit_threads), autocast(DTYPES[auditor_class]):
+                result = check_sampled(
+                    model,
+                    prompt_ids,
+                    prompt_mask,
+                    completions,
+                    elements,
+                    settings,
+                    SAMPLING_MARGIN[generation_class],
+                    world.tokenizer.pad_token_id,
+                )
+                completion_ids, completion_mask = sampling.pad(
+                    completions, world.tokenizer.pad_token_id, "right"
+                )
+                checked = sampling.completion_logits(
+                    model, prompt_ids, prompt_mask, completion_ids, completion_mask
+                )
+            for element, logits in enumerate(generated):
+                ours = checked[element, : len(logits)].float()
+                scale = logits.abs().amax(dim=-1).clamp(min=1.0)
+                difference = float(((ours - logits).abs().amax(dim=-1) / scale).max())
+                pair.largest_difference = max(pair.largest_difference, difference)
+            pair.batches += 1
+            pair.completions += len(completions)
+            pair.tokens_checked += result.checked
+            pair.tie_positions += result.ties
+            pair.false_positives += result.first_forged is not None
     return figures
 
 
@@ -340,8 +522,18 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
     training = SwarmConfig().training
     rows = world.recipe.assigned_rows(RUN_ID, world.peer(0), 0, training.prompts_per_round)
     model = world.at(0)
-    train, audit = [], []
+    train, audit, generation, check = [], [], [], []
     for index in range(steps + 1):
+        generated: list[float] = []
+
+        def timed_sampler(
+            request: sampling.SampleRequest, generated: list[float] = generated
+        ) -> list[list[int]]:
+            begun = time.perf_counter()
+            completions = sampling.generate_request(request)
+            generated.append(time.perf_counter() - begun)
+            return completions
+
         settings = GRPOSettings(
             num_generations=training.num_generations,
             max_completion_length=completion_length or world.recipe.max_completion_length,
@@ -350,7 +542,9 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
             learning_rate=training.learning_rate,
         )
         started = time.perf_counter()
-        contribution = capture_contribution(model, world.tokenizer, world.recipe, rows, settings)
+        contribution = capture_contribution(
+            model, world.tokenizer, world.recipe, rows, settings, sampler=timed_sampler
+        )
         middle = time.perf_counter()
         result = world.replay(contribution, rows, GRADIENT_TOLERANCE["fp32"])
         ended = time.perf_counter()
@@ -361,9 +555,14 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
         if index:  # the first pair is a warm-up
             train.append(middle - started)
             audit.append(ended - middle)
+            generation.append(sum(generated))
+            check.append(result.details["sampling_check_s"])
     return {
         "train_s": statistics.mean(train),
         "replay_s": statistics.mean(audit),
+        "generation_s": statistics.mean(generation),  # inside the training step
+        "sampling_check_s": statistics.mean(check),  # inside the replay
+        "tokens_checked": result.details["tokens_checked"],
         "train_median_s": statistics.median(train),
         "replay_median_s": statistics.median(audit),
         "steps": len(train),
@@ -371,6 +570,20 @@ def measure_timing(world: World, steps: int, completion_length: int | None = Non
         "rows": len(rows),
         "completions": len(rows) * training.num_generations,
         "completion_length": completion_length or world.recipe.max_completion_length,
+    }
+
+
+def check_cost(timing: dict[str, float], p: float) -> dict[str, float]:
+    """The sampling check's own wall time (inside the replay) against the generation it verifies and the training
+    step, and what it adds to training compute at audit probability ``p``."""
+    return {
+        "check_s": timing["sampling_check_s"],
+        "over_generation": timing["sampling_check_s"] / timing["generation_s"],
+        "over_training": timing["sampling_check_s"] / timing["train_s"],
+        "overhead_fraction": p * timing["sampling_check_s"] / timing["train_s"],
+        "overhead_fraction_without_check": p
+        * (timing["replay_s"] - timing["sampling_check_s"])
+        / timing["train_s"],
     }
 
 
@@ -395,6 +608,7 @@ class Results:
     timing: dict[str, float]
     timing_unfrozen: dict[str, float]
     timing_longer: dict[str, float]
+    sampling: dict[str, SamplingFigures]
     runtime_s: float
     load_average: float
     phase_s: dict[str, float]
@@ -402,6 +616,16 @@ class Results:
     @property
     def lowest_detection(self) -> float:
         return min(f.detected / f.audits for f in self.attacks.values()) if self.attacks else 0.0
+
+    @property
+    def tokens_checked(self) -> int:
+        """Honest completion tokens the sampling check recomputed: in the honest audits and the sampling phase."""
+        return self.honest.tokens_checked + sum(f.tokens_checked for f in self.sampling.values())
+
+    @property
+    def tie_fraction(self) -> float | None:
+        ties = self.honest.tie_positions + sum(f.tie_positions for f in self.sampling.values())
+        return ties / self.tokens_checked if self.tokens_checked else None
 
     @property
     def raw_ratio(self) -> float:
@@ -414,7 +638,12 @@ class Results:
             "attacks": {
                 name: {"audits": f.audits, "detected": f.detected} for name, f in self.attacks.items()
             },
-            "honest": {"audits": self.honest.audits, "false_positives": self.honest.false_positives},
+            "honest": {
+                "audits": self.honest.audits,
+                "false_positives": self.honest.false_positives
+                + sum(f.false_positives for f in self.sampling.values()),
+                "tokens_checked": self.tokens_checked,
+            },
             "overhead_fraction": self.p * self.raw_ratio,
             "contributions_to_catch_p99": steps_to_catch(self.p, self.lowest_detection),
             "details": {
@@ -429,8 +658,27 @@ class Results:
                 "overhead_fraction_longer_completions": self.p
                 * self.timing_longer["replay_s"]
                 / self.timing_longer["train_s"],
+                "sampling_check": {
+                    "honest_by_class": {
+                        name: f.as_json(
+                            max(SAMPLING_MARGIN[name.split()[0]], SAMPLING_MARGIN[name.split()[2]])
+                        )
+                        for name, f in self.sampling.items()
+                    },
+                    "tie_fraction": self.tie_fraction,
+                    "cost": {
+                        label: check_cost(timing, self.p)
+                        for label, timing in (
+                            ("default", self.timing),
+                            ("longer_completions", self.timing_longer),
+                        )
+                    },
+                },
                 "attacks": {name: f.as_json() for name, f in self.attacks.items()},
                 "honest": {
+                    "audit_tokens_checked": self.honest.tokens_checked,
+                    "audit_tie_positions": self.honest.tie_positions,
+                    "audit_false_positives": self.honest.false_positives,
                     "captures": self.honest.captures,
                     "verdicts": dict(self.honest.verdicts),
                     "captures_by_micro_batch": dict(self.honest.by_split),
@@ -477,6 +725,11 @@ def run_benchmark(root: Path, sizes: Sizes, p: float, attacks: Sequence[str]) ->
     )
     precision = phase("precision", lambda: measure_precision(world))
     log(f"precision: done in {phase_s['precision']}s")
+    sampled = phase("sampling", lambda: measure_sampling(world))
+    log(
+        f"sampling: {sum(f.tokens_checked for f in sampled.values())} honest tokens checked, "
+        f"{sum(f.false_positives for f in sampled.values())} false positives in {phase_s['sampling']}s"
+    )
     return Results(
         p=p,
         sizes=sizes,
@@ -486,6 +739,7 @@ def run_benchmark(root: Path, sizes: Sizes, p: float, attacks: Sequence[str]) ->
         timing=timing,
         timing_unfrozen=unfrozen,
         timing_longer=longer,
+        sampling=sampled,
         runtime_s=round(time.monotonic() - started, 1),
         load_average=load_average,
         phase_s=phase_s,
@@ -534,15 +788,57 @@ def print_tables(results: Results) -> None:
 
     honest = results.honest
     table = Table(title="Honest peers (threads 1/2, micro-batch split none/8/4/2, recorded order)")
-    for column in ("captures", "audits", "false positives", "verdicts"):
+    for column in ("captures", "audits", "false positives", "verdicts", "tokens sampling-checked", "ties"):
         table.add_column(column, justify="right")
     table.add_row(
         str(honest.captures),
         str(honest.audits),
         str(honest.false_positives),
         ", ".join(f"{count} {kind}" for kind, count in sorted(honest.verdicts.items())),
+        str(honest.tokens_checked),
+        str(honest.tie_positions),
     )
     console.print(table)
+
+    table = Table(
+        title=f"Honest sampling check by precision ({SAMPLING_PROMPTS} prompts x {NUM_GENERATIONS_TIMED} completions"
+        f" of <= {SAMPLING_LENGTH} tokens per batch; threads 1/2, one call or shuffled chunks, 4 sampling knobs)"
+    )
+    for column in (
+        "generation, check",
+        "batches",
+        "tokens checked",
+        "false positives",
+        "tie fraction",
+        "largest logit difference",
+        "margin",
+        "difference / margin",
+    ):
+        table.add_column(column, justify="left" if column == "generation, check" else "right")
+    for name, figures in data["details"]["sampling_check"]["honest_by_class"].items():
+        table.add_row(
+            name,
+            str(figures["batches"]),
+            str(figures["tokens_checked"]),
+            str(figures["false_positives"]),
+            "" if figures["tie_fraction"] is None else f"{figures['tie_fraction']:.2e}",
+            _error(figures["largest_difference"]),
+            f"{figures['margin']:.0e}",
+            f"{figures['largest_difference_over_margin']:.3f}",
+        )
+    console.print(table)
+    ties = results.tie_fraction
+    console.print(
+        f"honest tokens sampling-checked: {results.tokens_checked} in all, {data['honest']['false_positives']} false"
+        f" positives, {'n/a' if ties is None else f'{ties:.2e}'} of positions inside the tie margin"
+    )
+    for label, cost in data["details"]["sampling_check"]["cost"].items():
+        console.print(
+            f"sampling check ({label} completions): {cost['check_s'] * 1e3:.1f} ms per audit ="
+            f" {cost['over_generation']:.3f} of the generation it verifies, {cost['over_training']:.3f} of a training"
+            f" step; at p = {results.p:g} it adds {cost['overhead_fraction']:.2%} of training compute (the rest of"
+            f" the audit {cost['overhead_fraction_without_check']:.2%})"
+        )
 
     table = Table(
         title=f"Honest relative L2 error by precision (fp32 tolerance: {GRADIENT_TOLERANCE['fp32']:.0e})"

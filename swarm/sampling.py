@@ -51,6 +51,7 @@ __all__ = [
     "generate_request",
     "gumbel_noise",
     "keep_mask",
+    "pad",
     "position_keys",
     "round_seed",
 ]
@@ -198,14 +199,19 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
+def pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one (N, longest) tensor and its attention mask, padded on ``side`` ("left": prompts, as
+    TRL and transformers' generation pad them; "right": completions)."""
+    width = max((len(ids) for ids in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for index, sequence in enumerate(sequences):
         if sequence:
-            ids[index, width - len(sequence) :] = torch.tensor(list(sequence), dtype=torch.long)
-            mask[index, width - len(sequence) :] = 1
+            span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+            ids[index, span] = torch.tensor(list(sequence), dtype=torch.long)
+            mask[index, span] = 1
     return ids, mask
 
 
@@ -223,7 +229,7 @@ def generate(
     (seed, row, generation). Each completion ends with its first stop token (included) or has ``max_new_tokens``
     tokens. The model is put in eval mode for the loop (no dropout) and restored."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     count = len(prompts)
     seeds, rows, generations = zip(*element_keys) if count else ((), (), ())
@@ -282,19 +288,33 @@ def completion_logits(
     completion_mask: torch.Tensor,
 ) -> torch.Tensor:
     """The logits (N, L, V) that predicted each completion position, by one teacher-forced forward pass over the
-    left-padded prompts and right-padded completions (TRL's tensors), with :func:`generate`'s positions. The model
-    is put in eval mode for the pass and restored."""
+    left-padded prompts and right-padded completions (TRL's tensors), with :func:`generate`'s positions. Only the
+    completion's positions are projected on the vocabulary where the model takes ``logits_to_keep`` (transformers'
+    causal LMs do): a prompt's logits would cost ``prompt length x vocabulary`` for nothing. The model is put in
+    eval mode for the pass and restored."""
     device = next(model.parameters()).device
     ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
     mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+    width, length = prompt_ids.shape[1], completion_ids.shape[1]
+    keep = {"logits_to_keep": length + 1} if _accepts(model, "logits_to_keep") else {}
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **keep).logits
     finally:
         model.train(was_training)
-    width = prompt_ids.shape[1]
-    return logits[:, width - 1 : width - 1 + completion_ids.shape[1], :]
+    if (
+        keep
+    ):  # the last length + 1 positions: prompt's last token .. completion's last; the last predicts nothing
+        return logits[:, :length, :]
+    return logits[:, width - 1 : width - 1 + length, :]
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without an introspectable signature
+        return False
 
 
 @dataclass(frozen=True)

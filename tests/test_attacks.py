@@ -200,7 +200,21 @@ def test_bench_quick_json() -> None:
     for name, figures in data["attacks"].items():
         assert set(figures) == {"audits", "detected"}
         assert figures["audits"] > 0 and figures["detected"] == figures["audits"], name
-    assert set(data["honest"]) == {"audits", "false_positives"} and data["honest"]["audits"] > 0
+    assert (
+        set(data["honest"]) == {"audits", "false_positives", "tokens_checked"}
+        and data["honest"]["audits"] > 0
+    )
     assert data["honest"]["false_positives"] == 0
+    # honest completions sampled in every precision class and checked by auditors of every class, none flagged
+    by_class = data["details"]["sampling_check"]["honest_by_class"]
+    assert len(by_class) == 7 and all(figures["false_positives"] == 0 for figures in by_class.values())
+    assert data["honest"]["tokens_checked"] == data["details"]["honest"]["audit_tokens_checked"] + sum(
+        figures["tokens_checked"] for figures in by_class.values()
+    )
+    assert all(figures["tokens_checked"] > 0 for figures in by_class.values())
+    # what the margin must cover, measured: below the margin the check applied in every pair
+    assert all(0 <= figures["largest_difference_over_margin"] < 1 for figures in by_class.values())
+    cost = data["details"]["sampling_check"]["cost"]["default"]
+    assert 0 < cost["over_training"] < 1 and 0 < cost["overhead_fraction"] < data["overhead_fraction"]
     assert isinstance(data["overhead_fraction"], float) and 0 < data["overhead_fraction"] < 1
     assert data["contributions_to_catch_p99"] == 49.0  # p = 0.09, detection 100%: ceil(log 0.01 / log 0.91)

@@ -27,6 +27,7 @@ from swarm.sampling import (
     generate,
     gumbel_noise,
     keep_mask,
+    pad,
     position_keys,
     round_seed,
 )
@@ -163,16 +164,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return model, tokenizer, prompts
 
 
-def _padded(sequences: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for index, sequence in enumerate(sequences):
-        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
-        ids[index, span], mask[index, span] = torch.tensor(sequence), 1
-    return ids, mask
-
-
 def test_generation_stops_at_the_stop_token_or_the_maximum_and_every_position_recomputes_alone(tiny) -> None:
     model, tokenizer, prompts = tiny
     keys = [(9, index, 0) for index in range(len(prompts))]
@@ -188,8 +179,8 @@ def test_generation_stops_at_the_stop_token_or_the_maximum_and_every_position_re
     )
     assert {len(ids) == 12 for ids in completions} == {True, False}, "both endings should occur"
     # one teacher-forced pass over all completions recomputes each position's choice
-    prompt_ids, prompt_mask = _padded(prompts, tokenizer.pad_token_id, left=True)
-    completion_ids, completion_mask = _padded(completions, tokenizer.pad_token_id, left=False)
+    prompt_ids, prompt_mask = pad(prompts, tokenizer.pad_token_id)
+    completion_ids, completion_mask = pad(completions, tokenizer.pad_token_id, "right")
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     for index, ids in enumerate(completions):
         position_keys_ = position_keys(9, [index] * len(ids), [0] * len(ids), list(range(len(ids))))
@@ -227,3 +218,52 @@ def test_trls_own_step_samples_with_the_seeded_sampler_from_the_prompts_and_stop
         model, contribution.prompt_token_ids, keys, SamplingParams(1.0), 6, stops, tokenizer.pad_token_id
     )
     assert contribution.completion_token_ids == again
+
+
+def test_the_check_in_chunks_finds_what_one_pass_finds_and_keeps_only_the_completion_logits(tiny) -> None:
+    """A real model's vocabulary makes one pass over every completion too big: the chunked check (here one
+    completion per forward pass and 3 positions per block) counts and names exactly what the single pass does, and
+    the logits kept for the completion alone are the full pass's."""
+    from swarm.trl_adapter import GRPOSettings
+    from swarm.verify.checks import check_sampled
+
+    model, tokenizer, prompts = tiny
+    settings = GRPOSettings(num_generations=1, max_completion_length=8, seed=5)
+    keys = [(5, index, 0) for index in range(len(prompts))]
+    completions = generate(
+        model, prompts, keys, settings.sampling_params(), 8, [tokenizer.eos_token_id], tokenizer.pad_token_id
+    )
+    prompt_ids, prompt_mask = pad(prompts, tokenizer.pad_token_id)
+    completion_ids, completion_mask = pad(completions, tokenizer.pad_token_id, "right")
+    full = model(
+        input_ids=torch.cat([prompt_ids, completion_ids], 1),
+        attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+        position_ids=(torch.cat([prompt_mask, completion_mask], 1).cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, prompt_ids.shape[1] - 1 : -1]
+    kept = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    assert torch.allclose(kept, full, atol=1e-6)
+    row_keys = [(index, 0) for index in range(len(prompts))]
+    vocab = model.config.vocab_size
+    forged = [list(ids) for ids in completions]
+    forged[3][1] = (forged[3][1] + 1) % vocab
+    for sample in (completions, forged):
+        whole = check_sampled(model, prompt_ids, prompt_mask, sample, row_keys, settings, 1e-4)
+        chunked = check_sampled(
+            model, prompt_ids, prompt_mask, sample, row_keys, settings, 1e-4, budget=3 * vocab
+        )
+        assert whole.first_forged == chunked.first_forged
+    assert whole.first_forged[:3] == (3, 0, 1)
+    honest = check_sampled(
+        model, prompt_ids, prompt_mask, completions, row_keys, settings, 1e-4, budget=3 * vocab
+    )
+    assert honest.first_forged is None and honest.checked == sum(map(len, completions))
+
+
+def test_an_auditor_computing_in_lower_precision_holds_peers_to_its_own_class_margin(tiny) -> None:
+    from swarm.verify.checks import computing_class
+
+    model, _, _ = tiny
+    assert computing_class(model) == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert computing_class(model) == "bf16"
+    assert computing_class(model) == "fp32"

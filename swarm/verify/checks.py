@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ import torch
 
 from swarm.network.records import Commitment
 from swarm.node.state import param_checksum, tensors_hash
-from swarm.sampling import SAMPLER, check_positions, completion_logits, position_keys
+from swarm.sampling import SAMPLER, check_positions, completion_logits, pad, position_keys
 from swarm.trl_adapter import GradientRecorder, GRPOSettings, RolloutMismatch, TrainerRecord
 from swarm.verify.commitment import commitment_mismatch
 from swarm.verify.contribution import Contribution
@@ -358,6 +359,20 @@ class SampledPositions:
     first_forged: tuple[int, int, int, int, int] | None
 
 
+def computing_class(model: torch.nn.Module) -> str:
+    """The precision class this process computes ``model``'s logits in right now: the active autocast's dtype, else
+    the parameters' (an auditor computing in bf16 cannot hold an fp32 peer to the fp32 margin)."""
+    param = next(model.parameters())
+    device = param.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param.dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+# elements of logits (positions x vocabulary) one step of the check holds at once: the forward pass's float32 logits
+# and check_positions' few float64 copies stay within a few hundred MiB at a 150k vocabulary
+CHECK_BUDGET = 1 << 23
+
+
 def check_sampled(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -367,39 +382,73 @@ def check_sampled(
     settings: GRPOSettings,
     margin: float,
     pad_id: int = 0,
+    budget: int = CHECK_BUDGET,
 ) -> SampledPositions:
-    """Whether every completion token is the seeded sampler's choice from ``model``: one teacher-forced forward
-    pass over the left-padded prompts (TRL's tensors) and the completions, right-padded, every token attended (TRL's
+    """Whether every completion token is the seeded sampler's choice from ``model``: teacher-forced forward passes
+    over the left-padded prompts (TRL's tensors) and the completions, right-padded, every token attended (TRL's
     completion mask may hide truncated completions; the sampler saw all of it), then
     :func:`swarm.sampling.check_positions` at each position under ``settings`` (its seed and knobs).
-    ``keys[i]`` is completion i's (row, generation)."""
+    ``keys[i]`` is completion i's (row, generation).
+
+    The margin is the wider of ``margin`` (the peer's declared class) and that of the class this auditor computes in
+    (:func:`computing_class`). Completions go through in chunks of at most ``budget`` logits (at least one
+    completion per forward pass), checked in order; checking stops at the first chunk with a forged position, so
+    ``checked`` and ``ties`` count the positions checked until then."""
+    margin = max(margin, SAMPLING_MARGIN[computing_class(model)])
+    params = settings.sampling_params()
     lengths = [len(ids) for ids in completions]
-    elements = [index for index, length in enumerate(lengths) for _ in range(length)]
-    positions = [position for length in lengths for position in range(length)]
-    if not elements:
-        return SampledPositions(0, 0, None)
-    completion_ids = torch.full((len(completions), max(lengths)), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros_like(completion_ids)
-    for index, ids in enumerate(completions):
-        completion_ids[index, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        completion_mask[index, : len(ids)] = 1
-    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    element_index, position_index = torch.tensor(elements), torch.tensor(positions)
-    tokens = completion_ids[element_index, position_index]
-    rows = [keys[index][0] for index in elements]
-    generations = [keys[index][1] for index in elements]
-    checked = check_positions(
-        logits[element_index, position_index],
-        position_keys(settings.seed, rows, generations, positions),
-        tokens,
-        settings.sampling_params(),
-        margin,
-    )
-    first = None
-    if not bool(checked.ok.all()):
-        at = int((~checked.ok).nonzero()[0, 0])
-        first = (rows[at], generations[at], positions[at], int(tokens[at]), int(checked.chosen[at]))
-    return SampledPositions(len(elements), int(checked.tie.sum()), first)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0) or 1
+    checked = ties = 0
+    start = 0
+    while start < len(completions):
+        end, widest = start, 0
+        while end < len(completions) and (
+            end == start or max(widest, lengths[end]) * (end + 1 - start) * vocab <= budget
+        ):
+            widest = max(widest, lengths[end])
+            end += 1
+        chunk = range(start, end)
+        start = end
+        if widest == 0:
+            continue
+        completion_ids, completion_mask = pad(completions[chunk.start : chunk.stop], pad_id, side="right")
+        prompts, masks = prompt_ids[chunk.start : chunk.stop], prompt_mask[chunk.start : chunk.stop]
+        attended = masks.any(dim=0).nonzero()
+        first_column = (
+            int(attended[0, 0]) if len(attended) else 0
+        )  # columns only the padding of other chunks uses
+        logits = completion_logits(
+            model, prompts[:, first_column:], masks[:, first_column:], completion_ids, completion_mask
+        )
+        slots = [slot for slot, index in enumerate(chunk) for _ in range(lengths[index])]
+        positions = [position for index in chunk for position in range(lengths[index])]
+        rows = [keys[chunk[slot]][0] for slot in slots]
+        generations = [keys[chunk[slot]][1] for slot in slots]
+        step = max(1, budget // logits.shape[-1])
+        for at in range(0, len(slots), step):
+            block = slice(at, at + step)
+            slot_index, position_index = torch.tensor(slots[block]), torch.tensor(positions[block])
+            tokens = completion_ids[slot_index, position_index]
+            result = check_positions(
+                logits[slot_index.to(logits.device), position_index.to(logits.device)],
+                position_keys(settings.seed, rows[block], generations[block], positions[block]),
+                tokens,
+                params,
+                margin,
+            )
+            checked += len(tokens)
+            ties += int(result.tie.sum())
+            if not bool(result.ok.all()):
+                bad = int((~result.ok).nonzero()[0, 0]) + at
+                first = (
+                    rows[bad],
+                    generations[bad],
+                    positions[bad],
+                    int(tokens[bad - at]),
+                    int(result.chosen[bad - at]),
+                )
+                return SampledPositions(checked, ties, first)
+    return SampledPositions(checked, ties, None)
 
 
 def shared_group_problem(
@@ -465,6 +514,7 @@ class SamplingCheck:
                     forged_position=None,
                 )
                 return CheckResult(Verdict.FORGED_COMPLETIONS)
+        started = time.perf_counter()
         result = check_sampled(
             case.model,
             contribution.prompt_ids[:local],
@@ -474,7 +524,11 @@ class SamplingCheck:
             settings,
             SAMPLING_MARGIN[settings.precision],
         )
-        case.details.update(tokens_checked=result.checked, tie_positions=result.ties)
+        case.details.update(
+            tokens_checked=result.checked,
+            tie_positions=result.ties,
+            sampling_check_s=time.perf_counter() - started,
+        )
         if result.first_forged is None:
             return None
         row, generation, position, token, chosen = result.first_forged

@@ -40,6 +40,7 @@ import torch
 
 from swarm.node.state import param_checksum
 from swarm.recipe import Recipe
+from swarm.sampling import Sampler
 from swarm.verify.checks import (
     ADVANTAGE_TOLERANCE,
     GRADIENT_TOLERANCE,
@@ -101,18 +102,20 @@ def capture_contribution(
     settings: GRPOSettings,
     optimizer: torch.optim.Optimizer | None = None,
     output_dir: str | Path | None = None,
+    sampler: Sampler | None = None,
 ) -> Contribution:
     """Run one real TRL GRPO step on ``rows`` and record the contribution it makes.
 
     :param optimizer: stepped with the recorded gradient after recording (e.g. the peer's AdamW); None: the model
       is left unchanged
+    :param sampler: what generates the completions (None: the seeded sampler; a benchmark passes a timed one)
     """
     state_hash = param_checksum(model)
     named = _trainable(model)
     recorder = GradientRecorder(named, optimizer)
     with tempfile.TemporaryDirectory() as scratch, keeps_forward(model):
         trainer = make_recording_trainer(
-            model, tokenizer, recipe, rows, settings, recorder, output_dir or scratch
+            model, tokenizer, recipe, rows, settings, recorder, output_dir or scratch, sampler=sampler
         )
         trainer.train()
     return contribution_from_record(trainer, recorder, state_hash, rows, settings)
