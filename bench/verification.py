@@ -12,6 +12,13 @@ Everything runs offline on the CPU in one process, on the arithmetic recipe and 
   micro-batch or micro-batches of 4) and sampling seeds. Each capture is audited twice, by two real replays
   (a :class:`~swarm.verify.replay.Replayer`, as a live auditor replays, against the assigned rows, with the tolerance of the declared
   precision class), one with 1 torch thread and one with 2: audits = 2 x captures, and the table says both.
+  A capture that passes and is bit-identical to the honest contribution with the same settings changed nothing
+  (``other_model`` whose every token is still the committed state's choice): its audits are counted apart
+  (``identical_to_honest_audits`` in the details), not as audits or misses.
+* **honest sampling** — ``--sampling-batches`` generation batches per (generation class, auditor class) pair of
+  :data:`SAMPLING_PAIRS` (16 prompts x 8 completions of up to 32 tokens; threads, one call or shuffled chunks,
+  the knobs of :data:`SAMPLING_KNOBS`), each checked by ``check_sampled`` as an auditor runs it: false positives,
+  tie fraction, and the largest honest logit difference against the margin the check applied.
 * **honest peers** — ``--honest`` honest captures that vary the peer's thread count (1/2), its micro-batch split
   (one micro-batch, 8, 4 or 2), the sampling seed (so the completions and the recorded shuffle order), the epoch
   and the peer; each replayed with 1 and with 2 threads, with the peer's recorded split and order as the live
@@ -206,6 +213,8 @@ class AttackFigures:
     detected: int = 0
     verdicts: Counter = field(default_factory=Counter)
     errors: list[float] = field(default_factory=list)  # finite relative errors (gradient_mismatch / pass)
+    # audits of captures bit-identical to the honest contribution (left out of audits and detection)
+    identical_to_honest: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -214,9 +223,21 @@ class AttackFigures:
             "audits": self.audits,
             "detected": self.detected,
             "verdicts": dict(self.verdicts),
+            "identical_to_honest_audits": self.identical_to_honest,
             "min_error": min(self.errors) if self.errors else None,
             "median_error": statistics.median(self.errors) if self.errors else None,
         }
+
+
+def is_honest(
+    world: World, epoch: int, rows: list[dict[str, Any]], settings: GRPOSettings, contribution: Contribution
+) -> bool:
+    """Whether a cheating capture is bit-identical to what an honest peer computes with the same settings (a
+    perturbed model whose every token is the committed state's choice produced honest completions)."""
+    reference = capture_contribution(world.at(epoch), world.tokenizer, world.recipe, rows, settings)
+    return reference.completion_token_ids == contribution.completion_token_ids and all(
+        torch.equal(a, b) for a, b in zip(reference.gradient, contribution.gradient, strict=True)
+    )
 
 
 def measure_attack(world: World, name: str) -> AttackFigures:
@@ -245,9 +266,15 @@ def measure_attack(world: World, name: str) -> AttackFigures:
             attack, world.at(epoch), world.tokenizer, world.recipe, context, settings
         )
         figures.captures += 1
+        honest: bool | None = None  # whether the capture is bit-identical to the honest one (asked on a pass)
         for count in AUDIT_THREADS:
             with threads(count):
                 result = world.replay(contribution, rows, tolerance)
+            if result.passed and honest is None:
+                honest = is_honest(world, epoch, rows, settings, contribution)
+            if result.passed and honest:
+                figures.identical_to_honest += 1  # nothing was changed: not an attack to catch
+                continue
             figures.audits += 1
             figures.detected += not result.passed
             figures.verdicts[result.verdict.value] += 1
@@ -900,12 +927,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--captures", type=int, help=f"cheating captures per attack (default {FULL.captures})"
     )
     parser.add_argument("--honest", type=int, help=f"honest captures (default {FULL.honest})")
+    parser.add_argument(
+        "--sampling-batches",
+        type=int,
+        help=f"honest generation batches per precision pair (default {FULL.sampling_batches})",
+    )
     parser.add_argument("--attacks", help="comma-separated attack names (default: all)")
     args = parser.parse_args(argv)
     if not 0 < args.p <= 1:
         parser.error("--p must be in (0, 1]")
     base = QUICK if args.quick else FULL
-    changes = {key: value for key, value in (("captures", args.captures), ("honest", args.honest)) if value}
+    given = (
+        ("captures", args.captures),
+        ("honest", args.honest),
+        ("sampling_batches", args.sampling_batches),
+    )
+    changes = {key: value for key, value in given if value}
     args.sizes = Sizes(**{**base.__dict__, **changes})
     names = args.attacks.split(",") if args.attacks else list(ATTACKS)
     unknown = [name for name in names if name not in ATTACKS]

@@ -127,20 +127,54 @@ def keep_mask(
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
         keep &= scaled >= kth - 2 * slack
     if params.top_p < 1.0:
-        masked = scaled.masked_fill(~keep, -torch.inf)
-        ordered, order = torch.sort(masked, dim=-1)  # ascending, as transformers' TopPLogitsWarper
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        # the mass below a token moves by at most expm1(2 |slack|) (relative) when every logit moves by |slack|
-        threshold = (1.0 - params.top_p) - torch.expm1(2 * slack.abs()) * torch.sign(slack)
-        drop_sorted = cumulative <= threshold
-        drop_sorted[..., -1] = False  # the most likely token is always kept
-        keep &= ~drop_sorted.scatter(-1, order, drop_sorted)
+        keep &= _top_p_keep(scaled.masked_fill(~keep, -torch.inf), params.top_p, slack)
     if params.min_p > 0.0:
         masked = scaled.masked_fill(~keep, -torch.inf)
         log_probs = masked.log_softmax(dim=-1)
         best = log_probs.max(dim=-1, keepdim=True).values
         keep &= log_probs >= best + math.log(params.min_p) - 4 * slack
     return keep
+
+
+def _top_p_keep(masked: torch.Tensor, top_p: float, slack: torch.Tensor) -> torch.Tensor:
+    """transformers' TopPLogitsWarper: drop the least likely tokens while their cumulative mass (ascending order,
+    the token itself included) stays <= 1 - top_p; the most likely token is always kept.
+
+    With a slack, the order of tokens closer than 2 |slack| is not known (either could be below the other: an fp16
+    auditor sees two fp32 logits 1.6e-4 apart as equal), so a token's cumulative mass lies between the mass of the
+    tokens surely below it plus its own, and the mass of every token that may be below it plus its own. A token may
+    be kept (slack > 0) when the larger one can exceed the threshold, and is surely kept (slack < 0) when the
+    smaller one does or it is surely the most likely; the threshold itself moves by expm1(2 |slack|), the most a
+    mass ratio moves when every logit moves by |slack|."""
+    ordered, order = torch.sort(masked, dim=-1)  # ascending, as transformers' TopPLogitsWarper
+    probs = ordered.softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    if not bool((slack != 0).any()):
+        drop_sorted = cumulative <= 1.0 - top_p
+        drop_sorted[..., -1] = False  # the most likely token is always kept
+        return ~drop_sorted.scatter(-1, order, drop_sorted)
+    width = 2 * slack.abs().expand(masked.shape[0], 1)  # how far apart two tokens' scaled logits may move
+    before = torch.cat(
+        [torch.zeros_like(cumulative[..., :1]), cumulative], dim=-1
+    )  # mass of the first j tokens
+    own = probs.scatter(-1, order, probs)
+    lenient = bool((slack > 0).all())
+    bound = masked + width if lenient else masked - width
+    # how many tokens are at or below (lenient) / strictly below (strict) each token's bound
+    count = torch.searchsorted(ordered, bound.contiguous(), right=lenient)
+    mass = before.gather(-1, count)
+    mass_with_own = (
+        mass if lenient else mass + own
+    )  # lenient: its own mass is among those at or below its bound
+    threshold = (1.0 - top_p) - torch.expm1(width) * (1 if lenient else -1)
+    kept = mass_with_own > threshold
+    best = ordered[..., -1:]
+    runner_up = ordered[..., -2:-1] if ordered.shape[-1] > 1 else torch.full_like(best, -torch.inf)
+    if lenient:
+        kept |= masked + width >= best
+    else:
+        kept |= (masked == best) & (masked - width > runner_up)
+    return kept
 
 
 def _scaled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -267,3 +267,22 @@ def test_an_auditor_computing_in_lower_precision_holds_peers_to_its_own_class_ma
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert computing_class(model) == "bf16"
     assert computing_class(model) == "fp32"
+
+
+@pytest.mark.parametrize("params", FILTERS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_a_peer_whose_logits_differ_by_less_than_the_margin_always_passes_even_where_tokens_tie(
+    params: SamplingParams,
+) -> None:
+    """Lower-precision logits tie where the peer's did not (an fp16 auditor rounds two fp32 logits 1.6e-4 apart
+    to one value), so which of two tokens sits at a filter's boundary depends on who computes. Logits on a coarse
+    grid make such ties frequent; the peer samples from them moved by up to half the margin, the auditor checks
+    with the grid's: every honest position passes, at every filter."""
+    generator = torch.Generator().manual_seed(11)
+    auditor = (torch.randn(4000, 12, generator=generator) * 4).round() / 8  # many exact ties
+    margin = 5e-3
+    scale = auditor.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+    peer = auditor + (torch.rand(auditor.shape, generator=generator) - 0.5) * margin * scale
+    keys = position_keys(3, [0] * 4000, [0] * 4000, list(range(4000)))
+    tokens = choose(peer, keys, params)
+    checked = check_positions(auditor, keys, tokens, params, margin)
+    assert checked.ok.all(), f"{int((~checked.ok).sum())} honest positions rejected"
