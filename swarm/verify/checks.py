@@ -78,11 +78,12 @@ GRADIENT_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-3}
 OTHER_SPLIT_TOLERANCE = 1e-2  # fp32 replay with another micro-batch split: honest ones measure ~2e-3
 # relative L2 over the auditor's slice; same codec on both sides: honest peers measure ~0
 SENT_TOLERANCE = 1e-3
-# the sampling check's tie margin per declared precision class, relative to the largest logit of the position (at
-# least 1): how far the auditor's logits (one teacher-forced fp32 forward pass) may be from those the peer sampled
-# with (a KV-cached pass under the declared autocast). Largest honest difference measured once by hand (CPU, tiny
-# model, 691 positions, relative to max |logit| 1.37; not yet a benchmark figure): fp32 2.6e-7, bf16 generation vs
-# the fp32 check 4.8e-3, fp16 4.5e-4; each margin is 10x or more of that. GPU kernels are unmeasured.
+# the sampling check's tie margin per precision class, relative to the largest logit of the position (at least 1):
+# how far the auditor's logits (teacher-forced) may be from those the peer sampled with (KV-cached, under its
+# autocast); check_sampled applies the wider of the peer's declared class and the auditor's own. bench/verification.py
+# measures the largest honest difference (CPU, tiny model, 2e5 tokens over 7 generation/check class pairs): fp32
+# 5.5e-7, bf16 generation or check 6.0e-3..7.8e-3, fp16 6.8e-4..9.8e-4 — at most 0.2 of each margin. GPU kernels
+# are unmeasured.
 SAMPLING_MARGIN = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-3}
 
 
