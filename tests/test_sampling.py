@@ -269,7 +269,9 @@ def test_an_auditor_computing_in_lower_precision_holds_peers_to_its_own_class_ma
     assert computing_class(model) == "fp32"
 
 
-@pytest.mark.parametrize("params", FILTERS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+@pytest.mark.parametrize(
+    "params", FILTERS, ids=lambda p: f"T{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}"
+)
 def test_a_peer_whose_logits_differ_by_less_than_the_margin_always_passes_even_where_tokens_tie(
     params: SamplingParams,
 ) -> None:
