@@ -411,6 +411,8 @@ def _averager(dht, value: float) -> Callable[[], SwarmAverager]:
         target_group_size=2,
         min_matchmaking_time=4.0,
         request_timeout=3.0,
+        allreduce_timeout=30.0,  # as swarm.node.peer bounds a round: a stalled part fails, never hangs
+        next_chunk_timeout=10.0,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import uuid
 
 import hivemind
@@ -136,14 +137,19 @@ def _averaging_tolerance(name: str, originals: list[list[torch.Tensor]], index: 
     return 3 * max(_bucket_width(peer[index]) for peer in originals)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", COMPRESSION_NAMES)
-def test_real_averaging(dhts: list[hivemind.DHT], name: str) -> None:
-    gen = torch.Generator().manual_seed(2024)
-    originals = [[_uniform(*shape, generator=gen) for shape in TENSOR_SHAPES] for _ in range(NUM_PEERS)]
-    expected = [torch.stack([peer[i] for peer in originals]).mean(0) for i in range(len(TENSOR_SHAPES))]
+ROUND_DEADLINE_S = 45.0  # matchmaking (30 s) plus the all-reduce (15 s), as the swarm bounds a round
+ROUND_ATTEMPTS = 2
 
+
+def _average_once(
+    dhts: list[hivemind.DHT], originals: list[list[torch.Tensor]], name: str
+) -> tuple[list[list[torch.Tensor]] | None, str]:
+    """One 3-peer round over fresh averagers; the averaged tensors, or None and why the round failed.
+
+    The all-reduce is bounded the way ``swarm.node.peer`` bounds it (``allreduce_timeout`` and
+    ``next_chunk_timeout``): without them hivemind waits forever on a part that a loaded machine never delivers,
+    which is a transport stall and not what this test is about.
+    """
     prefix = f"test_avg_{name}_{uuid.uuid4().hex[:8]}"
     averagers: list[hivemind.DecentralizedAverager] = []
     try:
@@ -158,6 +164,8 @@ def test_real_averaging(dhts: list[hivemind.DHT], name: str) -> None:
                     min_group_size=NUM_PEERS,
                     min_matchmaking_time=3.0,
                     request_timeout=2.0,
+                    allreduce_timeout=15.0,
+                    next_chunk_timeout=5.0,
                     part_size_bytes=PART_SIZE_BYTES,
                     compression=make_compression(name),
                 )
@@ -175,31 +183,57 @@ def test_real_averaging(dhts: list[hivemind.DHT], name: str) -> None:
         threads = [threading.Thread(target=run_step, args=(i,), daemon=True) for i in range(NUM_PEERS)]
         for thread in threads:
             thread.start()
+        deadline = time.monotonic() + ROUND_DEADLINE_S + 10
         for thread in threads:
-            thread.join(timeout=60)
-        assert not any(thread.is_alive() for thread in threads), "averaging step hung"
-        assert errors == [None] * NUM_PEERS, errors
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            return None, f"a step outlived its {ROUND_DEADLINE_S:.0f} s bound"
+        if any(error is not None for error in errors):
+            return None, f"errors {errors!r}"
         for i, result in enumerate(results):
-            assert result is not None, f"peer {i} failed to average"
-            assert len(result) == NUM_PEERS, f"peer {i} averaged in a group of {len(result)}"
-
-        for peer_index, averager in enumerate(averagers):
-            with averager.get_tensors() as averaged:
-                for i, (tensor, target) in enumerate(zip(averaged, expected, strict=True)):
-                    original = originals[peer_index][i]
-                    tol = _averaging_tolerance(name, originals, i)
-                    err = (tensor - target).abs().max().item()
-                    assert math.isfinite(err) and err <= tol, (
-                        f"{name}: peer {peer_index} tensor {i} {tuple(tensor.shape)} is off the group mean by "
-                        f"{err:.3g} > {tol:.3g}"
-                    )
-                    # mean of 3 independent U(-1,1) minus one of them has E|.| ~0.38: a tensor that was really
-                    # averaged moved far more than the tolerance; one that was skipped did not move at all.
-                    moved = (tensor - original).abs().max().item()
-                    assert moved > max(3 * tol, 0.1), (
-                        f"{name}: peer {peer_index} tensor {i} {tuple(tensor.shape)} was not averaged "
-                        f"(max |change| {moved:.3g})"
-                    )
+            if result is None or len(result) != NUM_PEERS:
+                return None, f"peer {i} averaged in a group of {0 if result is None else len(result)}"
+        averaged: list[list[torch.Tensor]] = []
+        for averager in averagers:
+            with averager.get_tensors() as tensors:
+                averaged.append([t.clone() for t in tensors])
+        return averaged, ""
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", COMPRESSION_NAMES)
+def test_real_averaging(dhts: list[hivemind.DHT], name: str) -> None:
+    gen = torch.Generator().manual_seed(2024)
+    originals = [[_uniform(*shape, generator=gen) for shape in TENSOR_SHAPES] for _ in range(NUM_PEERS)]
+    expected = [torch.stack([peer[i] for peer in originals]).mean(0) for i in range(len(TENSOR_SHAPES))]
+
+    # The swarm retries a failed round; so does this test, once, with fresh averagers. Every failure is named.
+    failures: list[str] = []
+    averaged = None
+    for _ in range(ROUND_ATTEMPTS):
+        averaged, why = _average_once(dhts, originals, name)
+        if averaged is not None:
+            break
+        failures.append(why)
+    assert averaged is not None, f"{name}: no 3-peer round in {ROUND_ATTEMPTS} attempts: {failures}"
+
+    for peer_index, tensors in enumerate(averaged):
+        for i, (tensor, target) in enumerate(zip(tensors, expected, strict=True)):
+            original = originals[peer_index][i]
+            tol = _averaging_tolerance(name, originals, i)
+            err = (tensor - target).abs().max().item()
+            assert math.isfinite(err) and err <= tol, (
+                f"{name}: peer {peer_index} tensor {i} {tuple(tensor.shape)} is off the group mean by "
+                f"{err:.3g} > {tol:.3g}"
+            )
+            # mean of 3 independent U(-1,1) minus one of them has E|.| ~0.38: a tensor that was really
+            # averaged moved far more than the tolerance; one that was skipped did not move at all.
+            moved = (tensor - original).abs().max().item()
+            assert moved > max(3 * tol, 0.1), (
+                f"{name}: peer {peer_index} tensor {i} {tuple(tensor.shape)} was not averaged "
+                f"(max |change| {moved:.3g})"
+            )

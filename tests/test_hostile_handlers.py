@@ -60,6 +60,8 @@ def _averagers(dhts, prefix: str, count: int = 2) -> list[SwarmAverager]:
             target_group_size=count,
             min_matchmaking_time=4.0,
             request_timeout=3.0,
+            allreduce_timeout=30.0,  # as swarm.node.peer bounds a round: a stalled part fails, never hangs
+            next_chunk_timeout=10.0,
         )
 
     return [
