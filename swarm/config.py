@@ -70,6 +70,9 @@ class TrainingConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)  # 1.0: off
     min_p: float = Field(0.0, ge=0, lt=1)  # 0.0: off
     max_epochs: int | None = Field(None, gt=0)  # stop after this swarm epoch; None: run until stopped
+    # share of wall time this peer computes: after each computation it idles (1 / duty_cycle - 1) x as long, to keep
+    # a shared or hot machine usable (and, in bench/wan.py, to make one peer slower than the others)
+    duty_cycle: float = Field(1.0, gt=0, le=1)
     seed: int = 0
 
 
@@ -130,6 +133,22 @@ class AveragingConfig(_Section):
         if value <= 3.0:
             raise ValueError("must be greater than 3 seconds (hivemind's matchmaking request timeout)")
         return value
+
+
+class DiLoCoConfig(_Section):
+    """``averaging.strategy: diloco`` (swarm/training/strategies/diloco.py; Douillard et al. 2023): an epoch is
+    ``inner_steps`` local optimizer steps (the training section's optimizer and learning rate) on rows assigned
+    for that epoch, then one all-reduce of the pseudo-gradient θ_start − θ_local, weighted by samples, and one
+    outer step that every member applies alike: SGD with Nesterov momentum on the swarm's shared state."""
+
+    inner_steps: int = Field(10, ge=1)  # H: local steps between two all-reduces
+    # a time budget for the inner steps: a peer stops after the step that reaches it (at least one, at most
+    # inner_steps), so a slower peer takes fewer steps, is weighted by fewer samples and does not hold the round;
+    # None: always inner_steps
+    inner_seconds: float | None = Field(None, gt=0)
+    outer_lr: float = Field(0.7, gt=0)  # DiLoCo's defaults
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
 
 
 class VerifyConfig(_Section):
@@ -267,6 +286,7 @@ class SwarmConfig(_Section):
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    diloco: DiLoCoConfig = Field(default_factory=DiLoCoConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     sharing: SharingConfig = Field(default_factory=SharingConfig)

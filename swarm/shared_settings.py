@@ -45,6 +45,7 @@ SHARED: dict[str, frozenset[str] | None] = {
     "averaging": frozenset(
         {"strategy", "options", "compression", "aggregation", "clip_tau", "clip_iterations", "max_weight"}
     ),
+    "diloco": None,
     "verify": frozenset(
         {
             "enabled",

@@ -4,6 +4,7 @@ that joins late catches up, and forged or junk records are rejected (logged once
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -221,3 +222,41 @@ def test_settle_still_waits_for_the_chain_of_an_author_without_weight_while_it_a
     with LedgerStore(bob.path) as store:
         assert store.last_seq(bob.me) == 3
     assert hashes(alice) == hashes(bob)
+
+
+def test_a_head_publish_in_flight_when_settle_starts_does_not_keep_the_final_head_from_being_sent(
+    swarm: Swarm,
+):
+    """issue 14's race: the background sync is publishing alice's head (not final) when settle() marks it final.
+    If that publish were then recorded as having sent the final head, alice would never send it, and bob would
+    wait for her chain until his timeout (60 s on every peer at the end of a WAN run)."""
+    alice, bob = swarm.recorder("alice"), swarm.recorder("bob")
+    commitments = {r.me: commitment(r.identity, 0) for r in (alice, bob)}
+    for recorder in (alice, bob):
+        recorder.on_round(0, commitments)
+    wait_for(lambda: hashes(alice) == hashes(bob))
+
+    real_publish = alice._board.publish_head
+    in_flight = threading.Event()
+    sent: list[LedgerHead] = []
+
+    def slow_publish(head: LedgerHead) -> bool:
+        if not head.final and not in_flight.is_set():
+            in_flight.set()
+            time.sleep(1.5)  # a WAN round trip: settle() starts meanwhile
+        sent.append(head)
+        return real_publish(head)
+
+    alice._board.publish_head = slow_publish
+    alice._head_published = None  # the next sync publishes the (non-final) head again
+    alice._wake.set()
+    assert in_flight.wait(10), "the background sync did not publish the head"
+    with ThreadPoolExecutor(1) as pool:
+        settled = pool.submit(alice.settle, timeout=20)
+        started = time.monotonic()
+        assert bob.settle(timeout=15, waits_for=lambda author: author == alice.me), (
+            "alice's final head never came"
+        )
+        assert time.monotonic() - started < 10
+        assert settled.result()
+    assert any(head.final for head in sent) and not sent[0].final

@@ -150,6 +150,8 @@ class SwarmTrainer:
         self.callbacks = list(callbacks)
         check_multiaddrs(config.network.initial_peers, "initial peer")  # fail before minutes of model loading
         strategy = strategy_class(config.averaging.strategy)  # likewise an unknown strategy
+        if callable(check := getattr(strategy, "check_config", None)):
+            check(config)  # settings the strategy does not support, before minutes of model loading
         self.recipe = recipe or load_recipe(config.recipe.name, config.recipe.options)
         self.trainer_kind = config.training.trainer or self.recipe.trainer
         # an SFT warm start only means something for GRPO: an SFT recipe trains on its own completions throughout
@@ -201,7 +203,14 @@ class SwarmTrainer:
             lr=config.training.learning_rate,
             weight_decay=config.training.weight_decay,
         )
-        self.state = TrainingState(self.model, self.optimizer)
+        # what the peer announces, serves and checkpoints: the model and its optimizer, unless the strategy keeps a
+        # shared state of its own (DiLoCo: the outer parameters and their momentum)
+        shared_state = getattr(strategy, "shared_state", None)
+        self.state = (
+            shared_state(self.model, self.optimizer, config)
+            if callable(shared_state)
+            else TrainingState(self.model, self.optimizer)
+        )
         self.history: dict[int, EpochRecord] = {}
         self.evaluation: dict[str, Any] | None = None  # the last held-out evaluation (evaluate())
         self._stopping = threading.Event()
@@ -251,6 +260,13 @@ class SwarmTrainer:
         elif config.verify.enabled:
             logger.warning(
                 f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)"
+            )
+        if self.verifier is not None and getattr(self.strategy, "inner_steps", 1) > 1:
+            # only one computation per epoch is committed and replayed: the others would pass unaudited
+            raise UserError(
+                f"averaging.strategy: {config.averaging.strategy} takes several steps per epoch, which "
+                "verification does not audit yet; set verify.enabled=false",
+                exit_code=2,
             )
         if config.sharing.enabled and self.trainer_kind != "grpo":
             logger.warning(
@@ -514,20 +530,37 @@ class SwarmTrainer:
         kind = "sft" if warm else self.trainer_kind
         self._set_learning_rate(self._learning_rate(warm))
         bytes_before = self.peer.averager.bytes_sent.value
-        # 1. the data: other peers' shared groups (rollout sharing on) and the rows assigned to this peer
-        shared = self._shared_groups(epoch) if kind == "grpo" else []
-        rows = self._assigned_rows(epoch, warm, len(shared))
+        steps = getattr(self.strategy, "inner_steps", 1)
+        if callable(begin := getattr(self.strategy, "begin_epoch", None)):
+            begin(epoch)
         if self.verifier is not None:
             # θ_e, for replaying the others' contributions after the round
             self.verifier.remember_state(epoch)
-        # 2. the contribution: TRL generates, scores and backpropagates, without stepping; 3. the commitment
+        # 1. the data: other peers' shared groups (rollout sharing on) and the rows assigned to this peer;
+        # 2. the contribution: TRL generates, scores and backpropagates, without stepping; 3. the commitment.
+        # A strategy of several local steps per epoch (DiLoCo) gets rows and a seed per (epoch, inner step), and
+        # applies each inner step's gradient itself; the last one goes to the round
         self._emit("on_phase", f"computing epoch {epoch}" + (" (SFT warm start)" if warm else ""))
         started = time.perf_counter()
-        computed = (
-            self._compute_grpo(epoch, rows, shared)
-            if kind == "grpo"
-            else self._compute_sft(epoch, rows, warm)
-        )
+        budget = getattr(self.strategy, "inner_seconds", None)
+        steps_computed: list[ComputedRound] = []
+        for inner in range(steps):
+            if inner and budget is not None and time.perf_counter() - started >= budget:
+                break  # the epoch's compute budget is spent: the last computation goes to the round
+            key = epoch if steps == 1 else epoch * steps + inner
+            if inner:
+                self.strategy.inner_step(steps_computed[-1].sent)
+            computing = time.perf_counter()
+            shared = self._shared_groups(epoch) if kind == "grpo" and steps == 1 else []
+            rows = self._assigned_rows(key, warm, len(shared))
+            steps_computed.append(
+                self._compute_grpo(key, rows, shared)
+                if kind == "grpo"
+                else self._compute_sft(key, rows, warm)
+            )
+            self._idle_for_duty_cycle(time.perf_counter() - computing)
+        computed = steps_computed[-1]
+        samples = sum(step.samples for step in steps_computed)
         commitment = None
         if self.verifier is not None and computed.contribution is not None:
             commitment = self.verifier.commit(epoch, computed.contribution).digest()
@@ -535,7 +568,7 @@ class SwarmTrainer:
         # 4. the round: barrier, all-reduce or catch-up; 5. the step, identical on every member of the group
         self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
         started = time.perf_counter()
-        result = self.strategy.round(RoundInput(epoch, computed.sent, computed.samples, commitment))
+        result = self.strategy.round(RoundInput(epoch, computed.sent, samples, commitment))
         if result.update is not None:
             self.strategy.step(result)
         sync_seconds = time.perf_counter() - started
@@ -548,19 +581,27 @@ class SwarmTrainer:
             self.verifier.process(self.peer.epoch)
             audit_seconds = time.perf_counter() - started
         # 7. the epoch's record
-        logs = [entry for entry in computed.trl_trainer.state.log_history if "loss" in entry]
-        reward = logs[-1].get("reward") if logs else None
-        loss = logs[-1].get("loss") if logs else None
+        reward, loss = (
+            _mean([_last_logged(step, name) for step in steps_computed]) for name in ("reward", "loss")
+        )
         self.peer.note_reward(reward)
-        rollouts = rollout_samples(computed.trl_trainer, self.tokenizer) if kind == "grpo" else []
+        rollouts = (
+            [
+                sample
+                for step in steps_computed
+                for sample in rollout_samples(step.trl_trainer, self.tokenizer)
+            ]
+            if kind == "grpo"
+            else []
+        )
         self._log_completions(epoch, rollouts)
         return EpochRecord(
             epoch=epoch,
-            reward=None if reward is None else float(reward),
-            loss=None if loss is None else float(loss),
+            reward=reward,
+            loss=loss,
             outcome=result.outcome.value,
             group_size=result.group_size,
-            samples=computed.samples,
+            samples=samples,
             compute_s=round(compute_seconds, 4),
             sync_s=round(sync_seconds, 4),
             audit_s=round(audit_seconds, 4),
@@ -568,6 +609,13 @@ class SwarmTrainer:
             rewards=reward_means(rollouts),
             trainer=kind,
         )
+
+    def _idle_for_duty_cycle(self, computed_seconds: float) -> None:
+        """Idle so that computing takes ``training.duty_cycle`` of this peer's time (1.0: never idle). Counted as
+        compute time: it is this peer's pace, not the swarm's."""
+        duty = self.config.training.duty_cycle
+        if duty < 1.0 and not self._stopping.is_set():
+            self._stopping.wait(computed_seconds * (1 / duty - 1))
 
     def _shared_groups(self, epoch: int) -> list[ExternalGroup]:
         """Rollout sharing on: the other peers' signed groups this epoch trains on (re-scored here)."""
@@ -809,6 +857,19 @@ def _signals_held(deliver: bool = True):
             handler(held[0], None)
         elif handler == signal.SIG_DFL and held[0] == signal.SIGINT:
             raise KeyboardInterrupt
+
+
+def _last_logged(computed: ComputedRound, name: str) -> float | None:
+    """``name`` (reward, loss) of the last TRL log entry of one computation, None if it logged none."""
+    logs = [entry for entry in computed.trl_trainer.state.log_history if "loss" in entry]
+    value = logs[-1].get(name) if logs else None
+    return None if value is None else float(value)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values that exist (an epoch of several inner steps records their mean), None if none."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _fmt(value: float | None) -> str:

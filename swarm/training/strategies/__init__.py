@@ -3,7 +3,7 @@
 
 A strategy is found as
 
-* a name registered with :func:`register_strategy` (``sync`` is built in and the default);
+* a name registered with :func:`register_strategy` (``sync``, the default, and ``diloco`` are built in);
 * a name published by an installed package under the entry-point group ``swarm.strategies``;
 * ``path/to/file.py:ClassName`` — a class in a file (every peer of the run needs the same file).
 
@@ -23,9 +23,11 @@ import torch
 from swarm.errors import UserError
 from swarm.node.peer import SwarmPeer
 from swarm.training.strategies.base import GradientStep, RoundInput, Strategy
+from swarm.training.strategies.diloco import DiLoCo
 from swarm.training.strategies.sync import SyncGradientAveraging
 
 __all__ = [
+    "DiLoCo",
     "GradientStep",
     "RoundInput",
     "Strategy",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "swarm.strategies"
-_REGISTRY: dict[str, type] = {"sync": SyncGradientAveraging}
+_REGISTRY: dict[str, type] = {"sync": SyncGradientAveraging, "diloco": DiLoCo}
 
 T = TypeVar("T", bound=type)
 

@@ -9,6 +9,16 @@ order and nothing else:
 2. ``strategy.step(result)`` when ``result.update`` is not None — apply it: θ_e → θ_{e+1}, identically on every
    member of the group.
 
+A strategy that takes several local steps per epoch (DiLoCo) also has, and the trainer then calls:
+
+* ``inner_steps`` — computations per epoch (1 when absent), and ``inner_seconds`` — a compute budget after which
+  the epoch takes no further computation (None: none);
+* ``begin_epoch(epoch)`` — before the epoch's first computation;
+* ``inner_step(gradient)`` — after each computation but the last (the last one's gradient goes to ``round``);
+* the class methods ``check_config(config)`` (refuse settings it does not support, before anything is loaded) and
+  ``shared_state(model, optimizer, config)`` (the :class:`~swarm.node.state.TrainingState` the peer announces,
+  serves and checkpoints, when that is not the model and its optimizer).
+
 A strategy only touches the peer through :class:`~swarm.node.peer.SwarmPeer`'s methods. Strategies register
 by name (:func:`swarm.training.strategies.register_strategy`) and are chosen with ``averaging.strategy``; the
 settings of the chosen one come from ``averaging.options`` as keyword arguments.
@@ -67,6 +77,12 @@ class GradientStep:
         if options:
             raise TypeError(f"unknown option(s) {', '.join(sorted(options))}")
         self.peer, self.optimizer, self.max_grad_norm = peer, optimizer, max_grad_norm
+
+    inner_steps = 1  # one computation per epoch: its gradient is the round's
+    inner_seconds: float | None = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Nothing to prepare: the model is the shared state."""
 
     def step(self, result: RoundResult) -> None:
         if result.update is None:
