@@ -84,9 +84,10 @@ class _Direction:
                 wait = self.last_departure - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                # counted before it is written: whoever has received a byte finds it counted
+                self.link.bytes[self.outbound] += len(data)
                 writer.write(data)
                 await writer.drain()
-                self.link.bytes[self.outbound] += len(data)
         except (ConnectionError, OSError):
             pass
         finally:
