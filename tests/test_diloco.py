@@ -4,7 +4,9 @@ step identical on every member, the shared state a peer announces and loads, the
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from swarm.errors import UserError
 from swarm.node.rounds import Outcome, RoundResult
 from swarm.shared_settings import shared_settings
 from swarm.training.strategies import DiLoCo, make_strategy, strategy_class
+from swarm.training.trainer import SwarmTrainer
 from tests.conftest import read_metrics, run_local
 
 LR, MOMENTUM = 0.7, 0.9
@@ -168,3 +171,21 @@ def test_the_inner_time_budget_ends_an_epoch_early_and_the_samples_weigh_what_wa
     assert len({peer["param_checksum"] for peer in summary["peers"]}) == 1
     records = [m for i in range(2) for m in read_metrics(tmp_path / "w" / f"peer_{i}")]
     assert len(records) == 4 and {m["train"]["samples"] for m in records} == {16 * 8}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("duty", [1.0, 0.5, 0.25])
+def test_the_duty_cycle_idles_a_peer_for_the_rest_of_its_time(duty: float) -> None:
+    """training.duty_cycle: after a computation of t seconds a peer idles t x (1 / duty - 1) (bench/wan.py's slow
+    peer computes a third of the time), and not at all once it is asked to stop."""
+    config = SwarmConfig.model_validate(dict(training=dict(duty_cycle=duty)))
+    trainer = SimpleNamespace(config=config, _stopping=threading.Event())
+    started = time.monotonic()
+    SwarmTrainer._idle_for_duty_cycle(trainer, 0.2)
+    idled = time.monotonic() - started
+    expected = 0.2 * (1 / duty - 1)
+    assert expected - 0.01 <= idled <= expected + 0.3, f"idled {idled:.3f}s, expected {expected:.3f}s"
+    trainer._stopping.set()
+    started = time.monotonic()
+    SwarmTrainer._idle_for_duty_cycle(trainer, 10.0)
+    assert time.monotonic() - started < 0.1
