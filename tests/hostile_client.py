@@ -89,10 +89,10 @@ async def _send(dht: hivemind.DHT, node, records: list[RawRecord], peers: list[b
     return answers
 
 
-def join_with_retries(make, attempts: int = 4, backoff: float = 1.0) -> hivemind.DHT:
+def join_with_retries(make, attempts: int = 6, backoff: float = 1.0) -> hivemind.DHT:
     """``make(start=True)``, tried ``attempts`` times with a doubling pause: on 2 loaded cores p2pd's handshake with
     the bootstrap peer can time out ("failed to connect to bootstrap peers"), and a real attacker simply retries —
-    as the swarm's own nodes do (``network.bootstrap_attempts``)."""
+    as the swarm's own nodes do (``network.bootstrap_attempts``). Six tries pause up to 31 s: four (7 s) failed once in CI."""
     for attempt in range(attempts):
         try:
             return make(start=True)
