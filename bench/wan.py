@@ -58,12 +58,16 @@ from bench.throughput import (  # noqa: E402
     PROTOCOL_SCHEDULE,
     TAG_VARIABLE,
     BenchError,
+    EpochMetrics,
     check_leftover_daemons,
     last_line,
     log,
     p2pd_pids,
+    read_metrics,
     stop_group,
 )
+from swarm.monitor.summary import EVALUATIONS_FILE, PEER_SUMMARY_FILE  # noqa: E402
+from swarm.network.dht import PEER_ADDR_FILE  # noqa: E402
 from tests.link_shaper import LinkProfile, ShapedRelay, free_port  # noqa: E402
 
 PROFILES = {
@@ -167,7 +171,7 @@ def run_case(
                 own.append(f"training.duty_cycle={SLOW_DUTY_CYCLE:.4f}")
             join: list[str] = []
             if index:
-                join = ["--join", (workdirs[0] / "peer_addr.txt").read_text().split()[0]]
+                join = ["--join", (workdirs[0] / PEER_ADDR_FILE).read_text().split()[0]]
             command = [
                 sys.executable, "-m", "swarm.cli", "run", "--workdir", str(workdir), "--max-epochs", str(epochs),
                 "--expected-peers", str(PEERS), *join, *_sets([*common, *own]),
@@ -184,7 +188,7 @@ def run_case(
                     )  # fmt: skip
                 )
             if index == 0:
-                address_file = workdir / "peer_addr.txt"
+                address_file = workdir / PEER_ADDR_FILE
                 deadline = time.monotonic() + 120
                 while not (address_file.is_file() and address_file.read_text().strip()):
                     if time.monotonic() > deadline or processes[0].poll() is not None:
@@ -215,57 +219,58 @@ def run_case(
     return run
 
 
+def timed(records: list[EpochMetrics]) -> list[EpochMetrics]:
+    """All but the warm-up epoch 0 (imports, the first TRL set-up, peers finding each other), as in
+    bench/throughput.py, unless it is the only one."""
+    return [record for record in records if record.epoch > 0] or records
+
+
 def epoch_compute_s(workdir: Path) -> float:
     """The median compute seconds of a peer's epochs after the warm-up (what H inner steps take it)."""
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    timed = [record for record in records if record["epoch"] > 0] or records
-    return statistics.median(record["train"]["compute_s"] for record in timed)
+    return statistics.median(record.compute_s for record in timed(read_metrics(workdir)))
 
 
 def _figures(
     name: str, profile: str, strategy: str, inner: int | None, workdirs: list[Path], wall: float
 ) -> WanRun:
-    records, checksums, rewards = [], [], []
+    records: list[EpochMetrics] = []
+    measured: list[EpochMetrics] = []
+    checksums, rewards = [], []
     for workdir in workdirs:
+        peer_records = read_metrics(workdir)
+        records.extend(peer_records)
+        measured.extend(timed(peer_records))
         try:
-            lines = (workdir / "metrics.jsonl").read_text().splitlines()
-            summary = json.loads((workdir / "summary.json").read_text())["peers"][0]
+            checksums.append(
+                json.loads((workdir / PEER_SUMMARY_FILE).read_text())["peers"][0]["param_checksum"]
+            )
         except (OSError, ValueError, KeyError, IndexError) as error:
-            raise BenchError(f"{name}: {workdir} left no metrics or summary ({error!r})") from None
-        records.extend(json.loads(line) for line in lines if line.strip())
-        checksums.append(summary["param_checksum"])
-        evaluations = (
-            (workdir / "evaluations.jsonl").read_text().splitlines()
-            if (workdir / "evaluations.jsonl").is_file()
-            else []
-        )
-        if evaluations:
-            rewards.append(json.loads(evaluations[-1])["figures"].get(EVAL_KEY))
-    # epoch 0 is a warm-up (imports, the first TRL set-up, peers finding each other), as in bench/throughput.py,
-    # unless it is the only one
-    timed = [record for record in records if record["epoch"] > 0] or records
-    compute = sum(record["train"]["compute_s"] for record in timed)
-    sync = sum(record["swarm"]["sync_s"] for record in timed)
-    samples = sum(record["train"]["samples"] for record in records)
-    sent = sum(record["swarm"]["bytes_sent"] for record in records)
+            raise BenchError(f"{name}: {workdir} left no usable {PEER_SUMMARY_FILE} ({error!r})") from None
+        evaluations = workdir / EVALUATIONS_FILE
+        lines = evaluations.read_text().splitlines() if evaluations.is_file() else []
+        if lines:
+            rewards.append(json.loads(lines[-1])["figures"].get(EVAL_KEY))
+    compute = sum(record.compute_s for record in measured)
+    busy = sum(record.total_s for record in measured)
+    samples = sum(record.samples for record in records)
+    sent = sum(record.bytes_sent for record in records)
     present = [reward for reward in rewards if isinstance(reward, int | float)]
     return WanRun(
         profile=profile,
         strategy=strategy,
         H=inner,
         case="equal",
-        compute_fraction=round(compute / (compute + sync), 4) if compute + sync > 0 else 0.0,
+        compute_fraction=round(compute / busy, 4) if busy > 0 else 0.0,
         bytes_per_sample=round(sent / samples, 1) if samples else 0.0,
         reward=round(statistics.mean(present), 4) if present else None,
         checksums_identical=len(set(checksums)) == 1,
         forks=len(set(checksums)) - 1,
-        stall_s=round(max((record["swarm"]["sync_s"] for record in timed), default=0.0), 3),
-        epochs=max(record["epoch"] for record in records) + 1 if records else 0,
+        stall_s=round(max((record.sync_s for record in measured), default=0.0), 3),
+        epochs=max(record.epoch for record in records) + 1 if records else 0,
         samples=samples,
         wall_s=round(wall, 1),
-        samples_per_s=round(sum(r["train"]["samples"] for r in timed) / ((compute + sync) / len(workdirs)), 1)
-        if compute + sync > 0
+        samples_per_s=round(sum(r.samples for r in measured) / (busy / len(workdirs)), 1)
+        if busy > 0
         else 0.0,
     )
 
