@@ -120,6 +120,9 @@ class AveragingConfig(_Section):
     allreduce_timeout: float = Field(30.0, gt=0)
     round_timeout: float = Field(60.0, gt=0)  # the longest a peer waits on others in one epoch
     peer_timeout: float = Field(15.0, gt=0)  # a peer silent for this long is considered gone
+    # a peer that sees at most half of the weight it saw in the last partition_grace seconds does not step alone
+    # (it waits for the others to come back, or for this long, then counts them as gone: SwarmPeer.has_quorum)
+    partition_grace: float = Field(60.0, ge=0)
     max_weight: float = Field(1e6, gt=0)  # cap on the sample count any peer may claim in one round
     # mean: hivemind's weighted mean; centered_clip: each part is a CenteredClip of the members' parts (robust to
     # a minority that sends huge or skewed gradients that no audit has caught yet; docs/design.md §4)

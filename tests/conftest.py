@@ -132,12 +132,19 @@ class Processes:
         return process
 
     def swarm(
-        self, *args: str, log: Path, cwd: Path | None = None, schedule: dict[str, str] | None = None
+        self,
+        *args: str,
+        log: Path,
+        cwd: Path | None = None,
+        schedule: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> subprocess.Popen | ForkedProcess:
         """``swarm ARGS`` forked by the session's fork server (tests/forkserver.py), stdout and stderr appended to
-        ``log``."""
+        ``log``; in network namespace ``netns`` (tests/netns.py) where given."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        process = fork_server().start(list(args), cwd or PROJECT_ROOT, clean_env(schedule), log, log)
+        process = fork_server().start(
+            list(args), cwd or PROJECT_ROOT, clean_env(schedule), log, log, netns=netns
+        )
         self.started.append(process)
         return process
 

@@ -17,6 +17,7 @@ system reuses pids (32768 of them on this machine), a command's number is never 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -28,6 +29,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from tests.netns import entered
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -98,9 +101,11 @@ def serve() -> None:
             stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
-                peer = local.ForkedPeer(
-                    cli.run_forked_peer, request["argv"], stdout, request["env"], stderr_fd=stderr
-                )
+                # a partition test's peer runs in a network namespace of its own (tests/netns.py)
+                with entered(request["netns"]) if request.get("netns") else contextlib.nullcontext():
+                    peer = local.ForkedPeer(
+                        cli.run_forked_peer, request["argv"], stdout, request["env"], stderr_fd=stderr
+                    )
             finally:
                 os.close(stdout)
                 os.close(stderr)
@@ -191,11 +196,26 @@ class ForkServer:
         return reply
 
     def start(
-        self, argv: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        stdout: Path,
+        stderr: Path,
+        netns: str | None = None,
     ) -> ForkedProcess:
-        """Run ``swarm ARGV``; the first call waits for the server's imports."""
+        """Run ``swarm ARGV`` (in network namespace ``netns``, where given); the first call waits for the server's
+        imports."""
         reply = self._ask(
-            dict(op="start", argv=argv, cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
+            dict(
+                op="start",
+                argv=argv,
+                cwd=str(cwd),
+                env=env,
+                stdout=str(stdout),
+                stderr=str(stderr),
+                netns=netns,
+            )
         )
         return ForkedProcess(self, reply["started"], reply["pid"], ["swarm", *argv])
 

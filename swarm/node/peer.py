@@ -44,6 +44,7 @@ POLL_INTERVAL = 0.25
 NEWER_STATE_WAIT = 3.0  # how long a peer waits for the swarm to announce a state a holder served
 # consecutive failed status updates (two peer timeouts of heartbeats) = lost the swarm
 MAX_PUBLISH_FAILURES = 6
+LINEAGE_EPOCHS = 1024  # how many of its past (epoch, state hash) pairs a peer remembers (SwarmPeer.lineage)
 
 
 def _quiet_lost_daemon(args: threading.ExceptHookArgs) -> None:
@@ -92,6 +93,7 @@ class SwarmPeer:
         epoch: int = 0,
         trust: Trust | None = None,
         samples: int = 0,
+        lineage: dict[int, str] | None = None,
     ):
         self.config, self.identity, self.state = config, identity, state
         # without a ledger given, peers count as identities (tests of the decisions; the trainer passes its own)
@@ -100,6 +102,12 @@ class SwarmPeer:
         self.lock = threading.RLock()
         self.epoch = epoch
         self.state_hash = state.state_hash(epoch)
+        # epoch -> the state hash this peer held at it, on the branch of its current state (a downloaded state
+        # starts a new one): how it tells a peer behind it on its own history from one on another branch
+        self.lineage: dict[int, str] = {
+            past: digest for past, digest in (lineage or {}).items() if past < epoch
+        }
+        self.lineage[epoch] = self.state_hash
         # computed by this peer in the rounds it stepped on (a resumed peer's included)
         self.samples = samples
         self.last_reward: float | None = None
@@ -113,6 +121,9 @@ class SwarmPeer:
         self._stop = threading.Event()
         self._publish_failures = 0
         self._seen: dict[str, tuple[float, PeerStatus]] = {}  # peer id -> (when last read, status)
+        self._last_seen: dict[
+            str, float
+        ] = {}  # peer id -> when last read, kept for averaging.partition_grace
         self._heartbeat: threading.Thread | None = None
         # what this peer announces and serves: itself, unless a cheater of the attack suite filters it
         self._status_filter: Announced = _unchanged_status
@@ -286,10 +297,12 @@ class SwarmPeer:
         for peer_id in self.banned:
             fresh.pop(peer_id, None)
             self._seen.pop(peer_id, None)
+            self._last_seen.pop(peer_id, None)
         for peer_id, status in list(fresh.items()):
             if status.fingerprint != self.fingerprint:
                 fresh.pop(peer_id)
                 self._seen.pop(peer_id, None)
+                self._last_seen.pop(peer_id, None)
                 if peer_id not in self.foreign:
                     self.foreign.add(peer_id)
                     logger.warning(
@@ -303,11 +316,36 @@ class SwarmPeer:
         for peer_id, status in fresh.items():
             if status.left:
                 self._seen.pop(peer_id, None)
+                self._last_seen.pop(peer_id, None)
             else:
                 self._seen[peer_id] = (now, status)
+                self._last_seen[peer_id] = now
         horizon = now - self.config.averaging.peer_timeout
         self._seen = {peer_id: seen for peer_id, seen in self._seen.items() if seen[0] >= horizon}
+        grace = now - max(self.config.averaging.partition_grace, self.config.averaging.peer_timeout)
+        self._last_seen = {peer_id: seen for peer_id, seen in self._last_seen.items() if seen >= grace}
         return {peer_id: status for peer_id, (_, status) in self._seen.items()}
+
+    def has_quorum(self, others: dict[str, PeerStatus]) -> bool:
+        """Whether this peer, with the live peers ``others`` it sees, is the swarm — and may step without the rest.
+
+        The reference is the weight (:meth:`Trust.weight`: identities without weight add nothing) of this peer and
+        every peer it read a status of in the last ``averaging.partition_grace`` seconds (one whose status said it
+        ``left`` is dropped at once). This side holds a quorum when it sees more than half of that weight, or
+        exactly half with the smallest peer id of the reference among it — so of two halves that see only
+        themselves exactly one goes on, the same one on both sides, and the other waits for the network to heal
+        (then it is behind and downloads the swarm's state) instead of stepping alone and forking. A peer that
+        has seen nobody within the grace (the first peer of a swarm, or one whose peers all left or died that
+        long ago) is the swarm on its own."""
+        reference = {self.peer_id, *(peer_id for peer_id in self._last_seen if self.trust.known(peer_id))}
+        visible = {self.peer_id, *(peer_id for peer_id in others if peer_id in reference)}
+        total = sum(self._quorum_weight(peer_id) for peer_id in reference)
+        seen = sum(self._quorum_weight(peer_id) for peer_id in visible)
+        return 2 * seen > total or (2 * seen == total and min(reference) in visible)
+
+    def _quorum_weight(self, peer_id: str) -> float:
+        weight = self.trust.weight(peer_id)
+        return max(1.0, weight) if peer_id == self.peer_id else weight
 
     def set_banned(self, peer_ids: list[str]) -> None:
         """Exclude these peers: the barrier ignores them, state is never loaded from them, and the averager refuses
@@ -380,12 +418,26 @@ class SwarmPeer:
             self.samples += samples
             self.set_state_changed(epoch)
 
-    def set_state_changed(self, epoch: int) -> None:
-        """Call after the parameters changed (a step or a load) to re-hash and re-announce the state."""
+    def set_state_changed(self, epoch: int, branch: bool = False) -> None:
+        """Call after the parameters changed (a step, or a load: ``branch``, whose history this peer does not
+        know) to re-hash and re-announce the state."""
         with self.lock:
             self.epoch = epoch
             self.state_hash = self.state.state_hash(epoch)
+            if branch:
+                self.lineage.clear()
+            self.lineage = {past: digest for past, digest in self.lineage.items() if past < epoch}
+            self.lineage[epoch] = self.state_hash
+            while len(self.lineage) > LINEAGE_EPOCHS:
+                del self.lineage[min(self.lineage)]
         self.publish()
+
+    def on_another_branch(self, status: PeerStatus) -> bool:
+        """Whether ``status`` announces a state at an epoch this peer has passed that is not the one this peer
+        held there: it was made without this peer (the other side of a partition, or of a restart), not on the
+        way to this peer's state. A peer merely behind on this peer's history announces the hash this peer had."""
+        known = self.lineage.get(status.epoch)
+        return status.epoch < self.epoch and known is not None and known != status.state_hash
 
     def _support(self, key: RoundKey, others: dict[str, PeerStatus], excluding: str | None = None) -> float:
         """The total weight of the live peers in ``others`` (but ``excluding``) that announce ``key``."""
@@ -419,20 +471,44 @@ class SwarmPeer:
         missed) or an initial peer announces it (a newcomer follows the swarm it joined): a member of equal weight
         claiming a far-ahead epoch is not followed.
 
+        A state at an *earlier* epoch is a candidate only when it is on another branch (:meth:`on_another_branch`:
+        not the hash this peer held at that epoch), and it is adopted only when it weighs strictly more than this
+        peer's state and than any later candidate: the heavier side of a healed partition, or of a restart, is the
+        swarm, whatever epoch the lighter side counted up to alone; its epochs are discarded. A peer merely behind
+        on this peer's history is never a reason to go back.
+
         So any number of fresh identities announcing a far epoch is never followed, and a peer behind a swarm that
         outweighs it (a late joiner, or the member whose last all-reduce failed) adopts the swarm's state. Where
         the weighted peers disagree evenly one epoch apart (two peers of equal weight), a liar among them can
         still be followed.
         """
         weights: dict[RoundKey, float] = {}
+        branches: dict[RoundKey, float] = {}  # earlier states on another branch
         for peer_id, status in others.items():
-            if status.epoch >= self.epoch and (weight := self.trust.weight(peer_id)) > 0:
-                key = (status.epoch, status.state_hash)
+            if (weight := self.trust.weight(peer_id)) <= 0:
+                continue
+            key = (status.epoch, status.state_hash)
+            if status.epoch >= self.epoch:
                 weights[key] = weights.get(key, 0.0) + weight
+            elif self.on_another_branch(status):
+                branches[key] = branches.get(key, 0.0) + weight
         mine = self.round_key
         support = weights.pop(mine, 0.0) + max(1.0, self.trust.weight(self.peer_id))
+        later = self._later_target(weights, support, others)
+        if branches:
+            branch = max(branches, key=lambda key: (branches[key], key[0], _invert(key[1])))
+            if branches[branch] > max(support, weights.get(later, 0.0) if later else 0.0):
+                return branch
+        return later
+
+    def _later_target(
+        self, weights: dict[RoundKey, float], support: float, others: dict[str, PeerStatus]
+    ) -> RoundKey | None:
+        """:meth:`swarm_target`'s choice among the states at this peer's epoch or later (``weights``: their
+        support, this peer's own state taken out and counted in ``support``)."""
         if not weights:
             return None
+        mine = self.round_key
         best = max(weights, key=lambda key: (weights[key], -key[0], _invert(key[1])))
         if weights[best] > support:
             return best
@@ -459,9 +535,16 @@ class SwarmPeer:
             for peer_id, status in others.items()
             if (status.epoch, status.state_hash) == target and self.trust.known(peer_id)
         ]
-        logger.info(
-            f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading"
-        )
+        if target[0] < self.epoch:
+            logger.warning(
+                f"{self.identity.name}: the swarm's state is on another branch at epoch {target[0]} and outweighs"
+                f" this peer's (epoch {self.epoch}, made without it): downloading it; this peer's epochs since"
+                " are discarded"
+            )
+        else:
+            logger.info(
+                f"{self.identity.name}: swarm is at epoch {target[0]}, this peer at {self.epoch}: downloading"
+            )
         if self.download_state(holders, target):
             return True
         logger.warning(
@@ -509,7 +592,7 @@ class SwarmPeer:
                 logger.warning(f"Rejected the state served by {peer_id}: {error}; it no longer counts")
                 self.trust.refuse(peer_id)
                 continue
-            self.set_state_changed(epoch)
+            self.set_state_changed(epoch, branch=True)
             logger.info(f"{self.identity.name}: loaded epoch {epoch} from {peer_id}")
             return True
         return False

@@ -218,9 +218,11 @@ class SwarmTrainer:
         # accelerate) from walking it each epoch, which cost more than a tiny model's whole step
         gc.collect()
         gc.freeze()
-        epoch, samples = self._resume()
+        epoch, samples, lineage = self._resume()
         self.trust = self._make_trust()
-        self.peer = SwarmPeer(config, self.identity, self.state, epoch, trust=self.trust, samples=samples)
+        self.peer = SwarmPeer(
+            config, self.identity, self.state, epoch, trust=self.trust, samples=samples, lineage=lineage
+        )
         self.strategy = make_strategy(
             config.averaging.strategy,
             self.peer,
@@ -302,28 +304,41 @@ class SwarmTrainer:
     def checkpoint_path(self) -> Path:
         return self.workdir / CHECKPOINT_FILE
 
-    def _resume(self) -> tuple[int, int]:
+    def _resume(self) -> tuple[int, int, dict[int, str]]:
+        """(epoch, samples, lineage) of the checkpoint, or a fresh start's."""
         payload = load_checkpoint(self.checkpoint_path)
         if payload is None:
-            return 0, 0
+            return 0, 0, {}
         try:
             epoch = self.state.load(payload["metadata"], payload["tensors"])
         except (KeyError, ValueError) as error:
             logger.warning(
                 f"{self.checkpoint_path}: checkpoint does not fit this model ({error}); starting over"
             )
-            return 0, 0
+            return 0, 0, {}
         for item in payload.get("history", []):
             self.history[item["epoch"]] = EpochRecord(**item)
         logger.info(f"Resumed from {self.checkpoint_path} at epoch {epoch}")
-        return epoch, int(payload.get("samples", 0))
+        lineage = payload.get("lineage", {})
+        lineage = {
+            past: digest
+            for past, digest in (lineage.items() if isinstance(lineage, dict) else [])
+            if isinstance(past, int) and isinstance(digest, str)
+        }
+        return epoch, int(payload.get("samples", 0)), lineage
 
     def save_checkpoint(self) -> None:
         metadata, tensors = self.peer.snapshot()
         history = [vars(record) for record in self.history.values()]
         save_checkpoint(
             self.checkpoint_path,
-            dict(metadata=metadata, tensors=tensors, history=history, samples=self.peer.samples),
+            dict(
+                metadata=metadata,
+                tensors=tensors,
+                history=history,
+                samples=self.peer.samples,
+                lineage=dict(self.peer.lineage),
+            ),
         )
 
     def stop(self) -> None:
@@ -371,6 +386,13 @@ class SwarmTrainer:
             while not self._stopping.is_set() and (max_epochs is None or self.peer.epoch < max_epochs):
                 record = self.run_epoch()
                 self.history[record.epoch] = record
+                # a heavier branch adopted at an earlier epoch (a healed partition): this peer's epochs since are
+                # not the swarm's; the record of the round that found it stays
+                if self.peer.epoch < record.epoch:
+                    for discarded in [
+                        past for past in self.history if self.peer.epoch <= past < record.epoch
+                    ]:
+                        del self.history[discarded]
                 logger.info(
                     f"{self.identity.name} epoch {record.epoch} {record.outcome} (group of {record.group_size})"
                     f" reward={_fmt(record.reward)} loss={_fmt(record.loss)}"

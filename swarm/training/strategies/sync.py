@@ -154,12 +154,15 @@ class SyncGradientAveraging(GradientStep):
         peer.set_ready(epoch)
         started = last = time.monotonic()
         waiting_on: list[str] = []
+        partitioned = False  # waiting without a quorum (SwarmPeer.has_quorum)
         catch_up_deadline = started + self.catch_up_grace
         newcomer_deadline = started + peer.config.trust.newcomer_wait
         while True:
             others = peer.other_peers()
             target = peer.swarm_target(others)
-            if target is not None and target[0] > epoch:
+            if (
+                target is not None and target[0] != epoch
+            ):  # a later state, or a heavier branch (a healed split)
                 return "behind"
             # peers ahead that the swarm does not follow (see SwarmPeer.swarm_target) are neither waited for nor
             # averaged with: they are not at this epoch
@@ -184,7 +187,21 @@ class SyncGradientAveraging(GradientStep):
                         for status in others.values()
                     )
                 ):
-                    return "alone"
+                    if peer.has_quorum(others):
+                        if partitioned:
+                            logger.warning(f"epoch {epoch}: the missing peers count as gone; stepping alone")
+                        return "alone"
+                    # a minority side of a partition: stepping alone would fork it off the swarm, which goes on
+                    # without it; once the network heals this peer is behind and downloads the swarm's state
+                    if not partitioned:
+                        logger.warning(
+                            f"epoch {epoch}: this peer sees at most half the weight it saw in the last"
+                            f" {peer.config.averaging.partition_grace:.0f}s (a partition, or peers gone): not"
+                            " stepping alone; waiting for them"
+                        )
+                    partitioned, waiting_on = True, []
+                    time.sleep(POLL_INTERVAL)
+                    continue
             unready = lagging + [status for status in same if status.ready_epoch != epoch]
             if same and (not unready or now >= deadline):
                 self.expected_group = 1 + len(same)
