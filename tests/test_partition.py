@@ -45,8 +45,8 @@ def make_peer(tmp_path: Path):
     return make
 
 
-def run_barrier(peer: SwarmPeer, timeout: float) -> list[str]:
-    """The barrier's verdict in a thread (empty while it still waits after ``timeout`` seconds)."""
+def start_barrier(peer: SwarmPeer) -> tuple[list[str], threading.Thread]:
+    """The barrier in a thread: the list gets its verdict when it returns."""
     verdict: list[str] = []
     strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
     thread = threading.Thread(
@@ -54,6 +54,12 @@ def run_barrier(peer: SwarmPeer, timeout: float) -> list[str]:
         daemon=True,
     )
     thread.start()
+    return verdict, thread
+
+
+def run_barrier(peer: SwarmPeer, timeout: float) -> list[str]:
+    """The barrier's verdict (empty while it still waits after ``timeout`` seconds)."""
+    verdict, thread = start_barrier(peer)
     thread.join(timeout)
     return verdict
 
@@ -67,12 +73,7 @@ def test_a_peer_cut_off_from_the_others_waits_instead_of_stepping_alone_and_foll
     peer.other_peers()
     peer.board.statuses.clear()  # the link breaks: their statuses stop arriving
     time.sleep(0.4)  # past peer_timeout: they are no longer live
-    verdict: list[str] = []
-    strategy = SyncGradientAveraging(peer, peer.state.optimizer, max_grad_norm=0.0)
-    thread = threading.Thread(
-        target=lambda: verdict.append(strategy._barrier(5, deadline=time.monotonic() + 0.5)), daemon=True
-    )
-    thread.start()
+    verdict, thread = start_barrier(peer)
     thread.join(2.0)
     assert verdict == [], "a third of the swarm stepped alone (a fork)"
     # the network heals: the two went on without it

@@ -121,9 +121,8 @@ class SwarmPeer:
         self._stop = threading.Event()
         self._publish_failures = 0
         self._seen: dict[str, tuple[float, PeerStatus]] = {}  # peer id -> (when last read, status)
-        self._last_seen: dict[
-            str, float
-        ] = {}  # peer id -> when last read, kept for averaging.partition_grace
+        # peer id -> when last read, kept for averaging.partition_grace (SwarmPeer.has_quorum)
+        self._last_seen: dict[str, float] = {}
         self._heartbeat: threading.Thread | None = None
         # what this peer announces and serves: itself, unless a cheater of the attack suite filters it
         self._status_filter: Announced = _unchanged_status
@@ -339,13 +338,9 @@ class SwarmPeer:
         long ago) is the swarm on its own."""
         reference = {self.peer_id, *(peer_id for peer_id in self._last_seen if self.trust.known(peer_id))}
         visible = {self.peer_id, *(peer_id for peer_id in others if peer_id in reference)}
-        total = sum(self._quorum_weight(peer_id) for peer_id in reference)
-        seen = sum(self._quorum_weight(peer_id) for peer_id in visible)
+        total = sum(self.trust.weight(peer_id) for peer_id in reference)  # this peer's own is at least 1
+        seen = sum(self.trust.weight(peer_id) for peer_id in visible)
         return 2 * seen > total or (2 * seen == total and min(reference) in visible)
-
-    def _quorum_weight(self, peer_id: str) -> float:
-        weight = self.trust.weight(peer_id)
-        return max(1.0, weight) if peer_id == self.peer_id else weight
 
     def set_banned(self, peer_ids: list[str]) -> None:
         """Exclude these peers: the barrier ignores them, state is never loaded from them, and the averager refuses
@@ -424,9 +419,8 @@ class SwarmPeer:
         with self.lock:
             self.epoch = epoch
             self.state_hash = self.state.state_hash(epoch)
-            if branch:
-                self.lineage.clear()
-            self.lineage = {past: digest for past, digest in self.lineage.items() if past < epoch}
+            kept = {} if branch else self.lineage
+            self.lineage = {past: digest for past, digest in kept.items() if past < epoch}
             self.lineage[epoch] = self.state_hash
             while len(self.lineage) > LINEAGE_EPOCHS:
                 del self.lineage[min(self.lineage)]

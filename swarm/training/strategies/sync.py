@@ -160,9 +160,8 @@ class SyncGradientAveraging(GradientStep):
         while True:
             others = peer.other_peers()
             target = peer.swarm_target(others)
-            if (
-                target is not None and target[0] != epoch
-            ):  # a later state, or a heavier branch (a healed split)
+            # a later state, or a heavier branch at an earlier epoch (a healed split)
+            if target is not None and target[0] != epoch:
                 return "behind"
             # peers ahead that the swarm does not follow (see SwarmPeer.swarm_target) are neither waited for nor
             # averaged with: they are not at this epoch
