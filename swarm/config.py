@@ -152,6 +152,10 @@ class DiLoCoConfig(_Section):
     outer_lr: float = Field(0.7, gt=0)  # DiLoCo's defaults
     outer_momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
+    # verification (verify.enabled): how many of a selected contribution's inner steps its auditors replay, drawn by
+    # the round's beacon (None: all of them). A peer that cheats in one of H steps is caught by one audit with
+    # probability audited_steps / H, so a contribution is caught with verify.audit_probability x that
+    audited_steps: int | None = Field(None, ge=1)
 
 
 class VerifyConfig(_Section):
@@ -177,6 +181,9 @@ class VerifyConfig(_Section):
     max_contribution_mb: float = Field(512.0, gt=0)  # larger contributions are refused by auditors
     # a cheating peer for tests and demos (swarm/verify/attacks.py); `swarm local` gives it to the last peer only
     attack: str | None = None
+    # with a strategy of several inner steps per epoch (DiLoCo): the attack cheats in this inner step of every epoch
+    # only, and computes the others honestly (None: in every step)
+    attack_step: int | None = Field(None, ge=0)
 
 
 class TrustConfig(_Section):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 LEFT, RIGHT = "L", "R"  # which side of the path the sibling is on
@@ -43,6 +43,24 @@ def _node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
+def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree over ``leaves``, the leaf hashes first and the root's level last."""
+    levels: list[list[bytes]] = [[_leaf_hash(leaf) for leaf in leaves]]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        parents = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            parents.append(level[-1])  # odd node carried up unchanged
+        levels.append(parents)
+    return levels
+
+
+def merkle_root(leaves: Sequence[bytes]) -> str:
+    """The root (hex) of the tree over ``leaves`` in the given order, by the rules of this module: the same hashing
+    as :class:`MerkleTree`, for leaves that are not balances (e.g. the inner steps a DiLoCo peer commits to)."""
+    return _levels(leaves)[-1][0].hex() if leaves else EMPTY_ROOT
+
+
 class MerkleTree:
     """The Merkle tree of a ``{peer_id: balance}`` mapping (balances with ``final`` and ``provisional``).
 
@@ -53,13 +71,7 @@ class MerkleTree:
         self.peers = sorted(balances)
         self.leaves = [leaf_bytes(p, balances[p].final, balances[p].provisional) for p in self.peers]
         self._index = {peer: i for i, peer in enumerate(self.peers)}
-        self._levels: list[list[bytes]] = [[_leaf_hash(leaf) for leaf in self.leaves]]
-        while len(self._levels[-1]) > 1:
-            level = self._levels[-1]
-            parents = [_node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-            if len(level) % 2:
-                parents.append(level[-1])  # odd node carried up unchanged
-            self._levels.append(parents)
+        self._levels = _levels(self.leaves)
 
     @property
     def root(self) -> str:

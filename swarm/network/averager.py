@@ -48,6 +48,27 @@ logger = logging.getLogger(__name__)
 
 RoundKey = tuple[int, str]  # (epoch, state hash) a contribution was computed at
 CONTRIBUTION_CHUNK_BYTES = 2**20  # contribution files are streamed in chunks of at most this size
+# what a peer serves to auditors (:func:`served_file_name`): an epoch's contribution, and for a strategy of several
+# inner steps per epoch (DiLoCo) each step's contribution, the inner state before each step and the epoch's manifest
+CONTRIBUTION, STEP, INNER_STATE, MANIFEST = "contribution", "step", "inner", "manifest"
+MAX_SERVED_STEP = 1_000_000
+
+
+def served_file_name(epoch: object, part: object = CONTRIBUTION, step: object = None) -> str:
+    """The file name under the contributions folder that holds ``part`` of ``epoch`` (``step``: the inner step, for
+    the ``step`` and ``inner`` parts only). The averager serves exactly these names, so a request can never name
+    another file. :raises ValueError: for anything else"""
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if part in (CONTRIBUTION, MANIFEST):
+        if step is not None:
+            raise ValueError(f"the {part} of an epoch has no step")
+        return f"epoch-{epoch}.pt" if part == CONTRIBUTION else f"epoch-{epoch}-manifest.json"
+    if part not in (STEP, INNER_STATE):
+        raise ValueError(f"no such part {part!r}")
+    if type(step) is not int or not 0 <= step <= MAX_SERVED_STEP:
+        raise ValueError(f"step must be an int in [0, {MAX_SERVED_STEP}], got {step!r}")
+    return f"epoch-{epoch}-{part}-{step}.pt"
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -545,8 +566,9 @@ class SwarmAverager(DecentralizedAverager):
 
     # ---- contributions ----------------------------------------------------------------------------------------
     # hivemind has no generic message for this, so both directions reuse ``averaging_pb2.DownloadData``: the request's
-    # ``metadata`` is the averager serializer's (msgpack) encoding of ``{"epoch": int}``, and each response carries
-    # one chunk of the file (at most CONTRIBUTION_CHUNK_BYTES) in ``metadata``. An empty stream means "not found".
+    # ``metadata`` is the averager serializer's (msgpack) encoding of ``{"epoch": int}`` (a DiLoCo epoch's parts:
+    # plus ``"part"`` and ``"step"``, see :func:`served_file_name`), and each response carries one chunk of the file
+    # (at most CONTRIBUTION_CHUNK_BYTES) in ``metadata``. An empty stream means "not found".
 
     def _contribution_path(self, serialized_request: bytes) -> Path | None:
         """The file a request asks for, or None if the request is malformed or nothing is served for it."""
@@ -556,15 +578,21 @@ class SwarmAverager(DecentralizedAverager):
             request = self.serializer.loads(serialized_request)
         except Exception:
             return None
-        epoch = request.get("epoch") if isinstance(request, dict) else None
-        if type(epoch) is not int or epoch < 0:
+        if not isinstance(request, dict):
             return None
-        return self.contributions_dir / f"epoch-{epoch}.pt"
+        try:
+            name = served_file_name(
+                request.get("epoch"), request.get("part", CONTRIBUTION), request.get("step")
+            )
+        except ValueError:
+            return None
+        return self.contributions_dir / name
 
     async def rpc_download_contribution(
         self, request: averaging_pb2.DownloadData, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:
-        """Stream ``contributions_dir/epoch-{epoch}.pt`` in chunks of at most 1 MiB; nothing if it does not exist.
+        """Stream the requested file of ``contributions_dir`` (:func:`served_file_name`) in chunks of at most 1 MiB;
+        nothing if it does not exist.
 
         The file is read from one open handle, so a file the host replaces atomically meanwhile is served whole
         (the old version). Malformed requests get an empty stream and never raise.
@@ -585,21 +613,35 @@ class SwarmAverager(DecentralizedAverager):
         finally:
             file.close()
 
-    def download_contribution(self, peer_id: str, epoch: int, timeout: float, max_bytes: int) -> bytes | None:
-        """The bytes of another peer's saved contribution for ``epoch``.
+    def download_contribution(
+        self,
+        peer_id: str,
+        epoch: int,
+        timeout: float,
+        max_bytes: int,
+        part: str = CONTRIBUTION,
+        step: int | None = None,
+    ) -> bytes | None:
+        """The bytes of another peer's saved contribution for ``epoch`` (or another ``part`` of a DiLoCo epoch:
+        :func:`served_file_name`).
 
         :param peer_id: the serving peer (base58)
         :param timeout: seconds for the whole download
         :param max_bytes: give up (and return None) as soon as more than this many bytes arrived
         :returns: the file's bytes; None if the peer does not answer in time, fails, has no such file, or the file
           is larger than ``max_bytes`` (at most ``max_bytes`` plus one chunk is ever held in memory)
+        :raises ValueError: for an epoch, part or step no peer serves
         """
-        if type(epoch) is not int or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        served_file_name(epoch, part, step)
         future = MPFuture()
+        query = (
+            dict(epoch=epoch)
+            if part == CONTRIBUTION and step is None
+            else dict(epoch=epoch, part=part, step=step)
+        )
         request = dict(
             peer_bytes=PeerID.from_base58(peer_id).to_bytes(),
-            epoch=epoch,
+            query=query,
             timeout=timeout,
             max_bytes=max_bytes,
             future=future,
@@ -608,31 +650,31 @@ class SwarmAverager(DecentralizedAverager):
         try:
             return future.result(timeout=timeout + 5)
         except Exception as error:
-            logger.warning(f"Could not download the contribution of {peer_id} for epoch {epoch}: {error!r}")
+            logger.warning(f"Could not download the {part} of {peer_id} for epoch {epoch}: {error!r}")
             return None
 
     async def _download_contribution(
-        self, peer_bytes: bytes, epoch: int, timeout: float, max_bytes: int, future: MPFuture
+        self, peer_bytes: bytes, query: dict, timeout: float, max_bytes: int, future: MPFuture
     ) -> None:
         peer_id = PeerID(peer_bytes)
         try:
-            result = await asyncio.wait_for(self._fetch_contribution(peer_id, epoch, max_bytes), timeout)
+            result = await asyncio.wait_for(self._fetch_contribution(peer_id, query, max_bytes), timeout)
         except Exception as error:
-            logger.debug(f"Downloading the contribution of {peer_id} for epoch {epoch} failed: {error!r}")
+            logger.debug(f"Downloading {query} from {peer_id} failed: {error!r}")
             result = None
         if not future.done():
             future.set_result(result)
 
-    async def _fetch_contribution(self, peer_id: PeerID, epoch: int, max_bytes: int) -> bytes | None:
+    async def _fetch_contribution(self, peer_id: PeerID, query: dict, max_bytes: int) -> bytes | None:
         stub = self.get_stub(self._p2p, peer_id, namespace=self.prefix)
-        request = averaging_pb2.DownloadData(metadata=self.serializer.dumps(dict(epoch=epoch)))
+        request = averaging_pb2.DownloadData(metadata=self.serializer.dumps(query))
         stream = await stub.rpc_download_contribution(request)
         chunks, size = [], 0
         try:
             async for message in stream:
                 size += len(message.metadata)
                 if size > max_bytes:
-                    logger.debug(f"The contribution of {peer_id} for epoch {epoch} exceeds {max_bytes} bytes")
+                    logger.debug(f"{query} of {peer_id} exceeds {max_bytes} bytes")
                     return None
                 chunks.append(message.metadata)
         finally:

@@ -128,6 +128,11 @@ class Commitment(BaseModel):
     # sha256 over the gradient tensors actually sent into averaging
     gradient_hash: str = Field(max_length=128)
     precision: Precision
+    # a strategy of several inner steps per epoch (DiLoCo): how many the peer took, and the Merkle root over them
+    # (swarm/verify/inner.py) — then the fields above are the epoch's: its start state, totals over the steps, and
+    # the hash of the pseudo-gradient sent
+    inner_steps: int = Field(default=1, ge=1, le=1_000_000)
+    steps_root: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     def digest(self) -> str:
         """sha256 hex of the canonical JSON of all fields (sorted keys, no whitespace): equal commitments give equal

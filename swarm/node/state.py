@@ -40,6 +40,14 @@ def tensors_hash(epoch: int, tensors: Iterable[torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], learning_rate: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """The optimizer every peer trains with (torch's AdamW; the training section's learning rate and weight decay).
+    The auditors of DiLoCo inner steps replay its steps with one built here too."""
+    return torch.optim.AdamW(list(params), lr=learning_rate, weight_decay=weight_decay)
+
+
 @dataclass
 class TrainingState:
     """Views over a model and its optimizer as one ordered list of tensors.

@@ -1,4 +1,5 @@
-"""The contribution pipeline of a GRPO epoch: **compute → commit → send**, plus what the peer **announces**.
+"""The contribution pipeline of a GRPO epoch: **compute → commit → send**, plus what the peer **announces** and, for
+a strategy of inner steps (DiLoCo), the pseudo-gradient it commits and sends (**outer**).
 
 :meth:`SwarmTrainer.run_epoch <swarm.training.trainer.SwarmTrainer.run_epoch>` calls these four stages of one
 pipeline object and never asks whether the peer is honest. The honest pipeline (:class:`HonestPipeline`) computes
@@ -40,6 +41,7 @@ class ComputeRequest:
     reward_funcs: list[Any] = field(default_factory=list)  # the recipe's checked reward functions (honest)
     autocast_dtype: torch.dtype | None = None  # None: the declared precision
     sampler: Sampler | None = None  # what samples the completions (None: the seeded sampler)
+    inner_step: int = 0  # which inner step of its epoch this is (a strategy of several per epoch: DiLoCo)
 
 
 @dataclass
@@ -70,6 +72,11 @@ class Pipeline(Protocol):
         """Install what the peer (a :class:`~swarm.node.peer.SwarmPeer`, before it starts) announces and serves."""
         ...
 
+    def outer(self, pseudo_gradient: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A strategy of inner steps (DiLoCo): the pseudo-gradient that is committed and sent, given the one the
+        epoch's inner steps give."""
+        ...
+
 
 class HonestPipeline:
     """Computes with ``compute`` (the trainer's recorded TRL step), commits and sends exactly that, announces the
@@ -90,6 +97,9 @@ class HonestPipeline:
     def announce(self, peer: Any) -> None:
         pass
 
+    def outer(self, pseudo_gradient: list[torch.Tensor]) -> list[torch.Tensor]:
+        return pseudo_gradient
+
 
 class CheatingPipeline:
     """``inner`` with an :class:`~swarm.verify.attacks.Attack` around it: the attack sees one
@@ -104,12 +114,17 @@ class CheatingPipeline:
         other: Callable[[int], Contribution | None],
         tokenizer: Any = None,
         recipe: Recipe | None = None,
+        only_step: int | None = None,
     ):
-        self.inner, self.attack = inner, attack
+        self.inner, self.attack, self.only_step = inner, attack, only_step
         self._unassigned_rows, self._other = unassigned_rows, other
         self._tokenizer, self._recipe = tokenizer, recipe
         self._previous: Contribution | None = None
         self._context: tuple[int, AttackContext] | None = None
+
+    def cheats(self, request: ComputeRequest) -> bool:
+        """Whether the attack applies to ``request`` (every step, or only ``only_step`` of each epoch)."""
+        return self.only_step is None or request.inner_step == self.only_step
 
     def context(self, request: ComputeRequest) -> AttackContext:
         if self._context is None or self._context[0] != request.epoch:
@@ -126,6 +141,8 @@ class CheatingPipeline:
         return self._context[1]
 
     def compute(self, request: ComputeRequest) -> ComputedRound:
+        if not self.cheats(request):
+            return self.inner.compute(request)
         context = self.context(request)
         return self.inner.compute(
             replace(
@@ -140,18 +157,25 @@ class CheatingPipeline:
 
     def commit(self, request: ComputeRequest, computed: ComputedRound) -> ComputedRound:
         computed = self.inner.commit(request, computed)
+        if not self.cheats(request):
+            return computed
         contribution = self.attack.tamper(computed.contribution, self.context(request))
         self._previous = contribution
         return replace(computed, contribution=contribution)
 
     def send(self, request: ComputeRequest, computed: ComputedRound) -> ComputedRound:
         computed = self.inner.send(request, computed)
+        if not self.cheats(request):
+            return computed
         sent = self.attack.sent(computed.contribution.gradient, self.context(request))
         return replace(computed, sent=[grad.detach().clone() for grad in sent])
 
     def announce(self, peer: Any) -> None:
         self.inner.announce(peer)
         self.attack.deceive(peer)
+
+    def outer(self, pseudo_gradient: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.attack.pseudo_gradient(self.inner.outer(pseudo_gradient))
 
 
 def install(
@@ -161,9 +185,11 @@ def install(
     other: Callable[[int], Contribution | None],
     tokenizer: Any = None,
     recipe: Recipe | None = None,
+    only_step: int | None = None,
 ) -> Pipeline:
     """The pipeline of a peer: ``honest``, or ``attack`` (``verify.attack``) wrapped around it (``tokenizer`` and
-    ``recipe``: what a sampling attack encodes its chosen completions with)."""
+    ``recipe``: what a sampling attack encodes its chosen completions with; ``only_step``: ``verify.attack_step``,
+    the one inner step of each epoch it cheats in)."""
     if attack is None:
         return honest
-    return CheatingPipeline(honest, attack, unassigned_rows, other, tokenizer, recipe)
+    return CheatingPipeline(honest, attack, unassigned_rows, other, tokenizer, recipe, only_step)

@@ -52,7 +52,7 @@ from swarm.network.dht import PEER_ADDR_FILE, check_multiaddrs
 from swarm.network.rollout_records import RolloutBoard
 from swarm.network.storage import install_sweeper, run_windows
 from swarm.node.peer import SwarmPeer
-from swarm.node.state import TrainingState, param_checksum
+from swarm.node.state import TrainingState, make_optimizer, param_checksum
 from swarm.node.trust import Trust
 from swarm.recipe import Recipe, load_recipe
 from swarm.sampling import round_seed
@@ -74,6 +74,7 @@ from swarm.trl_adapter import (
 )
 from swarm.verify.attacks import Attack, make_attack
 from swarm.verify.auditor import Verifier
+from swarm.verify.inner import StepLeaf, final_snapshot, step_key
 from swarm.verify.replay import contribution_from_record
 
 logger = logging.getLogger(__name__)
@@ -198,10 +199,10 @@ class SwarmTrainer:
                     config.run_id, str(self.identity.peer_id), 0, config.training.prompts_per_round
                 ),
             )
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=config.training.learning_rate,
-            weight_decay=config.training.weight_decay,
+        self.optimizer = make_optimizer(
+            (p for p in self.model.parameters() if p.requires_grad),
+            config.training.learning_rate,
+            config.training.weight_decay,
         )
         # what the peer announces, serves and checkpoints: the model and its optimizer, unless the strategy keeps a
         # shared state of its own (DiLoCo: the outer parameters and their momentum)
@@ -236,6 +237,7 @@ class SwarmTrainer:
         self.pipeline = install(
             HonestPipeline(self._run_grpo_step),
             self.attack,
+            only_step=config.verify.attack_step,
             unassigned_rows=lambda request: self.recipe.assigned_rows(
                 config.run_id, f"{self.peer.peer_id}/unassigned", request.epoch, len(request.rows)
             ),
@@ -258,17 +260,15 @@ class SwarmTrainer:
                 self.tokenizer,
                 self._grpo_settings(0),
                 attack=self.attack,
+                inner_steps=(
+                    self.strategy.inner_steps
+                    if callable(getattr(self.strategy, "pseudo_gradient", None))
+                    else None
+                ),
             )
         elif config.verify.enabled:
             logger.warning(
                 f"recipe {self.recipe.name}: SFT rounds are not audited (verification replays GRPO only)"
-            )
-        if self.verifier is not None and getattr(self.strategy, "inner_steps", 1) > 1:
-            # only one computation per epoch is committed and replayed: the others would pass unaudited
-            raise UserError(
-                f"averaging.strategy: {config.averaging.strategy} takes several steps per epoch, which "
-                "verification does not audit yet; set verify.enabled=false",
-                exit_code=2,
             )
         if config.sharing.enabled and self.trainer_kind != "grpo":
             logger.warning(
@@ -565,32 +565,48 @@ class SwarmTrainer:
         self._emit("on_phase", f"computing epoch {epoch}" + (" (SFT warm start)" if warm else ""))
         started = time.perf_counter()
         budget = getattr(self.strategy, "inner_seconds", None)
+        # a strategy of inner steps (DiLoCo) sends its pseudo-gradient; with verification each step is committed
+        inner_steps = callable(getattr(self.strategy, "pseudo_gradient", None))
         steps_computed: list[ComputedRound] = []
+        leaves: list[StepLeaf] = []
         for inner in range(steps):
             if inner and budget is not None and time.perf_counter() - started >= budget:
                 break  # the epoch's compute budget is spent: the last computation goes to the round
-            key = epoch if steps == 1 else epoch * steps + inner
-            if inner:
-                self.strategy.inner_step(steps_computed[-1].sent)
+            key = step_key(epoch, inner, steps) if inner_steps else epoch
             computing = time.perf_counter()
-            shared = self._shared_groups(epoch) if kind == "grpo" and steps == 1 else []
+            shared = self._shared_groups(epoch) if kind == "grpo" and not inner_steps else []
             rows = self._assigned_rows(key, warm, len(shared))
-            steps_computed.append(
-                self._compute_grpo(key, rows, shared)
+            start = (
+                TrainingState(self.model, self.optimizer).snapshot(inner)
+                if inner_steps and self.verifier is not None
+                else None
+            )
+            computed = (
+                self._compute_grpo(key, rows, shared, inner)
                 if kind == "grpo"
                 else self._compute_sft(key, rows, warm)
             )
+            steps_computed.append(computed)
+            if self.verifier is not None and inner_steps and computed.contribution is not None:
+                leaves.append(self.verifier.keep_inner_step(epoch, inner, computed.contribution, start))
+            if inner_steps:
+                self.strategy.inner_step(computed.sent)
             self._idle_for_duty_cycle(time.perf_counter() - computing)
         computed = steps_computed[-1]
         samples = sum(step.samples for step in steps_computed)
+        sent = self.pipeline.outer(self.strategy.pseudo_gradient()) if inner_steps else computed.sent
         commitment = None
-        if self.verifier is not None and computed.contribution is not None:
+        if self.verifier is not None and inner_steps and len(leaves) == len(steps_computed):
+            params = [param for param in self.model.parameters() if param.requires_grad]
+            final = final_snapshot(params, len(leaves))
+            commitment = self.verifier.commit_inner(epoch, leaves, final, sent).digest()
+        elif self.verifier is not None and computed.contribution is not None:
             commitment = self.verifier.commit(epoch, computed.contribution).digest()
         compute_seconds = time.perf_counter() - started
         # 4. the round: barrier, all-reduce or catch-up; 5. the step, identical on every member of the group
         self._emit("on_phase", f"averaging epoch {epoch} with the swarm")
         started = time.perf_counter()
-        result = self.strategy.round(RoundInput(epoch, computed.sent, samples, commitment))
+        result = self.strategy.round(RoundInput(epoch, sent, samples, commitment))
         if result.update is not None:
             self.strategy.step(result)
         sync_seconds = time.perf_counter() - started
@@ -696,7 +712,11 @@ class SwarmTrainer:
         self._emit("on_completions", picked)
 
     def _compute_grpo(
-        self, epoch: int, local_rows: list[dict[str, Any]], shared: Sequence[ExternalGroup] = ()
+        self,
+        epoch: int,
+        local_rows: list[dict[str, Any]],
+        shared: Sequence[ExternalGroup] = (),
+        inner_step: int = 0,
     ) -> ComputedRound:
         """The contribution pipeline (swarm/training/pipeline.py) on the assigned rows and ``shared`` groups:
         compute (TRL's GRPO step, recorded, not stepped), publish this peer's own groups for the others' next epoch
@@ -707,6 +727,7 @@ class SwarmTrainer:
             seed=round_seed(self.config.run_id, self.peer.peer_id, epoch),
             shared=tuple(shared),
             reward_funcs=self.recipe.checked_reward_funcs(),
+            inner_step=inner_step,
         )
         computed = self.pipeline.compute(request)
         if self.sharing is not None:

@@ -129,6 +129,11 @@ class Attack:
         """What it publishes as an auditor, given the verdict its honest replay reached (default: that verdict)."""
         return kind, error, evidence
 
+    def pseudo_gradient(self, honest: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What a DiLoCo cheater commits to and sends as its pseudo-gradient, given θ_e − θ_{e,n} of its inner
+        steps (default: that)."""
+        return honest
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -417,6 +422,22 @@ class SendMismatch(Attack):
         return [-g for g in gradient]
 
 
+class ForgedPseudoGradient(Attack):
+    """DiLoCo only: takes and commits its inner steps honestly, but commits to and sends a pseudo-gradient of its
+    own — its honest one scaled by ``factor`` (default 3: a peer that wants its steps to weigh more). Every inner
+    step replays fine; an audit of any step catches it (``pseudo_gradient_mismatch``: the commitment is not
+    θ_e − θ_{e,n} of the committed steps). Live only."""
+
+    name = "forged_pseudo_gradient"
+    expected = Verdict.PASS  # its inner contributions replay fine
+
+    def __init__(self, factor: float = 3.0):
+        self.factor = factor
+
+    def pseudo_gradient(self, honest):
+        return [tensor * self.factor for tensor in honest]
+
+
 class EpochInflation(Attack):
     """Not a contribution attack (what it commits, serves to auditors and sends is honest): it announces an epoch
     ``lead`` epochs ahead of its own and serves a state of its own making to anyone who downloads it — its
@@ -680,7 +701,7 @@ ATTACKS: dict[str, type[Attack]] = {
 
 # attacks only a live swarm can show (they cheat in the all-reduce or in catch-up, which an offline replay does not see)
 LIVE_ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (SendMismatch, EpochInflation, FalseAccuser)
+    cls.name: cls for cls in (SendMismatch, EpochInflation, FalseAccuser, ForgedPseudoGradient)
 }
 
 

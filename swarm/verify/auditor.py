@@ -41,10 +41,12 @@ from typing import Any
 import torch
 
 from swarm.config import SwarmConfig
+from swarm.network.averager import CONTRIBUTION, INNER_STATE, MANIFEST, STEP
 from swarm.network.compression import as_received, make_compression
 from swarm.network.records import AuditVerdict, Commitment, CommitmentBoard, VerdictBoard
 from swarm.node.peer import CONTRIBUTION_DIR, POLL_INTERVAL, SwarmPeer
 from swarm.node.rounds import Outcome, RoundResult
+from swarm.node.state import TrainingState, make_optimizer, tensors_hash
 from swarm.recipe import Recipe
 from swarm.sampling import round_seed
 from swarm.sharing import ExternalGroup, SharingError, check_shared
@@ -53,6 +55,7 @@ from swarm.verify.checks import (
     AUDIT_CHECKS,
     GRADIENT_TOLERANCE,
     SAMPLING_MARGIN,
+    SENT_TOLERANCE,
     TRANSIENT_FAILURES,
     AuditCase,
     Verdict,
@@ -61,11 +64,28 @@ from swarm.verify.checks import (
 )
 from swarm.verify.commitment import (
     MalformedContribution,
+    contribution_bytes,
+    gradient_hash,
     load_contribution,
     make_commitment,
     save_contribution,
+    save_served,
 )
 from swarm.verify.contribution import Contribution
+from swarm.verify.inner import (
+    MalformedInnerPart,
+    Manifest,
+    StepLeaf,
+    audited_steps,
+    epoch_commitment,
+    inner_state_bytes,
+    inner_step_error,
+    load_inner_state,
+    optimizer_step,
+    pseudo_gradient,
+    start_state_hash,
+    step_key,
+)
 from swarm.verify.replay import GRPOSettings, Replayer
 from swarm.verify.selection import AuditAssignment, assign_audits
 
@@ -142,14 +162,20 @@ class Verifier:
         settings: GRPOSettings,
         observers: list[VerificationObserver] | None = None,
         attack: Any = None,
+        inner_steps: int | None = None,
     ):
         self.config, self.peer, self.recipe = config, peer, recipe
+        # H of a strategy of several inner steps per epoch (DiLoCo): contributions are then committed and audited
+        # step by step (swarm/verify/inner.py); None: one gradient per epoch
+        self.inner_steps = inner_steps
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.verify = config.verify
         self.directory = Path(config.workdir) / CONTRIBUTION_DIR
         self.events_path = Path(config.workdir) / EVENTS_FILE
         self.stats = AuditStats()
         self.snapshots: dict[int, list[torch.Tensor]] = {}  # epoch -> trainable parameters θ_e
+        # epoch -> the shared state's parameters in fp32 (DiLoCo: what a pseudo-gradient is taken from)
+        self.starts: dict[int, list[torch.Tensor]] = {}
         self.assignments: dict[int, list[AuditAssignment]] = {}
         self.declared: dict[
             int, dict[str, float]
@@ -202,13 +228,63 @@ class Verifier:
     def remember_state(self, epoch: int) -> None:
         """Keep θ_e (trainable parameters only: frozen ones never change) for the audit window."""
         self.snapshots[epoch] = [param.detach().to("cpu", copy=True) for param in self._trainable(self.model)]
+        if self.inner_steps is not None:
+            self.starts[epoch] = [
+                param.detach().to("cpu", torch.float32, copy=True) for param in self.peer.state.params
+            ]
         for old in [e for e in self.snapshots if e <= epoch - self.verify.audit_window]:
             del self.snapshots[old]
+            self.starts.pop(old, None)
 
     def commit(self, epoch: int, contribution: Contribution) -> Commitment:
         """Keep the contribution for auditors and publish its commitment (before any gradient is sent)."""
         save_contribution(self.directory, epoch, contribution, keep_epochs=self.verify.audit_window)
         commitment = make_commitment(self.me, epoch, contribution, self.config.precision)
+        if not self.commitments.publish(commitment):
+            logger.warning(
+                f"epoch {epoch}: the commitment could not be stored in the DHT; auditors will fail it"
+            )
+        return commitment
+
+    def keep_inner_step(
+        self,
+        epoch: int,
+        step: int,
+        contribution: Contribution,
+        inner: tuple[dict[str, Any], list[torch.Tensor]],
+    ) -> StepLeaf:
+        """Keep inner step ``step`` of a DiLoCo epoch for its auditors — its contribution and, after the first
+        step, the inner state S_k it started from (``inner``: its :meth:`TrainingState.snapshot`) — and return its
+        leaf of the epoch's manifest. Written to disk at once, so that a peer of many steps holds none of them."""
+        keep = self.verify.audit_window
+        save_served(self.directory, epoch, contribution_bytes(contribution), keep, STEP, step)
+        metadata, tensors = inner
+        if step > 0:  # S_0 is the swarm's state with a fresh optimizer: every auditor has it
+            save_served(self.directory, epoch, inner_state_bytes(metadata, tensors), keep, INNER_STATE, step)
+        key = step_key(epoch, step, self.inner_steps or 1)
+        return StepLeaf.of(
+            step, metadata["state_hash"], make_commitment(self.me, key, contribution, self.config.precision)
+        )
+
+    def commit_inner(
+        self,
+        epoch: int,
+        leaves: list[StepLeaf],
+        final: tuple[dict[str, Any], list[torch.Tensor]],
+        pseudo_gradient: list[torch.Tensor],
+    ) -> Commitment:
+        """Publish the commitment of a DiLoCo epoch (:func:`~swarm.verify.inner.epoch_commitment`) before its
+        pseudo-gradient is sent, and serve its manifest and final parameters θ_{e,n} (``final``)."""
+        keep = self.verify.audit_window
+        metadata, tensors = final
+        save_served(
+            self.directory, epoch, inner_state_bytes(metadata, tensors), keep, INNER_STATE, len(leaves)
+        )
+        manifest = Manifest(epoch=epoch, steps=leaves, final_hash=metadata["state_hash"])
+        save_served(self.directory, epoch, manifest.to_bytes(), keep, MANIFEST)
+        commitment = epoch_commitment(
+            self.me, manifest, gradient_hash(epoch, pseudo_gradient), self.config.precision
+        )
         if not self.commitments.publish(commitment):
             logger.warning(
                 f"epoch {epoch}: the commitment could not be stored in the DHT; auditors will fail it"
@@ -689,6 +765,11 @@ class Verifier:
         commitment = self.commitments.fetch(epoch).get(audited)
         if commitment is None or commitment.digest() != assignment.commitment:
             return Verdict.MISSING_COMMITMENT.value, None, {}
+        if (commitment.steps_root is None) != (self.inner_steps is None):
+            logger.info(f"epoch {epoch}: {audited} committed {'no' if self.inner_steps else ''} inner steps")
+            return Verdict.COMMITMENT_MISMATCH.value, None, {}
+        if self.inner_steps is not None:
+            return self._replay_inner(assignment, commitment)
         data = self._download_bytes(audited, epoch)
         if data is None:
             return Verdict.UNAVAILABLE.value, None, {}
@@ -751,6 +832,155 @@ class Verifier:
             )
         return result.verdict.value, result.error, dict(result.evidence)
 
+    def _replay_inner(
+        self, assignment: AuditAssignment, commitment: Commitment
+    ) -> tuple[str, float | None, dict[str, Any]]:
+        """Audit a DiLoCo epoch (swarm/verify/inner.py): its manifest against the commitment, its start state, the
+        inner steps the beacon picks (each replayed, and its optimizer step checked), then its pseudo-gradient."""
+        epoch, audited = assignment.epoch, assignment.audited
+        if commitment.inner_steps > self.inner_steps:
+            logger.info(
+                f"epoch {epoch}: {audited} committed {commitment.inner_steps} > {self.inner_steps} steps"
+            )
+            return Verdict.COMMITMENT_MISMATCH.value, None, {}
+        data = self._download_bytes(audited, epoch, MANIFEST)
+        if data is None:
+            return Verdict.UNAVAILABLE.value, None, {}
+        try:
+            manifest = Manifest.from_bytes(data, epoch)
+        except MalformedInnerPart as error:
+            logger.info(f"epoch {epoch}: {audited} served a malformed manifest: {error}")
+            return Verdict.MALFORMED.value, None, {}
+        if epoch_commitment(audited, manifest, commitment.gradient_hash, commitment.precision) != commitment:
+            logger.info(f"epoch {epoch}: {audited}'s manifest does not match its commitment")
+            return Verdict.COMMITMENT_MISMATCH.value, None, {}
+        if self.declared.get(epoch, {}).get(audited, 0.0) > commitment.samples:
+            return Verdict.WRONG_WEIGHT.value, None, {}
+        model = self._model_at(epoch)
+        optimizer = make_optimizer(
+            self._trainable(model), self.config.training.learning_rate, self.config.training.weight_decay
+        )
+        if start_state_hash(model, optimizer) != manifest.steps[0].inner_hash:
+            logger.info(f"epoch {epoch}: {audited}'s inner steps did not start from the swarm's state")
+            return Verdict.WRONG_STATE.value, None, {}
+        tolerance = self.verify.tolerance or GRADIENT_TOLERANCE.get(commitment.precision, 0.0)
+        error: float | None = None
+        evidence: dict[str, Any] = {}
+        for step in audited_steps(
+            assignment.beacon, audited, len(manifest.steps), self.config.diloco.audited_steps
+        ):
+            kind, error, evidence = self._replay_step(
+                assignment, commitment, manifest, step, optimizer, tolerance
+            )
+            if kind != Verdict.PASS.value:
+                logger.info(f"epoch {epoch}: {audited}: inner step {step}: {kind}")
+                return kind, error, evidence
+        served = self._served_inner(audited, epoch, len(manifest.steps), manifest.final_hash)
+        if isinstance(served, str):
+            return served, None, {}
+        sent = pseudo_gradient(self.starts[epoch], served[1])
+        if gradient_hash(epoch, sent) != commitment.gradient_hash:
+            logger.info(f"epoch {epoch}: {audited} committed another pseudo-gradient than θ_e - θ_(e,n)")
+            return Verdict.PSEUDO_GRADIENT_MISMATCH.value, None, {}
+        sent_error = self._sent_error(epoch, audited, sent)
+        if sent_error is not None and sent_error > SENT_TOLERANCE:
+            return Verdict.SENT_MISMATCH.value, sent_error, {}
+        return Verdict.PASS.value, error, evidence
+
+    def _replay_step(
+        self,
+        assignment: AuditAssignment,
+        commitment: Commitment,
+        manifest: Manifest,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        tolerance: float,
+    ) -> tuple[str, float | None, dict[str, Any]]:
+        """One inner step of a DiLoCo epoch: S_k (the swarm's state for step 0, else served), the replay of its
+        contribution from it, and S_{k+1} (or θ_{e,n}) against the optimizer step the auditor takes itself."""
+        epoch, audited = assignment.epoch, assignment.audited
+        key = step_key(epoch, step, self.inner_steps)
+        model = self._model_at(epoch)
+        state = TrainingState(model, optimizer)
+        optimizer.state.clear()
+        if step > 0:
+            served = self._served_inner(audited, epoch, step, manifest.steps[step].inner_hash)
+            if isinstance(served, str):
+                return served, None, {}
+            try:
+                state.load(*served)
+            except ValueError as error:
+                logger.info(f"epoch {epoch}: {audited}'s inner state {step} does not fit the model: {error}")
+                return Verdict.MALFORMED.value, None, {}
+        before = [tensor.detach().clone() for tensor in state.params]
+        data = self._download_bytes(audited, epoch, STEP, step)
+        if data is None:
+            return Verdict.UNAVAILABLE.value, None, {}
+        try:
+            contribution = load_contribution(data)
+        except MalformedContribution as error:
+            logger.info(f"epoch {epoch}: {audited} served a malformed step {step}: {error}")
+            return Verdict.MALFORMED.value, None, {}
+        if self._replayer is None:
+            self._replayer = Replayer(model, self.tokenizer, self.recipe)
+        case = AuditCase(
+            contribution=contribution,
+            model=model,
+            rows=self.recipe.assigned_rows(self.config.run_id, audited, key, len(contribution.rows)),
+            tolerance=tolerance,
+            trainer_for=self._replayer.trainer_for,
+            epoch=key,
+            audited=audited,
+            commitment=manifest.steps[step].commitment(audited, key, commitment.precision),
+            swarm_settings=self.settings,
+            expected_seed=round_seed(self.config.run_id, audited, key),
+        )
+        try:
+            result = run_checks(case, AUDIT_CHECKS)
+        except (
+            Exception
+        ) as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
+            logger.info(
+                f"epoch {epoch}: replaying {audited}'s step {step} failed: {type(error).__name__}: {error}"
+            )
+            return Verdict.MALFORMED.value, None, {}
+        if result.verdict is not Verdict.PASS:
+            return result.verdict.value, result.error, dict(result.evidence)
+        optimizer_step(state.params, optimizer, contribution.gradient, self.config.training.max_grad_norm)
+        last = step + 1 == len(manifest.steps)
+        expected = manifest.final_hash if last else manifest.steps[step + 1].inner_hash
+        served = self._served_inner(audited, epoch, step + 1, expected)
+        if isinstance(served, str):
+            return served, None, {}
+        replayed = [param.detach() for param in state.params] if last else state.tensors()
+        if not last and served[0]["layout"] != state.layout():
+            return Verdict.INNER_STEP_MISMATCH.value, math.inf, {}
+        error = inner_step_error(before, replayed, served[1], len(before))
+        if not error <= tolerance:
+            case.details.update(reason=f"S_{step + 1} is {error:.3g} from the optimizer step")
+            return Verdict.INNER_STEP_MISMATCH.value, error, {}
+        return Verdict.PASS.value, result.error, dict(result.evidence)
+
+    def _served_inner(
+        self, audited: str, epoch: int, step: int, expected_hash: str
+    ) -> tuple[dict[str, Any], list[torch.Tensor]] | str:
+        """The inner state ``audited`` serves for ``step`` of ``epoch`` (θ_{e,n} for the last), checked against the
+        hash its manifest commits to; or the verdict kind when it cannot be had or is not that state."""
+        data = self._download_bytes(audited, epoch, INNER_STATE, step)
+        if data is None:
+            return Verdict.UNAVAILABLE.value
+        try:
+            metadata, tensors = load_inner_state(data, step)
+        except MalformedInnerPart as error:
+            logger.info(f"epoch {epoch}: {audited} served a malformed inner state {step}: {error}")
+            return Verdict.MALFORMED.value
+        if metadata["state_hash"] != expected_hash or tensors_hash(step, tensors) != expected_hash:
+            logger.info(f"epoch {epoch}: {audited}'s inner state {step} is not the one it committed to")
+            return Verdict.COMMITMENT_MISMATCH.value
+        if not all(tensor.is_floating_point() and bool(torch.isfinite(tensor).all()) for tensor in tensors):
+            return Verdict.MALFORMED.value
+        return metadata, tensors
+
     def _sent_error(self, epoch: int, audited: str, gradient: list[torch.Tensor]) -> float | None:
         """Relative L2 error between what ``audited`` sent this peer in the all-reduce (the parts this peer
         reduced) and the same slices of the gradient it committed to, passed through the same compression. None
@@ -776,7 +1006,9 @@ class Verifier:
             return 0.0 if diff == 0.0 else math.inf
         return math.sqrt(diff / norm)
 
-    def _download_bytes(self, peer_id: str, epoch: int) -> bytes | None:
+    def _download_bytes(
+        self, peer_id: str, epoch: int, part: str = CONTRIBUTION, step: int | None = None
+    ) -> bytes | None:
         """The served contribution, asked again until ``verify.fetch_timeout`` passes: a peer is unavailable only if
         it does not serve it within that time, not because one request failed (seen: a stream that broke at once,
         while a re-checker fetched the same file a second later)."""
@@ -787,6 +1019,8 @@ class Verifier:
                 epoch,
                 timeout=max(1.0, deadline - time.monotonic()),
                 max_bytes=int(self.verify.max_contribution_mb * 2**20),
+                part=part,
+                step=step,
             )
             if data is not None or time.monotonic() + FETCH_RETRY_PAUSE >= deadline:
                 return data

@@ -60,6 +60,10 @@ class Verdict(enum.StrEnum):
     FORGED_REWARDS = "forged_rewards"  # the claimed rewards are not what the recipe's reward functions give
     FORGED_ADVANTAGES = "forged_advantages"  # the claimed advantages do not follow from the rewards
     GRADIENT_MISMATCH = "gradient_mismatch"  # the claimed gradient is not the gradient of those rollouts
+    # a DiLoCo epoch (swarm/verify/inner.py): the next inner state does not follow from the audited step's by the
+    # optimizer step, or the pseudo-gradient sent is not θ_e − θ_{e,n} of the committed steps
+    INNER_STEP_MISMATCH = "inner_step_mismatch"
+    PSEUDO_GRADIENT_MISMATCH = "pseudo_gradient_mismatch"
 
 
 # failures that say the auditor could not get what it needed (yet), not that the contribution is wrong: they

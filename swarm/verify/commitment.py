@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,12 +28,16 @@ from typing import Any
 
 import torch
 
+from swarm.network.averager import CONTRIBUTION, served_file_name
 from swarm.network.records import Commitment
 from swarm.node.state import tensors_hash
 from swarm.trl_adapter import GRPOSettings
 from swarm.verify.contribution import Contribution
 
 _TENSOR_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards", "advantages")
+
+
+_SERVED_EPOCH = re.compile(r"^epoch-(\d+)[-.]")  # the epoch of a served file (staging copies included)
 
 
 class MalformedContribution(ValueError):
@@ -134,9 +139,10 @@ def _settings(value: Any) -> GRPOSettings:
 
 
 # ---- the contribution file ----------------------------------------------------------------------------------------
-def contribution_path(directory: Path, epoch: int) -> Path:
-    """The file name the averager's ``rpc_download_contribution`` serves for ``epoch``."""
-    return Path(directory) / f"epoch-{epoch}.pt"
+def contribution_path(directory: Path, epoch: int, part: str = CONTRIBUTION, step: int | None = None) -> Path:
+    """The file the averager's ``rpc_download_contribution`` serves for ``epoch`` (``part``/``step``: a DiLoCo
+    epoch's other files, :func:`~swarm.network.averager.served_file_name`)."""
+    return Path(directory) / served_file_name(epoch, part, step)
 
 
 def contribution_bytes(contribution: Contribution) -> bytes:
@@ -147,20 +153,30 @@ def contribution_bytes(contribution: Contribution) -> bytes:
     return buffer.getvalue()
 
 
-def save_contribution(directory: Path, epoch: int, contribution: Contribution, keep_epochs: int) -> Path:
-    """Write the contribution of ``epoch`` atomically and delete those older than ``keep_epochs`` epochs."""
-    path = contribution_path(directory, epoch)
+def save_served(
+    directory: Path,
+    epoch: int,
+    data: bytes,
+    keep_epochs: int,
+    part: str = CONTRIBUTION,
+    step: int | None = None,
+) -> Path:
+    """Write one served file of ``epoch`` atomically and delete every served file older than ``keep_epochs``."""
+    path = contribution_path(directory, epoch, part, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    staging.write_bytes(contribution_bytes(contribution))
+    staging.write_bytes(data)
     os.replace(staging, path)
-    for old in path.parent.glob("epoch-*.pt"):
-        try:
-            if int(old.stem.removeprefix("epoch-")) <= epoch - keep_epochs:
-                old.unlink(missing_ok=True)
-        except ValueError:
-            continue
+    for old in path.parent.glob("epoch-*"):
+        match = _SERVED_EPOCH.match(old.name)
+        if match is not None and int(match.group(1)) <= epoch - keep_epochs:
+            old.unlink(missing_ok=True)
     return path
+
+
+def save_contribution(directory: Path, epoch: int, contribution: Contribution, keep_epochs: int) -> Path:
+    """Write the contribution of ``epoch`` atomically and delete those older than ``keep_epochs`` epochs."""
+    return save_served(directory, epoch, contribution_bytes(contribution), keep_epochs)
 
 
 def load_contribution(data: bytes) -> Contribution:

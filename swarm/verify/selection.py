@@ -48,6 +48,7 @@ class AuditAssignment:
     # the round's other members, in beacon order: they replay a *disputed* failure (one auditor failed it and
     # another passed it), so a failure the assigned auditors disagree on is put to the whole round
     escalation: tuple[str, ...] = ()
+    beacon: str = ""  # the round's beacon: it also picks which inner steps of a DiLoCo epoch are replayed
 
     @property
     def majority(self) -> int:
@@ -75,6 +76,7 @@ def assign_audits(
                     digests[audited],
                     tuple(everyone[: 1 + rechecks]),
                     tuple(everyone[1 + rechecks :]),
+                    beacon,
                 )
             )
     return assignments

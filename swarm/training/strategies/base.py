@@ -14,7 +14,9 @@ A strategy that takes several local steps per epoch (DiLoCo) also has, and the t
 * ``inner_steps`` — computations per epoch (1 when absent), and ``inner_seconds`` — a compute budget after which
   the epoch takes no further computation (None: none);
 * ``begin_epoch(epoch)`` — before the epoch's first computation;
-* ``inner_step(gradient)`` — after each computation but the last (the last one's gradient goes to ``round``);
+* ``inner_step(gradient)`` — after each computation;
+* ``pseudo_gradient()`` — after the last inner step: what the round sends (``RoundInput.gradient``) and what
+  verification commits to, instead of the last computation's gradient;
 * the class methods ``check_config(config)`` (refuse settings it does not support, before anything is loaded) and
   ``shared_state(model, optimizer, config)`` (the :class:`~swarm.node.state.TrainingState` the peer announces,
   serves and checkpoints, when that is not the model and its optimizer).

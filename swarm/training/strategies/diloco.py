@@ -7,11 +7,11 @@ One epoch of a DiLoCo peer, as :class:`~swarm.training.trainer.SwarmTrainer` dri
    (the training section's AdamW) starts afresh;
 2. H = ``diloco.inner_steps`` computations, each on rows assigned for (epoch, inner step) — fewer when the
    ``diloco.inner_seconds`` budget runs out first, so a slow peer takes fewer steps instead of holding the round —
-   and after every one but the last, :meth:`DiLoCo.inner_step` applies the local gradient (clipped to
-   ``training.max_grad_norm``);
-3. :meth:`DiLoCo.round` applies the last inner step and meets the swarm with the pseudo-gradient θ_e − θ_local:
-   the barrier, all-reduce (weighted by the samples of all H steps, through ``averaging.compression``) and
-   consensus of :class:`~swarm.training.strategies.sync.SyncGradientAveraging`;
+   and after every one, :meth:`DiLoCo.inner_step` applies the local gradient (clipped to ``training.max_grad_norm``);
+   with verification on, each step is committed as it is taken (swarm/verify/inner.py);
+3. :meth:`DiLoCo.round` meets the swarm with the pseudo-gradient θ_e − θ_local (:meth:`DiLoCo.pseudo_gradient`,
+   committed before it is sent): the barrier, all-reduce (weighted by the samples of all H steps, through
+   ``averaging.compression``) and consensus of :class:`~swarm.training.strategies.sync.SyncGradientAveraging`;
 4. :meth:`DiLoCo.step` — the outer step: SGD with Nesterov momentum (``diloco.outer_lr``, ``outer_momentum``) on
    θ_e with the averaged pseudo-gradient. Every member holds the same θ_e, outer momentum and average, so every
    member ends with bit-identical parameters.
@@ -22,7 +22,8 @@ member announces the same hash, and a peer that downloads the swarm's state star
 
 Why the inner optimizer restarts every epoch (the paper keeps its state): its statistics would be the one part of a
 peer's step that no other peer can know, so the inner trajectory would stop being a pure function of θ_e and the
-peer's own rows — which is what a replay needs to audit an inner step.
+peer's own rows — which is what a replay needs to audit an inner step: an auditor checks step k from the inner
+state the peer committed to before it, and that state's chain back to θ_e is checked at every audited step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from swarm.node.rounds import RoundResult
 from swarm.node.state import TrainingState
 from swarm.training.strategies.base import RoundInput
 from swarm.training.strategies.sync import SyncGradientAveraging
+from swarm.verify.inner import optimizer_step, pseudo_gradient
 
 
 class DiLoCo(SyncGradientAveraging):
@@ -51,12 +53,6 @@ class DiLoCo(SyncGradientAveraging):
     @classmethod
     def check_config(cls, config: SwarmConfig) -> None:
         """Refuse what DiLoCo does not support yet, before anything is loaded. :raises UserError: naming the key"""
-        if config.verify.enabled:
-            raise UserError(
-                "averaging.strategy: diloco contributions are not audited yet (their inner steps are not "
-                "committed); set verify.enabled=false to train without verification or ledger credit",
-                exit_code=2,
-            )
         if config.sharing.enabled:
             raise UserError(
                 "averaging.strategy: diloco does not share rollouts yet; set sharing.enabled=false",
@@ -108,27 +104,19 @@ class DiLoCo(SyncGradientAveraging):
         self.optimizer.zero_grad(set_to_none=True)
 
     def inner_step(self, gradient: list[torch.Tensor]) -> None:
-        """One local optimizer step on this peer's own gradient (clipped to ``max_grad_norm``)."""
-        for param, grad in zip(self.inner_params, gradient):
-            param.grad = grad.to(param.device, param.dtype)
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.inner_params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One local optimizer step on this peer's own gradient (clipped to ``max_grad_norm``): the step an auditor
+        of it takes too (:func:`swarm.verify.inner.optimizer_step`)."""
+        optimizer_step(self.inner_params, self.optimizer, gradient, self.max_grad_norm)
 
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """θ_e − θ_local, in fp32 on the CPU (what the all-reduce averages)."""
-        return [
-            outer.detach() - inner.detach().to("cpu", torch.float32)
-            for outer, inner in zip(self.outer.params, self.inner_params)
-        ]
+        """θ_e − θ_local, in fp32 on the CPU (what the all-reduce averages): call after the epoch's last inner step."""
+        return pseudo_gradient(self.outer.params, self.inner_params)
 
     def round(self, work: RoundInput) -> RoundResult:
-        """The epoch's last inner step (on ``work.gradient``), then the sync round with the pseudo-gradient in its
-        place; a round without an update (the state was downloaded, or averaging failed) restarts the model from
-        the shared state, so the next epoch never continues from inner steps the swarm did not take."""
-        self.inner_step(work.gradient)
-        result = super().round(RoundInput(work.epoch, self.pseudo_gradient(), work.samples, work.commitment))
+        """The sync round with ``work.gradient``, the pseudo-gradient (:meth:`pseudo_gradient`); a round without an
+        update (the state was downloaded, or averaging failed) restarts the model from the shared state, so the next
+        epoch never continues from inner steps the swarm did not take."""
+        result = super().round(work)
         if result.update is None:
             self.begin_epoch(self.peer.epoch)
         return result
