@@ -3,6 +3,7 @@ step identical on every member, the shared state a peer announces and loads, the
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from swarm.node.rounds import Outcome, RoundResult
 from swarm.shared_settings import shared_settings
 from swarm.training.strategies import DiLoCo, make_strategy, strategy_class
 from swarm.training.trainer import SwarmTrainer
-from tests.conftest import read_metrics, run_local
+from tests.conftest import read_json, read_metrics, run_local
 
 LR, MOMENTUM = 0.7, 0.9
 
@@ -140,8 +141,9 @@ def test_diloco_refuses_what_it_does_not_support_naming_the_key_and_is_a_shared_
 @pytest.mark.e2e
 @pytest.mark.timeout(420)
 def test_a_diloco_swarm_ends_on_one_checksum_with_a_better_reward(tmp_path: Path) -> None:
-    """The acceptance run: 3 peers, 5 DiLoCo epochs of 4 inner steps each."""
-    settings = ["averaging.strategy=diloco", "verify.enabled=false", "diloco.inner_steps=4"]
+    """The acceptance run: 3 peers, 5 DiLoCo epochs of 4 inner steps each, verified (every inner step committed,
+    the audits the beacon picks replayed: all pass)."""
+    settings = ["averaging.strategy=diloco", "diloco.inner_steps=4"]
     result, summary = run_local(tmp_path, 3, 5, settings, 400)
     assert result.returncode == 0, result.stderr[-3000:]
     peers = summary["peers"]
@@ -155,6 +157,43 @@ def test_a_diloco_swarm_ends_on_one_checksum_with_a_better_reward(tmp_path: Path
     assert sum(m["swarm"]["group_size"] == 3 for m in records) >= 3 * 3, "the peers averaged together"
     # one all-reduce per epoch of 4 inner steps (16 prompts x 8 completions each): a record counts all of them
     assert {m["train"]["samples"] for m in records} == {4 * 16 * 8}
+    for index in range(3):
+        status = read_json(tmp_path / "w" / f"peer_{index}" / "status.json")
+        assert status["verify"]["banned"] == [] and status["verify"]["my_audits_failed"] == 0, status[
+            "verify"
+        ]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("attack", ["scaled_up", "forged_pseudo_gradient"])
+def test_a_peer_cheating_in_one_inner_step_is_caught_and_banned(tmp_path: Path, attack: str) -> None:
+    """Issue 14's acceptance of verified DiLoCo: the last of 3 peers cheats in inner step 1 of its 3 only (a
+    gradient it did not compute), or commits and sends a pseudo-gradient that is not θ_e − θ_(e,n) of its steps;
+    every contribution is audited (``swarm local`` with an attack), every step of it replayed."""
+    settings = ["averaging.strategy=diloco", "diloco.inner_steps=3", "warm_start.epochs=0"]
+    settings += [f"verify.attack={attack}", "verify.attack_step=1", "training.prompts_per_round=4"]
+    result, summary = run_local(tmp_path, 3, 4, settings, 400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = {index: (tmp_path / "w" / f"peer_{index}" / "stdout.log").read_text() for index in range(3)}
+    assert "CHEATING" in logs[2]
+    cheater = read_json(tmp_path / "w" / "peer_2" / "summary.json")["peers"][0]["peer_id"]
+    honest = [peer for peer in summary["peers"] if peer["peer_id"] != cheater]
+    assert len(honest) == 2 and len({peer["param_checksum"] for peer in honest}) == 1
+    expected = {"scaled_up": "gradient_mismatch", "forged_pseudo_gradient": "pseudo_gradient_mismatch"}[
+        attack
+    ]
+    for index in range(2):
+        workdir = tmp_path / "w" / f"peer_{index}"
+        status = read_json(workdir / "status.json")
+        assert status["verify"]["banned"] == [cheater], logs[index][-3000:]
+        assert status["verify"]["my_audits_failed"] == 0 and status["verify"]["my_audits_passed"] >= 1
+        events = [json.loads(line) for line in (workdir / "audit_events.jsonl").read_text().splitlines()]
+        assert {event["audited"] for event in events} == {cheater}
+        assert {kind for event in events for kind in event["verdicts"]} == {expected}
+        banned_at = min(event["epoch"] for event in events)
+        later = [m for m in read_metrics(workdir) if m["epoch"] > banned_at + 1]
+        assert later and all(m["swarm"]["group_size"] <= 2 for m in later), "the cheater was averaged with"
 
 
 @pytest.mark.e2e
