@@ -8,8 +8,8 @@ Offline, on the CPU, in one process: the arithmetic recipe and the tiny default 
   inner step a real TRL GRPO step, its commitment leaf and inner state written as the peer serves them, the
   optimizer step; then the manifest, θ_{e,n} and the epoch's commitment. Timed per step: ``train_s`` and the
   commitment's own ``commit_s``; the bytes a peer keeps on disk per epoch.
-* **a one-step cheater's epoch**: the same, but the gradient of one inner step (drawn at random) is scaled by 3
-  and applied, committed and sent as if honest.
+* **a one-step cheater's epoch**: the same, but one inner step (drawn at random) has a forged gradient (the honest
+  one plus noise of its norm), applied, committed and sent as if honest.
 * **audits**, as a live auditor runs them (:meth:`swarm.verify.auditor.Verifier._judge` reading the peer's served
   files): ``--audits`` audits of one step each of the honest epoch (all must pass: ``false_positives``) and of the
   cheater's, half of them on beacons that pick the cheated step (all must fail) and half on others (they pass: the
@@ -109,18 +109,39 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for param in model.parameters() if param.requires_grad]
 
 
+def grpo_settings(config: SwarmConfig, recipe: Any, seed: int) -> GRPOSettings:
+    """The swarm's GRPO settings (the trainer's ``_grpo_settings`` for the tiny model: no stop tokens)."""
+    training = config.training
+    return GRPOSettings(
+        num_generations=training.num_generations,
+        max_completion_length=training.max_completion_length or recipe.max_completion_length,
+        seed=seed,
+    )
+
+
 def _verifier(config, me, model, tokenizer, recipe, workdir: Path, board, served, inner_steps) -> Verifier:
     start = [param.detach().float().clone() for param in _trainable(model)]
     peer = SimpleNamespace(peer_id=me, averager=served, state=SimpleNamespace(params=start))
     config = config.model_copy(update=dict(workdir=str(workdir)))
-    verifier = Verifier(config, peer, recipe, model, tokenizer, GRPOSettings(), inner_steps=inner_steps)
+    settings = grpo_settings(config, recipe, 0)
+    verifier = Verifier(config, peer, recipe, model, tokenizer, settings, inner_steps=inner_steps)
     verifier.commitments = board
     return verifier
 
 
+def forged(gradient: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """The cheater's gradient for its one step: the honest one plus Gaussian noise of the honest norm (at least
+    1e-3, so that a step whose honest gradient is zero — GRPO groups of equal rewards — is still a forgery)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(grad.shape, generator=generator) for grad in gradient]
+    norm = lambda tensors: math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))  # noqa: E731
+    scale = max(norm(gradient), 1e-3) / max(norm(noise), 1e-30)
+    return [grad + scale * n for grad, n in zip(gradient, noise)]
+
+
 def diloco_epoch(world: dict[str, Any], inner_steps: int, workdir: Path, cheat_at: int | None) -> Epoch:
     """One DiLoCo epoch (epoch 0) of the peer, taken and committed as the trainer does; ``cheat_at``: the step
-    whose gradient it scales by 3 (committed and applied as if honest)."""
+    whose gradient it forges (:func:`forged`; committed and applied as if honest)."""
     config, recipe, tokenizer = world["config"], world["recipe"], world["tokenizer"]
     model = copy.deepcopy(world["model"])
     peer = _verifier(config, PEER, model, tokenizer, recipe, workdir, world["board"], None, inner_steps)
@@ -131,14 +152,12 @@ def diloco_epoch(world: dict[str, Any], inner_steps: int, workdir: Path, cheat_a
     for step in range(inner_steps):
         key = step_key(0, step, inner_steps)
         rows = recipe.assigned_rows(config.run_id, PEER, key, training.prompts_per_round)
-        settings = GRPOSettings(
-            num_generations=training.num_generations, seed=round_seed(config.run_id, PEER, key)
-        )
+        settings = grpo_settings(config, recipe, round_seed(config.run_id, PEER, key))
         started = time.perf_counter()
         contribution = capture_contribution(model, tokenizer, recipe, rows, settings)
         epoch.train_s.append(time.perf_counter() - started)
         if step == cheat_at:
-            contribution = contribution.with_changes(gradient=[3 * grad for grad in contribution.gradient])
+            contribution = contribution.with_changes(gradient=forged(contribution.gradient, step))
         started = time.perf_counter()
         leaves.append(
             peer.keep_inner_step(0, step, contribution, TrainingState(model, optimizer).snapshot(step))
@@ -244,6 +263,7 @@ def measure(
         gradient_bytes=gradient_bytes,
         kept_bytes_per_epoch=kept,
         false_positives=sum(kind != "pass" for kind, _, _ in honest_audits),
+        verdicts=sorted({kind for kind, _, _ in honest_audits + picking + missing}),
         honest_audits=len(honest_audits),
         cheated_step=cheated,
         caught_when_picked=sum(kind == "gradient_mismatch" for kind, _, _ in picking),
