@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ from swarm.verify.inner import (
 )
 from swarm.verify.replay import GRPOSettings, capture_contribution
 from swarm.verify.selection import AuditAssignment
+from tests.conftest import PROJECT_ROOT, clean_env
 
 pytestmark = pytest.mark.unit
 
@@ -314,3 +317,25 @@ def test_only_the_files_of_an_epoch_are_served_and_old_ones_are_deleted(tmp_path
         for part, step in [(STEP, 0), (INNER_STATE, 1), (MANIFEST, None), (CONTRIBUTION, None)]:
             save_served(tmp_path, epoch, b"x", keep_epochs=3, part=part, step=step)
     assert sorted({path.name.split("-")[1].split(".")[0] for path in tmp_path.iterdir()}) == ["3", "4", "5"]
+
+
+def test_the_benchmark_states_the_rate_that_catches_a_one_step_cheater() -> None:
+    """bench/diloco_audit.py --quick: honest audits pass, the forged step fails exactly the audits that pick it, and
+    every reported rate that claims 99 % within 50 contributions reaches it."""
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "bench" / "diloco_audit.py"), "--quick", "--json"]
+        + ["--inner-steps", "3", "--audits", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)["H"]["3"]
+    assert figures["false_positives"] == 0 and figures["honest_audits"] == 2
+    assert figures["caught_when_picked"] == figures["audits_picking"] == 1
+    assert figures["passed_when_not_picked"] == figures["audits_not_picking"] == 1
+    assert abs(figures["detection_per_audit"] - 1 / 3) < 0.03
+    for rate in figures["rates"]:
+        assert rate["reaches_99"] == (rate["caught_within_50"] >= 0.99)
+        assert rate["reaches_99"], rate  # at H = 3 every split of p and s reaches it
