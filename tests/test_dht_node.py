@@ -7,6 +7,7 @@ for it forever."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from swarm.config import NetworkConfig, SwarmConfig
 from swarm.errors import UserError
 from swarm.identity import Identity
 from swarm.network.averager import SwarmAverager
-from swarm.network.dht import start_dht
+from swarm.network.dht import _WholeMessageReads, start_dht
 from swarm.node.peer import SwarmPeer
 from swarm.node.state import TrainingState
 
@@ -199,3 +200,25 @@ def test_a_second_peer_in_the_same_work_directory_is_told_to_use_its_own(tmp_pat
             )
     finally:
         first.shutdown()
+
+
+@pytest.mark.unit
+def test_a_command_whose_sender_has_exited_is_dropped_with_one_line_not_a_traceback() -> None:
+    """A command's future carries its sender's pipe, handed over through the sending process's resource sharer;
+    once that process has exited (a peer stopping on Ctrl+C), the DHT process cannot rebuild the command. hivemind
+    logged a traceback there and paused; the DHT process now drops it (and reads the next command as before)."""
+    reader, writer = multiprocessing.Pipe(duplex=False)
+
+    def send_and_exit() -> None:
+        kept, _ = multiprocessing.Pipe(duplex=False)
+        writer.send(("_get", [], dict(reply_to=kept)))  # pickled through this process's resource sharer
+
+    sender = multiprocessing.get_context("fork").Process(target=send_and_exit)
+    sender.start()
+    sender.join(30)
+    assert sender.exitcode == 0 and reader.poll(10)
+    pipe = _WholeMessageReads(reader)
+    method, args, kwargs = pipe.recv()
+    assert (method, args) == ("_dropped_command", []) and "Error" in kwargs["reason"]
+    writer.send(("_get", [], dict(key="k")))
+    assert pipe.recv() == ("_get", [], dict(key="k"))

@@ -181,9 +181,7 @@ def test_a_peer_cheating_in_one_inner_step_is_caught_and_banned(tmp_path: Path, 
     cheater = read_json(tmp_path / "w" / "peer_2" / "summary.json")["peers"][0]["peer_id"]
     honest = [peer for peer in summary["peers"] if peer["peer_id"] != cheater]
     assert len(honest) == 2 and len({peer["param_checksum"] for peer in honest}) == 1
-    expected = {"scaled_up": "gradient_mismatch", "forged_pseudo_gradient": "pseudo_gradient_mismatch"}[
-        attack
-    ]
+    expected = {"wrong_data": "wrong_data", "forged_pseudo_gradient": "pseudo_gradient_mismatch"}[attack]
     for index in range(2):
         workdir = tmp_path / "w" / f"peer_{index}"
         status = read_json(workdir / "status.json")

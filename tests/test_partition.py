@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from swarm.identity import Identity
 from swarm.node.peer import SwarmPeer
 from swarm.node.state import TrainingState
 from swarm.training.strategies.sync import SyncGradientAveraging
+from swarm.training.trainer import SwarmTrainer
 from tests.test_catch_up import MemoryBoard
 
 pytestmark = pytest.mark.unit
@@ -149,3 +151,23 @@ def test_peers_behind_on_this_peers_own_history_are_never_a_reason_to_go_back(ma
     fresh.board.add("b", 6, "unknown-6")
     fresh.board.add("c", 6, "unknown-6")
     assert fresh.swarm_target(fresh.other_peers()) is None
+
+
+@pytest.mark.unit
+def test_the_lineage_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
+    """A peer restarted after a split still knows the hashes of its branch (SwarmPeer.lineage is saved in the
+    checkpoint and restored by the trainer), so after the heal it can tell the other side's state from its own
+    history instead of treating its own later epoch as the swarm."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    state = TrainingState(model, torch.optim.AdamW(model.parameters()))
+    lineage = {5: "a" * 64, 6: "b" * 64, 7: state.state_hash(7)}
+    peer = SimpleNamespace(snapshot=lambda: state.snapshot(7), samples=40, lineage=lineage)
+    path = tmp_path / "checkpoint.pt"
+    SwarmTrainer.save_checkpoint(SimpleNamespace(peer=peer, history={}, checkpoint_path=path))
+    fresh = torch.nn.Linear(3, 2)
+    restarted = SimpleNamespace(
+        checkpoint_path=path, state=TrainingState(fresh, torch.optim.AdamW(fresh.parameters())), history={}
+    )
+    assert SwarmTrainer._resume(restarted) == (7, 40, lineage)
+    assert torch.equal(fresh.weight, model.weight)

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import hivemind
@@ -34,7 +35,8 @@ class _WholeMessageReads:
     hivemind logs and skips — leaving the rest of the message in the pipe, so the next ``recv`` fails with
     ``EOFError`` and the DHT process dies (seen in RL-Swarm as "Resource temporarily unavailable" followed by "Ran
     out of input"). A caller then waits forever on its store. Reading each message whole, once the loop has seen it
-    start, avoids that; everything else is the pipe's own."""
+    start, avoids that; everything else is the pipe's own. A command that cannot be rebuilt because its sender has
+    exited becomes ``_dropped_command`` (one log line) instead of hivemind's traceback and pause."""
 
     def __init__(self, connection) -> None:
         self._connection = connection
@@ -43,9 +45,16 @@ class _WholeMessageReads:
         fd = self._connection.fileno()
         os.set_blocking(fd, True)
         try:
-            return self._connection.recv()
+            message = self._connection.recv_bytes()
         finally:
             os.set_blocking(fd, False)
+        try:
+            return ForkingPickler.loads(message)
+        except OSError as error:
+            # the command's future carries its sender's pipe, which multiprocessing's resource sharer hands over
+            # through a socket of the sending process: a sender that exited since (a peer stopping on Ctrl+C)
+            # leaves nothing to connect to. hivemind would log a traceback and pause; nobody waits for the answer
+            return "_dropped_command", [], dict(reason=f"{type(error).__name__}: {error}")
 
     def __getattr__(self, name: str):
         return getattr(self._connection, name)
@@ -59,6 +68,10 @@ class SwarmDHT(hivemind.DHT):
         install_stack_dumps()
         self._inner_pipe = _WholeMessageReads(self._inner_pipe)
         super().run()
+
+    async def _dropped_command(self, reason: str) -> None:
+        """What a command whose sender has exited becomes (:class:`_WholeMessageReads`): one log line."""
+        logger.info(f"DHT: dropped a command from a process that has exited ({reason})")
 
 
 def _last_line(error: BaseException) -> str:

@@ -233,6 +233,14 @@ class SwarmTrainer:
             cls=strategy,
         )
         # honest, or the configured cheater of the attack suite wrapped around the honest pipeline (tests, demos)
+        if getattr(self.strategy, "inner_steps", 1) > 1 and not callable(
+            getattr(self.strategy, "pseudo_gradient", None)
+        ):
+            raise UserError(
+                f"averaging.strategy: {config.averaging.strategy} takes several inner steps per epoch but has no "
+                "pseudo_gradient() to send (swarm/training/strategies/base.py)",
+                exit_code=2,
+            )
         self.attack = self._make_attack()
         self.pipeline = install(
             HonestPipeline(self._run_grpo_step),

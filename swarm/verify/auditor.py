@@ -22,6 +22,10 @@ Per epoch, around the strategy's round (:meth:`swarm.training.trainer.SwarmTrain
    ``verify.ban_epochs`` epochs (matchmaking refuses it, its parts are dropped, the barrier ignores it) and the
    failure is appended to ``WORKDIR/audit_events.jsonl`` for the ledger.
 
+A strategy of inner steps (DiLoCo) commits its epoch step by step instead (:meth:`Verifier.keep_inner_step`,
+:meth:`Verifier.commit_inner`), and its audits replay the inner steps the beacon picks
+(:meth:`Verifier._replay_inner`; swarm/verify/inner.py says what is checked).
+
 Guarantees: an honest peer is never failed by an honest auditor (replays with the peer's own micro-batch split and
 order are exact in fp32); a peer never bans itself; a verdict counts only if it comes from an auditor the beacon
 assigned, about the commitment the group saw; nothing a remote peer serves or publishes can raise here.
