@@ -62,6 +62,7 @@ from swarm.verify.checks import (
     SENT_TOLERANCE,
     TRANSIENT_FAILURES,
     AuditCase,
+    CheckResult,
     Verdict,
     run_checks,
     shared_group_problem,
@@ -820,21 +821,23 @@ class Verifier:
             expected_seed=round_seed(self.config.run_id, audited, epoch),
             shared_error=shared_error,
         )
-        try:
-            result = run_checks(case, AUDIT_CHECKS)
-        except (
-            Exception
-        ) as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
-            logger.info(
-                f"epoch {epoch}: replaying {audited}'s contribution failed: {type(error).__name__}: {error}"
-            )
-            return Verdict.MALFORMED.value, None, {}
+        result = self._run_audit_checks(case, f"epoch {epoch}: replaying {audited}'s contribution")
         if result.verdict is not Verdict.PASS:
             logger.info(
                 f"epoch {epoch}: {audited}: {result.verdict.value}"
                 + (f" ({case.details['reason']})" if "reason" in case.details else "")
             )
         return result.verdict.value, result.error, dict(result.evidence)
+
+    @staticmethod
+    def _run_audit_checks(case: AuditCase, what: str) -> CheckResult:
+        """:data:`AUDIT_CHECKS` on ``case``; an exception inside TRL (malformed token ids, shapes, ...) is the
+        contribution's fault: ``malformed``."""
+        try:
+            return run_checks(case, AUDIT_CHECKS)
+        except Exception as error:
+            logger.info(f"{what} failed: {type(error).__name__}: {error}")
+            return CheckResult(Verdict.MALFORMED)
 
     def _replay_inner(
         self, assignment: AuditAssignment, commitment: Commitment
@@ -947,15 +950,7 @@ class Verifier:
             swarm_settings=self.settings,
             expected_seed=round_seed(self.config.run_id, audited, key),
         )
-        try:
-            result = run_checks(case, AUDIT_CHECKS)
-        except (
-            Exception
-        ) as error:  # malformed token ids, shapes, ... inside TRL: the contribution is at fault
-            logger.info(
-                f"epoch {epoch}: replaying {audited}'s step {step} failed: {type(error).__name__}: {error}"
-            )
-            return Verdict.MALFORMED.value, None, {}
+        result = self._run_audit_checks(case, f"epoch {epoch}: replaying {audited}'s step {step}")
         if result.verdict is not Verdict.PASS:
             return result.verdict.value, result.error, dict(result.evidence)
         optimizer_step(state.params, optimizer, contribution.gradient, self.config.training.max_grad_norm)
